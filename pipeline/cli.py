@@ -1,0 +1,48 @@
+"""Command line: ``python -m pipeline <command> --help`` (also installed as ``mmemb``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from embeddings.encoders import WeightsUnavailable
+from embeddings.shards import FormatError
+
+from . import embed_cli
+from .embed import RunMismatch
+
+# Each module registers its sub-commands with ``register(subparsers)``.
+COMMAND_MODULES = (embed_cli,)
+USER_ERRORS = (FileNotFoundError, ValueError, WeightsUnavailable, FormatError, RunMismatch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Embed image/text datasets, index them, train fusion heads, search.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Our loggers speak at INFO; libraries (open_clip logs to the root logger) only warn.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr, force=True)
+    for ours in ("pipeline", "embeddings"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
