@@ -51,7 +51,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-def _checked(cls: type, section: dict[str, Any], where: str) -> dict[str, Any]:
+def checked_section(cls: type, section: dict[str, Any], where: str) -> dict[str, Any]:
+    """``section`` unchanged, or ValueError naming keys that ``cls`` does not have."""
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(section) - known)
     if unknown:
@@ -66,10 +67,10 @@ def embed_config(raw: dict[str, Any], **overrides: Any) -> EmbedConfig:
     the first open_clip encoder; ``data``/``root``/``format`` those of ``[data]``.
     """
     ov = {k: v for k, v in overrides.items() if v is not None}
-    data = DataConfig(**_checked(DataConfig, dict(raw.get("data", {})), "data"))
+    data = DataConfig(**checked_section(DataConfig, dict(raw.get("data", {})), "data"))
     data = replace(data, **{k: ov.pop(k2) for k, k2 in
                             (("path", "data"), ("root", "root"), ("format", "format")) if k2 in ov})
-    encoders = [EncoderSpec(**_checked(EncoderSpec, e, "encoders")) for e in raw.get("encoders", [])]
+    encoders = [EncoderSpec(**checked_section(EncoderSpec, e, "encoders")) for e in raw.get("encoders", [])]
     if "model" in ov or "pretrained" in ov:
         clip = [i for i, e in enumerate(encoders) if e.type == "open_clip"]
         if not clip:
@@ -83,7 +84,7 @@ def embed_config(raw: dict[str, Any], **overrides: Any) -> EmbedConfig:
     names = [e.name for e in encoders]
     if len(set(names)) != len(names):
         raise ValueError(f"encoder names must be unique, got {names}")
-    section = _checked(EmbedConfig, dict(raw.get("embed", {})), "embed")
+    section = checked_section(EmbedConfig, dict(raw.get("embed", {})), "embed")
     out = ov.pop("out", raw.get("out", "runs/demo"))
     cfg = EmbedConfig(data=data, encoders=tuple(encoders), out=out, **section)
     cfg = replace(cfg, **ov)
