@@ -27,7 +27,8 @@ class ImageFiles(Dataset):
     def __init__(self, root: Path, paths: Sequence[str],
                  transforms: Sequence[Callable[[Any], torch.Tensor]],
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.root, self.paths, self.transforms, self.max_pixels = root, paths, transforms, max_pixels
+        self.root, self.paths, self.transforms = root, paths, transforms
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -38,7 +39,7 @@ class ImageFiles(Dataset):
             return i, tuple(t(image) for t in self.transforms), None
         except ImageError as e:
             return i, None, str(e)
-        except Exception as e:  # noqa: BLE001 - a bad file must not kill the run
+        except Exception as e:  # a bad file must not kill the run
             return i, None, f"unreadable image: {type(e).__name__}: {e}"
 
 
@@ -86,9 +87,6 @@ def iter_image_embeddings(
 
 def embed_texts(texts: Sequence[str], encoders: Sequence[Encoder],
                 batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Embed ``texts`` with every text encoder, ``batch_size`` at a time."""
-    out: dict[str, np.ndarray] = {}
-    for e in (e for e in encoders if "text" in e.modalities):
-        parts = [e.encode_texts(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
-        out[e.spec.name] = np.concatenate(parts) if parts else np.zeros((0, e.dim), np.float32)
-    return out
+    """Embed ``texts`` with every text encoder, ``batch_size`` per model call."""
+    return {e.spec.name: e.encode_texts(texts, batch_size)
+            for e in encoders if "text" in e.modalities}

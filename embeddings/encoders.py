@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +59,7 @@ class Encoder(Protocol):
 
     def provenance(self) -> dict[str, Any]: ...
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray: ...
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray: ...
 
 
 ENCODERS: dict[str, Callable[[EncoderSpec, torch.device], Encoder]] = {}
@@ -160,12 +161,15 @@ class OpenClipEncoder:
             return _normalised(self.model.encode_image(pixels.to(self.device, non_blocking=True)))
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         # The tokenizer truncates to the context length (77 for CLIP); the full text is kept
         # in the shard.
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        with _autocast(self.device):
-            return _normalised(self.model.encode_text(tokens))
+        out = [np.zeros((0, self.dim), np.float32)]
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
+            with _autocast(self.device):
+                out.append(_normalised(self.model.encode_text(tokens)))
+        return np.concatenate(out)
 
 
 def _is_local(model: str) -> bool:
@@ -241,9 +245,13 @@ class SentenceTransformerEncoder:
         raise TypeError(f"{self.spec.model} is a text model")
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        out = self.model.encode(list(texts), batch_size=max(1, len(texts)),
-                                convert_to_tensor=True, show_progress_bar=False)
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        # Given many texts at once, sentence-transformers sorts them by length before
+        # batching, so batches carry little padding.
+        out = self.model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True,
+                                show_progress_bar=False)
         return _normalised(out)
 
 
@@ -284,19 +292,21 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
-def write_tiny_open_clip(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny *random* open_clip model in ``local-dir:`` format, for smoke tests.
+def write_tiny_open_clip(out_dir: str | os.PathLike, seed: int = 0,
+                         model_cfg: dict[str, Any] | None = None) -> Path:
+    """Write a *random* open_clip model in ``local-dir:`` format (tiny by default).
 
     Deterministic for a given seed.  Its embeddings carry no meaning: use it to test the
-    pipeline offline, never as a model.
+    pipeline offline (or, with a full-size ``model_cfg``, to benchmark), never as a model.
     """
     import open_clip
     import safetensors.torch
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+    cfg = model_cfg or TINY_CONFIG
     out = Path(out_dir)
     with _rng(seed):
-        model = open_clip.CLIP(**TINY_CONFIG)
+        model = open_clip.CLIP(**cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     tmp.chmod(0o755)
@@ -306,12 +316,11 @@ def write_tiny_open_clip(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
                   "interpolation": "bicubic", "resize_mode": "shortest"}
     (tmp / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": TINY_CONFIG, "preprocess_cfg": preprocess}, indent=2))
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
     (tmp / "README.md").write_text(
-        "Tiny open_clip model with RANDOM weights, written by `python -m pipeline tiny-model`"
+        "open_clip model with RANDOM weights, written by `python -m pipeline tiny-model`"
         f" (seed {seed}).\nFor offline smoke tests only: its embeddings mean nothing.\n")
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out

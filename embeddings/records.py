@@ -99,7 +99,8 @@ def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None,
         builder.add_rows(_karpathy_rows(_read_json(path)))
     else:
         raise ValueError(
-            f"unknown dataset format {fmt!r}: use csv, jsonl, parquet, imagefolder, coco or karpathy"
+            f"unknown dataset format {fmt!r}: "
+            "use csv, jsonl, parquet, imagefolder, coco or karpathy"
         )
     return builder.finish()
 

@@ -11,10 +11,11 @@ One file configures every stage of a run; each stage reads its own section::
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from embeddings.encoders import EncoderSpec
 from embeddings.images import DEFAULT_MAX_PIXELS
@@ -70,7 +71,8 @@ def embed_config(raw: dict[str, Any], **overrides: Any) -> EmbedConfig:
     data = DataConfig(**checked_section(DataConfig, dict(raw.get("data", {})), "data"))
     data = replace(data, **{k: ov.pop(k2) for k, k2 in
                             (("path", "data"), ("root", "root"), ("format", "format")) if k2 in ov})
-    encoders = [EncoderSpec(**checked_section(EncoderSpec, e, "encoders")) for e in raw.get("encoders", [])]
+    encoders = [EncoderSpec(**checked_section(EncoderSpec, e, "encoders"))
+                for e in raw.get("encoders", [])]
     if "model" in ov or "pretrained" in ov:
         clip = [i for i, e in enumerate(encoders) if e.type == "open_clip"]
         if not clip:

@@ -48,6 +48,10 @@ class EmbedResult:
     rejects: dict[str, int]
     seconds: float
     nothing_to_do: bool = False
+    throughput: dict[str, float] | None = None  # items/s per kind for this run's new work
+
+    def rate_summary(self) -> str:
+        return ", ".join(f"{k} {v:.1f}/s" for k, v in (self.throughput or {}).items())
 
 
 def run_embed(cfg: EmbedConfig) -> EmbedResult:
@@ -81,16 +85,23 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
     _write_lock(base, spec, columns)
 
     new = 0
+    rates: dict[str, float] = {}
     try:
+        t = time.perf_counter()
         new += _embed_images(cfg, ds, todo_images, encoders, device,
                              _next_index(done["images"]))
+        if todo_images:
+            rates["images"] = len(todo_images) / (time.perf_counter() - t)
+        t = time.perf_counter()
         new += _embed_captions(cfg, todo_captions, encoders, _next_index(done["captions"]))
+        if todo_captions:
+            rates["captions"] = len(todo_captions) / (time.perf_counter() - t)
     except KeyboardInterrupt:
         log.warning("interrupted: the %d shard(s) finished so far are kept; rerun to resume", new)
         raise
     manifest = _finalise(cfg, ds, columns)
     return EmbedResult(Path(cfg.out), new, manifest["rows"], manifest["rejects"]["by_reason"],
-                       time.perf_counter() - t0)
+                       time.perf_counter() - t0, throughput=rates)
 
 
 # ------------------------------------------------------------------------- lock file
@@ -257,15 +268,11 @@ def _embed_captions(cfg: EmbedConfig, todo: list[CaptionRecord], encoders: Seque
     with _bar(cfg, len(todo), "txt", "captions") as bar:
         for b, block in enumerate(blocks):
             inputs = todo[block.start:block.stop]
-            vectors = {}
-            for start in range(0, len(inputs), cfg.batch_size):
-                part = embed_texts([r.caption for r in inputs[start:start + cfg.batch_size]],
-                                   encoders, cfg.batch_size)
-                for name, vec in part.items():
-                    vectors.setdefault(f"{name}_text", []).append(vec)
-                bar.update(min(cfg.batch_size, len(inputs) - start))
+            # A whole block per call: text models may reorder it by length to save padding.
+            vectors = embed_texts([r.caption for r in inputs], encoders, cfg.batch_size)
             _write(cfg, "captions", first + b, inputs, list(range(len(inputs))),
-                   {k: np.concatenate(v) for k, v in vectors.items()}, [])
+                   {f"{name}_text": vec for name, vec in vectors.items()}, [])
+            bar.update(len(inputs))
     return len(blocks)
 
 

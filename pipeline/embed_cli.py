@@ -16,12 +16,14 @@ def register(sub: Any) -> None:
     p = sub.add_parser("embed", help="embed a dataset into Parquet shards (resumable)",
                        description="Embed images and captions of a dataset into Parquet "
                        "shards under OUT/embed. Reruns resume; a finished run is left as is.")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML config (default: %(default)s)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="TOML config (default: %(default)s)")
     p.add_argument("--data", help="manifest (csv/jsonl/parquet/COCO/Karpathy json) or image folder")
     p.add_argument("--root", help="folder image paths are relative to (default: the manifest's)")
     p.add_argument("--format", help="dataset format if not detected from the path")
     p.add_argument("--out", help="run directory")
-    p.add_argument("--model", help="open_clip model name or local-dir:/path (first open_clip encoder)")
+    p.add_argument("--model",
+                   help="open_clip model name or local-dir:/path (first open_clip encoder)")
     p.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion2b_s34b_b79k")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int)
@@ -51,7 +53,7 @@ def _embed(args: argparse.Namespace) -> int:
               f"({r.rows['images']} image rows, {r.rows['captions']} caption rows)")
         return 0
     print(f"embed: {r.rows['images']} image rows, {r.rows['captions']} caption rows in "
-          f"{r.run_dir}/embed ({r.new_shards} new shards, {r.seconds:.1f} s)")
+          f"{r.run_dir}/embed ({r.new_shards} new shards, {r.seconds:.1f} s; {r.rate_summary()})")
     skipped = sum(r.rejects.values())
     if skipped:
         detail = ", ".join(f"{why}: {n}" for why, n in sorted(r.rejects.items()))
