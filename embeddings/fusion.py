@@ -1,0 +1,298 @@
+"""Torch heads (linear, MLP, early fusion) and late fusion, trained on CPU in seconds.
+
+Every torch head is ``standardise each input -> fuser -> one linear output per task``:
+
+==========  ==========================================================================
+linear      one column, a linear layer
+mlp         one column, Linear -> GELU -> Dropout, then the output layer
+concat      columns concatenated, then a linear layer (``hidden > 0``: an MLP)
+sum         y = sum_i a_i P_i x_i: learned modality weights a_i (softmax), per-modality
+            projections P_i (identity when all dimensions agree and ``project`` is off)
+sum_mlp     the non-linear version f(sum_i a_i P_i x_i), f an MLP
+product     element-wise product of the projections prod_i P_i x_i
+gated       per-sample modality weights g(x) = softmax(W [x_1..x_m]) over GELU(P_i x_i)
+==========  ==========================================================================
+
+Training: AdamW on mini-batches (one thread: see ``torch_threads``), early stopping on the
+validation loss (best epoch kept), balanced class weights, seeded init and shuffling so a
+rerun gives identical weights.
+Late fusion (``late``, ``late_avg``) trains one head per column and mixes their
+log-probabilities with weights tuned on validation (or fixed equal weights).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .heads import Head, Task, make_head, register_head, torch_state, torch_threads
+from .probe import balanced_weights, softmax
+
+
+class Projections(nn.Module):
+    """Per-modality linear maps to a common width (identity if not needed)."""
+
+    def __init__(self, dims: Sequence[int], width: int, project: bool) -> None:
+        super().__init__()
+        self.maps = nn.ModuleList(nn.Linear(d, width) if project else nn.Identity() for d in dims)
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [m(x) for m, x in zip(self.maps, xs, strict=True)]
+
+
+def mlp(width: int, hidden: int, dropout: float) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout))
+
+
+class Fuser(nn.Module):
+    """Maps a list of standardised inputs to one representation of width ``out``."""
+
+    def __init__(self, kind: str, dims: Sequence[int], hidden: int, dropout: float,
+                 project: bool) -> None:
+        super().__init__()
+        self.kind = kind
+        same = len(set(dims)) == 1
+        width = hidden if (project or not same) else dims[0]
+        if kind in ("linear", "mlp", "concat"):
+            d = sum(dims)
+            self.body = mlp(d, hidden, dropout) if hidden and kind != "linear" else nn.Identity()
+            self.out = hidden if hidden and kind != "linear" else d
+        elif kind in ("sum", "sum_mlp"):
+            self.proj = Projections(dims, width, project or not same)
+            self.alpha = nn.Parameter(torch.zeros(len(dims)))
+            self.body = mlp(width, hidden, dropout) if kind == "sum_mlp" else nn.Identity()
+            self.out = hidden if kind == "sum_mlp" else width
+        elif kind == "product":
+            self.proj = Projections(dims, hidden, True)
+            # Products of several projections vary wildly in scale: normalise them.
+            self.body, self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Dropout(dropout)), hidden
+        elif kind == "gated":
+            self.proj = Projections(dims, hidden, True)
+            self.gate = nn.Linear(sum(dims), len(dims))
+            self.body, self.out = nn.Dropout(dropout), hidden
+        else:
+            raise ValueError(f"unknown fuser {kind!r}")
+
+    def weights(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """Modality weights, ``(m,)`` for sum fusions or ``(n, m)`` per sample for gated."""
+        if self.kind == "gated":
+            return torch.softmax(self.gate(torch.cat(xs, dim=1)), dim=1)
+        return torch.softmax(self.alpha, dim=0) * len(xs)
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        if self.kind in ("linear", "mlp", "concat"):
+            return self.body(torch.cat(xs, dim=1))
+        zs = self.proj(xs)
+        if self.kind == "product":
+            return self.body(math.prod(zs))
+        if self.kind == "gated":
+            g = self.weights(xs)
+            return self.body(sum(g[:, i : i + 1] * F.gelu(z) for i, z in enumerate(zs)))
+        a = self.weights(xs)
+        return self.body(sum(a[i] * z for i, z in enumerate(zs)))
+
+
+class Net(nn.Module):
+    def __init__(self, fuser: Fuser, dims: Sequence[int], tasks: Sequence[Task]) -> None:
+        super().__init__()
+        for i, d in enumerate(dims):  # standardisation, saved with the weights
+            self.register_buffer(f"mean{i}", torch.zeros(d))
+            self.register_buffer(f"scale{i}", torch.ones(d))
+        self.n = len(dims)
+        self.fuser = fuser
+        self.outs = nn.ModuleList(nn.Linear(fuser.out, len(t.classes)) for t in tasks)
+
+    def standardised(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [(x - getattr(self, f"mean{i}")) / getattr(self, f"scale{i}")
+                for i, x in enumerate(xs)]
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        h = self.fuser(self.standardised(xs))
+        return [o(h) for o in self.outs]
+
+
+class TorchHead(Head):
+    """A :class:`Net` trained with AdamW and early stopping on the validation loss."""
+
+    def __init__(self, tasks: Sequence[Task], dims: Sequence[int], **params: Any) -> None:
+        super().__init__(tasks, dims, **params)
+        p = self.params
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p["seed"])
+            fuser = Fuser(p["fuser"], self.dims, p["hidden"], p["dropout"], p["project"])
+            self.net = Net(fuser, self.dims, self.tasks)
+
+    def _fit(self, xs: list[np.ndarray], ys: list[np.ndarray], val_xs: list[np.ndarray],
+             val_ys: list[np.ndarray]) -> None:
+        p = self.params
+        for i, x in enumerate(xs):
+            if p["standardise"]:
+                getattr(self.net, f"mean{i}").copy_(torch.from_numpy(x.mean(axis=0)))
+                getattr(self.net, f"scale{i}").copy_(
+                    torch.from_numpy(np.maximum(x.std(axis=0), 1e-6)))
+        weights = [torch.from_numpy(balanced_weights(y, len(t.classes)))
+                   if p["class_weights"] and not t.multilabel else None
+                   for t, y in zip(self.tasks, ys, strict=True)]
+        tx, ty = _tensors(xs), _tensors(ys)
+        vx, vy = _tensors(val_xs), _tensors(val_ys)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        gen = torch.Generator().manual_seed(p["seed"])
+        best, best_state, bad, epochs = math.inf, torch_state(self.net), 0, 0
+        with torch.random.fork_rng(devices=[]), torch_threads(p["threads"]):
+            torch.manual_seed(p["seed"])  # dropout masks
+            for epoch in range(1, p["max_epochs"] + 1):
+                self.net.train()
+                epochs = epoch
+                for idx in torch.randperm(len(tx[0]), generator=gen).split(p["batch_size"]):
+                    loss = self._loss([x[idx] for x in tx], [y[idx] for y in ty], weights)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                self.net.eval()
+                with torch.no_grad():
+                    val = float(self._loss(vx, vy, weights))
+                if val < best - 1e-4:
+                    best, best_state, bad = val, torch_state(self.net), 0
+                else:
+                    bad += 1
+                    if bad >= p["patience"]:
+                        break
+        self.net.load_state_dict(best_state)
+        self.info = {"epochs": epochs, "best_val_loss": best}
+        if p["fuser"] in ("sum", "sum_mlp", "gated"):
+            with torch.no_grad():
+                w = self.net.fuser.weights(self.net.standardised(vx))
+            self.info["modality_weights"] = [round(float(v), 4) for v in
+                                             (w.mean(0) if w.ndim == 2 else w / len(xs))]
+
+    def _loss(self, xs: list[torch.Tensor], ys: list[torch.Tensor],
+              weights: list[torch.Tensor | None]) -> torch.Tensor:
+        total = torch.zeros(())
+        for task, out, y, w in zip(self.tasks, self.net(xs), ys, weights, strict=True):
+            # Multi-label: summed over labels (per sample), on the scale of a softmax loss.
+            total = total + (F.binary_cross_entropy_with_logits(out, y, reduction="sum") / len(y)
+                             if task.multilabel else F.cross_entropy(out, y, weight=w))
+        return total
+
+    def _scores(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        self.net.eval()
+        with torch.no_grad():
+            outs = self.net(_tensors(xs))
+        return [(torch.sigmoid(o) if t.multilabel else torch.softmax(o, dim=1)).numpy()
+                for t, o in zip(self.tasks, outs, strict=True)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return torch_state(self.net)
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.net.load_state_dict(dict(tensors))
+
+
+def _tensors(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+
+
+class LateFusionHead(Head):
+    """One ``base`` head per column; log-probabilities mixed with validation-tuned weights
+    (a grid over the simplex, step ``grid``) or fixed equal weights (``tune=False``)."""
+
+    def __init__(self, tasks: Sequence[Task], dims: Sequence[int], **params: Any) -> None:
+        super().__init__(tasks, dims, **params)
+        self.parts = [make_head(params["base"], tasks, [d], **params.get("base_params", {}))
+                      for d in self.dims]
+        self.mix = np.full(len(self.dims), 1 / len(self.dims), dtype=np.float32)
+
+    def _fit(self, xs: list[np.ndarray], ys: list[np.ndarray], val_xs: list[np.ndarray],
+             val_ys: list[np.ndarray]) -> None:
+        for part, x, vx in zip(self.parts, xs, val_xs, strict=True):
+            part.fit([x], ys, [vx], val_ys)
+        if self.params["tune"]:
+            probs = [part.predict_proba([vx]) for part, vx in zip(self.parts, val_xs, strict=True)]
+            steps = round(1 / self.params["grid"])
+            grid = [np.array(c) / steps for c in itertools.product(range(steps + 1),
+                                                                    repeat=len(xs))
+                    if sum(c) == steps]
+            # Best validation score; ties (tiny splits) go to the most even weights.
+            best = max(grid, key=lambda w: (self._val_score(w, probs, val_ys),
+                                            -float(np.abs(w - 1 / len(w)).sum())))
+            self.mix = best.astype(np.float32)  # as saved
+        self.info = {"modality_weights": [round(float(w), 4) for w in self.mix],
+                     "parts": [p.info for p in self.parts]}
+
+    def _mixed(self, w: np.ndarray, probs: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Weighted sum of log-probabilities (logits for multi-label), renormalised: with
+        equal weights, the geometric mean of the per-modality predictions."""
+        out = []
+        for t, task in enumerate(self.tasks):
+            ps = [np.clip(p[t], 1e-7, 1 - 1e-7) for p in probs]
+            if task.multilabel:
+                s = sum(wi * np.log(p / (1 - p)) for wi, p in zip(w, ps, strict=True))
+                out.append(1 / (1 + np.exp(-s)))
+            else:
+                out.append(softmax(sum(wi * np.log(p) for wi, p in zip(w, ps, strict=True))))
+        return out
+
+    def _val_score(self, w: np.ndarray, probs: list[list[np.ndarray]],
+                   ys: list[np.ndarray]) -> tuple[float, float]:
+        """(accuracy summed over single-label tasks, minus the summed log-loss)."""
+        acc, nll = 0.0, 0.0
+        for task, p, y in zip(self.tasks, self._mixed(w, probs), ys, strict=True):
+            p = np.clip(p, 1e-7, 1 - 1e-7)
+            if task.multilabel:
+                nll += float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+            else:
+                acc += float((p.argmax(1) == y).mean())
+                nll += float(-np.log(p[np.arange(len(y)), y]).mean())
+        return round(acc, 6), -round(nll, 6)
+
+    def _scores(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        return self._mixed(self.mix, [p.predict_proba([x]) for p, x in
+                                      zip(self.parts, xs, strict=True)])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"mix": torch.from_numpy(self.mix.copy())}
+        for i, part in enumerate(self.parts):
+            out.update({f"part{i}.{k}": v for k, v in part.tensors().items()})
+            out.update({f"part{i}.thresholds.{t}": torch.from_numpy(v)
+                        for t, v in part.thresholds.items()})
+        return out
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.mix = tensors["mix"].numpy().copy()
+        for i, part in enumerate(self.parts):
+            mine = {k.split(".", 1)[1]: v for k, v in tensors.items()
+                    if k.startswith(f"part{i}.")}
+            part.thresholds = {int(k.split(".")[1]): v.numpy() for k, v in mine.items()
+                               if k.startswith("thresholds.")}
+            part.load_tensors({k: v for k, v in mine.items() if not k.startswith("thresholds.")})
+
+
+TORCH = dict(hidden=256, dropout=0.1, project=False, lr=3e-3, weight_decay=1e-4,
+             batch_size=512, max_epochs=200, patience=3, standardise=True, class_weights=True,
+             threads=1, seed=0)
+for _name, _inputs, _doc in (
+    ("linear", "one", "a linear layer (torch)"),
+    ("mlp", "one", "Linear-GELU-Dropout then a linear output (torch)"),
+    ("concat", "many", "early fusion: concatenation then a linear layer"),
+    ("sum", "many", "early fusion: learned weighted sum of (projected) modalities"),
+    ("sum_mlp", "many", "early fusion: MLP on the learned weighted sum"),
+    ("product", "many", "early fusion: element-wise product of projections"),
+    ("gated", "many", "early fusion: per-sample modality gates over projections"),
+):
+    _linear = _name in ("linear", "concat")  # no hidden layer: a larger step is safe
+    register_head(_name, TorchHead, inputs=_inputs, multilabel=True, doc=_doc,
+                  **{**TORCH, "fuser": _name, "hidden": 0 if _linear else TORCH["hidden"],
+                     "lr": 1e-2 if _linear else TORCH["lr"]})
+register_head("late", LateFusionHead, inputs="many", multilabel=True,
+              doc="late fusion: a head per modality, mixing weights tuned on validation",
+              base="linear", base_params={}, tune=True, grid=0.1)
+register_head("late_avg", LateFusionHead, inputs="many", multilabel=True,
+              doc="late fusion baseline: a head per modality, equal weights (0.5/0.5)",
+              base="linear", base_params={}, tune=False, grid=0.1)

@@ -1,0 +1,94 @@
+"""Comparison table of the heads stage: text table, CSV bytes and PNG plots (Agg backend)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+COLUMNS = ("head", "inputs", "target", "accuracy", "macro_f1", "mAP", "train_s", "rows")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A fixed-width text table of ``COLUMNS`` (``-`` where a metric does not apply)."""
+    cells = [[_cell(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(COLUMNS)]
+    numeric = [c in ("accuracy", "macro_f1", "mAP", "train_s", "rows") for c in COLUMNS]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "notes"], extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({**{c: ("" if isinstance(r[c], float) and math.isnan(r[c]) else r[c])
+                       for c in COLUMNS}, "notes": r.get("notes", "")})
+    return buf.getvalue().encode()
+
+
+def _figure_bytes(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def bar_chart(rows: Sequence[Mapping[str, Any]], metric: str, title: str) -> bytes:
+    """Horizontal bars of ``metric`` per row (rows without it are left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if not math.isnan(r[metric])]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(shown) + 1.2))
+    labels = [f"{r['head']} [{r['inputs']}] -> {r['target']}" for r in shown]
+    ax.barh(range(len(shown)), [r[metric] for r in shown], color="#4c72b0")
+    ax.set_yticks(range(len(shown)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"{metric} (test split)")
+    ax.set_title(title, fontsize=10)
+    for i, r in enumerate(shown):
+        ax.text(r[metric] + 0.01, i, f"{r[metric]:.3f}", va="center", fontsize=7)
+    return _figure_bytes(fig)
+
+
+def confusion_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 2.5 + 0.4 * len(classes)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    peak = max((max(r) for r in matrix), default=0)
+    if len(classes) <= 30:
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                if v:
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=6,
+                            color="white" if v > peak / 2 else "black")
+    return _figure_bytes(fig)

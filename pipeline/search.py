@@ -1,0 +1,210 @@
+"""Search a run's indexes with a text or an image; hits map back to shard rows.
+
+The query is embedded by the encoder that made the indexed column, loaded through
+:func:`embeddings.encoders.encoder_for_column`, which refuses a model that differs from
+the recorded one.  Index row ``i`` is row ``i`` of :func:`embeddings.shards.read_table`
+(checked by :func:`pipeline.index.open_index`), so no separate id mapping exists.
+
+    >>> s = Searcher("runs/demo", "clip_image")
+    >>> s.search_text("a red bicycle", k=5).hits[0].image
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embeddings import index as ix
+from embeddings import shards
+from embeddings.encoders import Encoder, encoder_for_column, resolve_device
+from embeddings.images import ImageError, load_image
+
+from .index import allowed_rows, open_index
+
+log = logging.getLogger(__name__)
+MODALITIES = ("image", "text")
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    row: int  # row of the column's shards (= index id)
+    id: str
+    caption: str | None
+    image: str | None  # path relative to the dataset root
+    label: str | None
+    split: str | None
+    image_id: str | None = None  # caption hits: the image the caption belongs to
+
+
+@dataclass
+class SearchResult:
+    column: str
+    query: str
+    k: int
+    hits: list[Hit]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"column": self.column, "query": self.query, "k": self.k,
+                "notes": self.notes, "hits": [asdict(h) for h in self.hits]}
+
+
+def pick_column(run: str | Path, modality: str = "image", query: str = "text",
+                column: str | None = None) -> str:
+    """The column to search for a ``query``-modality query returning ``modality`` rows.
+
+    Only encoders that embed both modalities qualify; for text->text a text-only model
+    (sentence-transformers) is preferred to a CLIP text tower.
+    """
+    columns = shards.read_manifest(run)["columns"]
+    if column is not None:
+        info = shards.column_info({"columns": columns}, column)
+        if f"{info['encoder']}_{query}" not in columns:
+            raise ValueError(f"column {column} was made by {info['encoder']}, which cannot "
+                             f"embed {query} queries; choose another --column of "
+                             f"{sorted(columns)}")
+        return column
+    if modality not in MODALITIES:
+        raise ValueError(f"--modality must be one of {MODALITIES}, not {modality!r}")
+    found = [c for c, i in columns.items()
+             if i["modality"] == modality and f"{i['encoder']}_{query}" in columns]
+    if not found:
+        raise ValueError(f"no embedding column of this run answers {query}->{modality} "
+                         f"queries; it has {sorted(columns)}")
+    if modality == query == "text":
+        found.sort(key=lambda c: f"{columns[c]['encoder']}_image" in columns)
+    return found[0]
+
+
+class Searcher:
+    """One column's index, its rows and (on the first query) its encoder."""
+
+    def __init__(self, run: str | Path, column: str, device: str = "auto",
+                 mmap: bool = True) -> None:
+        self.run, self.column = Path(run), column
+        self.device = device
+        self.index, self.entry = open_index(run, column, mmap=mmap, device=device)
+        self.info = self.entry["provenance"]
+        self.kind = self.info["kind"]
+        self._encoder: Encoder | None = None
+        self._rows: dict[str, list[Any]] | None = None
+        self._image_paths: dict[str, str] = {}
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self._encoder = encoder_for_column(self.info, resolve_device(self.device))
+        return self._encoder
+
+    def embed_text(self, text: str) -> np.ndarray:
+        if not text or not text.strip():
+            raise ValueError("empty query: give some text, or --image PATH")
+        return self.encoder.encode_texts([text.strip()])
+
+    def embed_image(self, path: str | Path) -> np.ndarray:
+        try:
+            image = load_image(path)
+        except ImageError as e:
+            raise ValueError(f"cannot use query image {path}: {e}") from None
+        enc = self.encoder
+        if "image" not in enc.modalities or enc.image_transform is None:
+            raise ValueError(f"{self.info['model']} cannot embed images")
+        return enc.encode_images(enc.image_transform(image).unsqueeze(0))
+
+    def search_text(self, text: str, k: int = 10, split: str | None = None,
+                    label: str | None = None) -> SearchResult:
+        return self.search_vector(self.embed_text(text), text.strip(), k, split, label)
+
+    def search_image(self, path: str | Path, k: int = 10, split: str | None = None,
+                     label: str | None = None) -> SearchResult:
+        return self.search_vector(self.embed_image(path), f"image:{path}", k, split, label)
+
+    def search_vector(self, vector: np.ndarray, query: str, k: int = 10,
+                      split: str | None = None, label: str | None = None) -> SearchResult:
+        """Top-``k`` rows for one query vector, optionally only rows of a split / label."""
+        if k < 1:
+            raise ValueError(f"--k must be >= 1, got {k}")
+        notes = []
+        n = int(self.index.ntotal)
+        if k > n:
+            notes.append(f"k={k} is more than the {n} vectors in the index: returning {n}")
+            k = n
+        allowed = allowed_rows(self.run, self.kind, split, label)
+        scores, ids = ix.search_filtered(self.index, np.atleast_2d(vector), k, allowed)
+        keep = ids[0] >= 0
+        if allowed is not None and keep.sum() < k:
+            what = " and ".join(f"{a}={v!r}" for a, v in (("split", split), ("label", label))
+                                if v is not None)
+            notes.append(f"only {int(keep.sum())} hit(s) with {what}"
+                         f" ({int(allowed.sum())} rows match)")
+        for note in notes:
+            log.warning("%s", note)
+        hits = [self._hit(r + 1, float(s), int(i))
+                for r, (s, i) in enumerate(zip(scores[0][keep], ids[0][keep]))]
+        return SearchResult(self.column, query, k, hits, notes)
+
+    def _hit(self, rank: int, score: float, row: int) -> Hit:
+        rows = self.rows
+        if self.kind == "images":
+            caps = rows["captions"][row] or []
+            return Hit(rank, score, row, rows["id"][row], caps[0] if caps else None,
+                       rows["image"][row], rows["label"][row], rows["split"][row])
+        image_id = rows["image_id"][row]
+        return Hit(rank, score, row, rows["id"][row], rows["caption"][row],
+                   self._image_paths.get(image_id), rows["label"][row], rows["split"][row],
+                   image_id)
+
+    @property
+    def rows(self) -> dict[str, list[Any]]:
+        """The metadata columns of every row, read once from the shards."""
+        if self._rows is None:
+            table = shards.read_table(self.run, self.kind)
+            if table.num_rows != self.index.ntotal:
+                raise shards.FormatError(f"{self.kind} shards hold {table.num_rows} rows, the "
+                                         f"index {self.index.ntotal}: rerun the index stage")
+            self._rows = table.to_pydict()
+            if self.kind == "captions":
+                images = shards.read_table(self.run, "images", ["id", "image"]).to_pydict()
+                self._image_paths = dict(zip(images["id"], images["image"]))
+        return self._rows
+
+
+def search(run: str | Path, text: str | None = None, image: str | Path | None = None,
+           modality: str = "image", column: str | None = None, k: int = 10,
+           split: str | None = None, label: str | None = None, device: str = "auto",
+           mmap: bool = True) -> SearchResult:
+    """One query (``text`` or ``image``) against the run's index of the chosen column."""
+    if (text is None) == (image is None):
+        raise ValueError("give exactly one query: text, or an image (--image PATH)")
+    if text is not None and not text.strip():
+        raise ValueError("empty query: give some text, or --image PATH")
+    if image is not None and not Path(image).is_file():
+        raise ValueError(f"cannot use query image {image}: no such file")
+    col = pick_column(run, modality, "image" if image is not None else "text", column)
+    searcher = Searcher(run, col, device=device, mmap=mmap)
+    if image is not None:
+        return searcher.search_image(image, k, split, label)
+    return searcher.search_text(text or "", k, split, label)
+
+
+def format_table(result: SearchResult, width: int = 48) -> str:
+    """A plain-text table of the hits: rank, score, id, caption, image path, label."""
+    head = ("rank", "score", "id", "caption", "image", "label")
+    rows = [(str(h.rank), f"{h.score:.4f}", h.id, _cut(h.caption, width), h.image or "",
+             h.label or "") for h in result.hits]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [f"{result.column}: {result.query!r} ({len(result.hits)} hits)"]
+    for r in [head, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _cut(text: str | None, width: int) -> str:
+    text = (text or "").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
