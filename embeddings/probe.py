@@ -5,8 +5,8 @@ split (a coarse log grid, then binary-search refinement around the best point, a
 CLIP paper's linear-probe protocol) and the model is refit on the train split (not
 train+val: validation stays clean for early stopping and late-fusion weights elsewhere).
 The sweep runs on a seeded subsample of at most ``sweep_rows`` train/val rows (on
-``threads`` threads), each point warm-started from the previous one; the final fit (all
-threads, ``max_iter`` L-BFGS steps) starts from the best sweep solution, with the L2
+``threads`` threads; None: torch's default), each point warm-started from the previous
+one; the final fit (``max_iter`` L-BFGS steps) starts from the best sweep solution, with the L2
 strength scaled by subsample/train rows (constant scikit-learn C).
 ``solver="torch"`` (default) is full-batch float32 L-BFGS; ``solver="sklearn"`` is
 scikit-learn's L-BFGS on the same objective.  Either way the saved state is coef,
@@ -107,9 +107,13 @@ class LogisticHead(Head):
         solve = SOLVERS[p["solver"]]
         k = len(self.tasks[0].classes)
         x, y, vx, vy = xs[0], ys[0], val_xs[0], val_ys[0]
-        self.mean = x.mean(axis=0) if p["standardise"] else np.zeros(x.shape[1], np.float32)
-        self.scale = (np.maximum(x.std(axis=0), 1e-6) if p["standardise"]
-                      else np.ones(x.shape[1], np.float32))
+        if p["standardise"]:  # torch: multi-threaded, no float64 temporaries
+            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            self.mean = t.mean(0).numpy()
+            self.scale = t.std(0, correction=0).clamp_min(1e-6).numpy()
+        else:
+            self.mean = np.zeros(x.shape[1], np.float32)
+            self.scale = np.ones(x.shape[1], np.float32)
         z, vz = self._standardised(x), self._standardised(vx)
         cw = balanced_weights(y, k) if p["class_weights"] else None
         rng = np.random.default_rng(p["seed"])
@@ -144,7 +148,8 @@ class LogisticHead(Head):
                      "refit_on": "train"}
 
     def _standardised(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray((x - self.mean) / self.scale, dtype=np.float32)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return ((t - torch.from_numpy(self.mean)) / torch.from_numpy(self.scale)).numpy()
 
     def _scores(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         return [softmax(self._standardised(xs[0]) @ self.w[:-1] + self.w[-1])]
@@ -227,8 +232,8 @@ TEMPLATES: Sequence[str] = ("a drawing of {}.", "a picture of {}.", "an illustra
 
 register_head("logistic", LogisticHead, inputs="one", multilabel=False,
               doc="softmax regression, L2 swept on validation (CLIP linear-probe protocol)",
-              solver="torch", lambdas=list(LAMBDAS), refine=1, sweep_rows=4096,
-              sweep_iter=15, max_iter=10, standardise=True, class_weights=True, threads=1,
+              solver="torch", lambdas=list(LAMBDAS), refine=1, sweep_rows=3072,
+              sweep_iter=8, max_iter=7, standardise=True, class_weights=True, threads=None,
               seed=0)
 register_head("zeroshot", ZeroShotHead, inputs="one", multilabel=False,
               doc="CLIP zero-shot: class-name prompts through the text tower, no training",
