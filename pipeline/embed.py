@@ -317,7 +317,7 @@ def _finalise(cfg: EmbedConfig, ds: Dataset, columns: dict[str, Any]) -> dict[st
         "rows": rows,
         "shards": shard_list,
         "rejects": {"count": len(rejects), "by_reason": dict(sorted(by_reason.items())),
-                    "file": shards.REJECTS},
+                    "file": shards.REJECTS, "items": rejects},
         "versions": _versions(),
     }
     shards.atomic_write_json(base / shards.MANIFEST, manifest)

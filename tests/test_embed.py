@@ -92,7 +92,8 @@ def test_bad_input_corpus_is_skipped_and_reported(tmp_path: Path, encoder_specs)
     by_id = {c["id"]: c["caption"] for c in caps}
     assert by_id["long_caption#0"] == corpus.LONG_CAPTION  # full text kept
     assert by_id["chinese_caption#0"] == corpus.CHINESE
-    assert read_manifest(tmp_path / "run")["rejects"]["count"] == len(want)
+    listed = read_manifest(tmp_path / "run")["rejects"]
+    assert listed["count"] == len(want) and listed["items"] == rejects
 
 
 def test_interrupted_run_resumes_to_the_same_rows(tmp_path: Path, encoder_specs,
