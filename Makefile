@@ -71,8 +71,10 @@ lint: setup
 
 bench: bench-embed bench-search bench-heads
 
-bench-embed: setup tiny-model
-	$(PY) benchmarks/bench_embed.py
+# Embed stage vs a naive loop: tiny model (decode-bound), then full-size ViT-B-32.
+bench-embed: setup
+	$(PY) benchmarks/bench_embed.py --arch tiny
+	$(PY) benchmarks/bench_embed.py --arch ViT-B-32 --repeat 1
 
 # Brute force (numpy, torch, FAISS Flat) vs the chosen index at 100k and 1M x 512;
 # ARGS="--quick" for a short run, ARGS="--sizes 300000" for other sizes.
