@@ -29,16 +29,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import WeightsUnavailable
+
 OFFLINE_HINT = (
     "To run offline, put the weights on disk and use model='local-dir:/path/to/dir' "
     "(open_clip's format: open_clip_config.json + open_clip_model.safetensors), or for a "
     "smoke test write the tiny random model with `python -m pipeline tiny-model` and use "
     "configs/offline.toml."
 )
-
-
-class WeightsUnavailable(RuntimeError):
-    """The requested weights cannot be loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import FormatError
+
 SCHEMA_VERSION = 1
 STAGE_DIR = "embed"
 MANIFEST = "manifest.json"
@@ -59,10 +61,6 @@ CAPTION_FIELDS = pa.schema(
 )
 FIELDS = {"images": IMAGE_FIELDS, "captions": CAPTION_FIELDS}
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
-
-
-class FormatError(ValueError):
-    """A run directory is missing, incomplete or incompatible."""
 
 
 def stage_dir(run_dir: str | os.PathLike) -> Path:

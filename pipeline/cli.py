@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from embeddings.encoders import WeightsUnavailable
-from embeddings.shards import FormatError
+from embeddings.errors import FormatError
 
 from . import embed_cli, heads_cli, index_cli
 from .embed import RunMismatch

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from embeddings import shards
 from embeddings.encode import embed_texts, iter_image_embeddings
 from embeddings.encoders import Encoder, load_encoder, resolve_device
+from embeddings.errors import RunMismatch
 from embeddings.records import CaptionRecord, Dataset, ImageRecord, load_dataset
 
 from .config import EmbedConfig
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 LOCK = "config.json"
 PACKAGES = ("torch", "open_clip_torch", "sentence-transformers", "pyarrow", "numpy", "pillow",
             "multimodal-embeddings")
-
-
-class RunMismatch(RuntimeError):
-    """The run directory was made with a different model or configuration."""
 
 
 @dataclass

@@ -205,12 +205,13 @@ class Job:
 def plan(cfg: HeadsConfig, columns: Mapping[str, Mapping[str, Any]]) -> list[Job]:
     """The heads to train: single-input heads once per column, fusions over all columns."""
     def expand(name: str, targets: tuple[str, ...], display: str) -> list[Job]:
-        if name == "zeroshot":
-            clip = [c for c in cfg.inputs if columns[c]["kind"] == "images"
-                    and columns[c]["type"] == "open_clip"]
-            if not clip:
-                raise ValueError("zeroshot needs an open_clip image column among inputs")
-            return [Job(name, (c,), targets, display) for c in clip]
+        if HEADS[name].needs_text_tower:
+            towers = [c for c in cfg.inputs if columns[c]["kind"] == "images"
+                      and f"{columns[c]['encoder']}_text" in columns]
+            if not towers:
+                raise ValueError(f"{name} needs an image column among inputs whose model "
+                                 "also has a text tower (CLIP)")
+            return [Job(name, (c,), targets, display) for c in towers]
         if HEADS[name].inputs == "one":
             return [Job(name, (c,), targets, display) for c in cfg.inputs]
         if len(cfg.inputs) < 2:
@@ -328,7 +329,7 @@ def _train(job: Job, cfg: HeadsConfig, feats: Features, targets: Mapping[str, An
     ys = {s: [targets[t]["y"][r] for t in job.targets] for s, r in rows.items()}
     head = make_head(job.head, tasks, [feats.arrays[c].shape[1] for c in job.inputs],
                      **dict(cfg.params.get(job.head, {})), **_seed(job.head, cfg.seed))
-    if job.head == "zeroshot":
+    if HEADS[job.head].needs_text_tower:
         text_col = f"{feats.columns[job.inputs[0]]['encoder']}_text"
         head.text_encoder = encoder_for_column(shards.column_info(manifest, text_col))
     t = time.perf_counter()

@@ -16,13 +16,11 @@ gated       per-sample modality weights g(x) = softmax(W [x_1..x_m]) over GELU(P
 Training: AdamW on mini-batches (one thread: see ``torch_threads``), early stopping on the
 validation loss (best epoch kept), balanced class weights, seeded init and shuffling so a
 rerun gives identical weights.
-Late fusion (``late``, ``late_avg``) trains one head per column and mixes their
-log-probabilities with weights tuned on validation (or fixed equal weights).
+Late fusion lives in :mod:`.late`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import Head, Task, make_head, register_head, torch_state, torch_threads
-from .probe import balanced_weights, softmax
+from .base import Head, Task, torch_state, torch_threads
+from .logistic import balanced_weights
 
 
 class Projections(nn.Module):
@@ -199,100 +197,22 @@ def _tensors(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
 
 
-class LateFusionHead(Head):
-    """One ``base`` head per column; log-probabilities mixed with validation-tuned weights
-    (a grid over the simplex, step ``grid``) or fixed equal weights (``tune=False``)."""
-
-    def __init__(self, tasks: Sequence[Task], dims: Sequence[int], **params: Any) -> None:
-        super().__init__(tasks, dims, **params)
-        self.parts = [make_head(params["base"], tasks, [d], **params.get("base_params", {}))
-                      for d in self.dims]
-        self.mix = np.full(len(self.dims), 1 / len(self.dims), dtype=np.float32)
-
-    def _fit(self, xs: list[np.ndarray], ys: list[np.ndarray], val_xs: list[np.ndarray],
-             val_ys: list[np.ndarray]) -> None:
-        for part, x, vx in zip(self.parts, xs, val_xs, strict=True):
-            part.fit([x], ys, [vx], val_ys)
-        if self.params["tune"]:
-            probs = [part.predict_proba([vx]) for part, vx in zip(self.parts, val_xs, strict=True)]
-            steps = round(1 / self.params["grid"])
-            grid = [np.array(c) / steps for c in itertools.product(range(steps + 1),
-                                                                    repeat=len(xs))
-                    if sum(c) == steps]
-            # Best validation score; ties (tiny splits) go to the most even weights.
-            best = max(grid, key=lambda w: (self._val_score(w, probs, val_ys),
-                                            -float(np.abs(w - 1 / len(w)).sum())))
-            self.mix = best.astype(np.float32)  # as saved
-        self.info = {"modality_weights": [round(float(w), 4) for w in self.mix],
-                     "parts": [p.info for p in self.parts]}
-
-    def _mixed(self, w: np.ndarray, probs: list[list[np.ndarray]]) -> list[np.ndarray]:
-        """Weighted sum of log-probabilities (logits for multi-label), renormalised: with
-        equal weights, the geometric mean of the per-modality predictions."""
-        out = []
-        for t, task in enumerate(self.tasks):
-            ps = [np.clip(p[t], 1e-7, 1 - 1e-7) for p in probs]
-            if task.multilabel:
-                s = sum(wi * np.log(p / (1 - p)) for wi, p in zip(w, ps, strict=True))
-                out.append(1 / (1 + np.exp(-s)))
-            else:
-                out.append(softmax(sum(wi * np.log(p) for wi, p in zip(w, ps, strict=True))))
-        return out
-
-    def _val_score(self, w: np.ndarray, probs: list[list[np.ndarray]],
-                   ys: list[np.ndarray]) -> tuple[float, float]:
-        """(accuracy summed over single-label tasks, minus the summed log-loss)."""
-        acc, nll = 0.0, 0.0
-        for task, p, y in zip(self.tasks, self._mixed(w, probs), ys, strict=True):
-            p = np.clip(p, 1e-7, 1 - 1e-7)
-            if task.multilabel:
-                nll += float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-            else:
-                acc += float((p.argmax(1) == y).mean())
-                nll += float(-np.log(p[np.arange(len(y)), y]).mean())
-        return round(acc, 6), -round(nll, 6)
-
-    def _scores(self, xs: list[np.ndarray]) -> list[np.ndarray]:
-        return self._mixed(self.mix, [p.predict_proba([x]) for p, x in
-                                      zip(self.parts, xs, strict=True)])
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"mix": torch.from_numpy(self.mix.copy())}
-        for i, part in enumerate(self.parts):
-            out.update({f"part{i}.{k}": v for k, v in part.tensors().items()})
-            out.update({f"part{i}.thresholds.{t}": torch.from_numpy(v)
-                        for t, v in part.thresholds.items()})
-        return out
-
-    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.mix = tensors["mix"].numpy().copy()
-        for i, part in enumerate(self.parts):
-            mine = {k.split(".", 1)[1]: v for k, v in tensors.items()
-                    if k.startswith(f"part{i}.")}
-            part.thresholds = {int(k.split(".")[1]): v.numpy() for k, v in mine.items()
-                               if k.startswith("thresholds.")}
-            part.load_tensors({k: v for k, v in mine.items() if not k.startswith("thresholds.")})
-
-
 TORCH = dict(hidden=256, dropout=0.1, project=False, lr=3e-3, weight_decay=1e-4,
              batch_size=512, max_epochs=200, patience=3, standardise=True, class_weights=True,
              threads=1, seed=0)
-for _name, _inputs, _doc in (
-    ("linear", "one", "a linear layer (torch)"),
-    ("mlp", "one", "Linear-GELU-Dropout then a linear output (torch)"),
-    ("concat", "many", "early fusion: concatenation then a linear layer"),
-    ("sum", "many", "early fusion: learned weighted sum of (projected) modalities"),
-    ("sum_mlp", "many", "early fusion: MLP on the learned weighted sum"),
-    ("product", "many", "early fusion: element-wise product of projections"),
-    ("gated", "many", "early fusion: per-sample modality gates over projections"),
-):
-    _linear = _name in ("linear", "concat")  # no hidden layer: a larger step is safe
-    register_head(_name, TorchHead, inputs=_inputs, multilabel=True, doc=_doc,
-                  **{**TORCH, "fuser": _name, "hidden": 0 if _linear else TORCH["hidden"],
-                     "lr": 1e-2 if _linear else TORCH["lr"]})
-register_head("late", LateFusionHead, inputs="many", multilabel=True,
-              doc="late fusion: a head per modality, mixing weights tuned on validation",
-              base="linear", base_params={}, tune=True, grid=0.1)
-register_head("late_avg", LateFusionHead, inputs="many", multilabel=True,
-              doc="late fusion baseline: a head per modality, equal weights (0.5/0.5)",
-              base="linear", base_params={}, tune=False, grid=0.1)
+# name -> (inputs, doc); registered in the package __init__ with TORCH defaults.
+KINDS: dict[str, tuple[str, str]] = {
+    "linear": ("one", "a linear layer (torch)"),
+    "mlp": ("one", "Linear-GELU-Dropout then a linear output (torch)"),
+    "concat": ("many", "early fusion: concatenation then a linear layer"),
+    "sum": ("many", "early fusion: learned weighted sum of (projected) modalities"),
+    "sum_mlp": ("many", "early fusion: MLP on the learned weighted sum"),
+    "product": ("many", "early fusion: element-wise product of projections"),
+    "gated": ("many", "early fusion: per-sample modality gates over projections"),
+}
+
+
+def defaults(kind: str) -> dict[str, Any]:
+    linear = kind in ("linear", "concat")  # no hidden layer: a larger step is safe
+    return {**TORCH, "fuser": kind, "hidden": 0 if linear else TORCH["hidden"],
+            "lr": 1e-2 if linear else TORCH["lr"]}

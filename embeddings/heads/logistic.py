@@ -1,6 +1,6 @@
-"""Linear-probe logistic regression (CLIP protocol) and the zero-shot CLIP classifier.
+"""Linear-probe logistic regression (CLIP protocol).
 
-Logistic: features are standardised, then the L2 strength is swept on the validation
+Features are standardised, then the L2 strength is swept on the validation
 split (a coarse log grid, then binary-search refinement around the best point, as in the
 CLIP paper's linear-probe protocol) and the model is refit on the train split (not
 train+val: validation stays clean for early stopping and late-fusion weights elsewhere).
@@ -17,7 +17,7 @@ scikit-learn pipeline from it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .heads import Head, register_head, torch_threads
+from ..errors import InputError
+from .base import Head, torch_threads
 
 # L2 strengths of the coarse sweep (mean loss + lam/2 |W|^2 on standardised features).
 LAMBDAS = (1e-1, 1e-2, 1e-3, 1e-4)
@@ -103,7 +104,7 @@ class LogisticHead(Head):
              val_ys: list[np.ndarray]) -> None:
         p = self.params
         if p["solver"] not in SOLVERS:
-            raise ValueError(f"solver must be one of {sorted(SOLVERS)}, not {p['solver']!r}")
+            raise InputError(f"solver must be one of {sorted(SOLVERS)}, not {p['solver']!r}")
         solve = SOLVERS[p["solver"]]
         k = len(self.tasks[0].classes)
         x, y, vx, vy = xs[0], ys[0], val_xs[0], val_ys[0]
@@ -187,54 +188,6 @@ def _val_score(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, floa
     return float((p.argmax(1) == y).mean()), float(np.log(p[np.arange(len(y)), y] + 1e-12).mean())
 
 
-class ZeroShotHead(Head):
-    """CLIP zero-shot classifier: class-name prompts through the text tower, no training.
-
-    Set ``text_encoder`` (anything with ``encode_texts(list[str]) -> normalised array``,
-    the encoder of the image column's CLIP model) before ``fit``; the saved head keeps the
-    class embeddings, so loading needs no model.
-    """
-
-    text_encoder: Any = None
-
-    def _fit(self, xs: list[np.ndarray], ys: list[np.ndarray], val_xs: list[np.ndarray],
-             val_ys: list[np.ndarray]) -> None:
-        if self.text_encoder is None:
-            raise ValueError("zero-shot needs the CLIP text tower: set head.text_encoder")
-        rows = []
-        for name in self.tasks[0].classes:
-            prompts = [t.format(class_prompt(name)) for t in self.params["templates"]]
-            v = np.asarray(self.text_encoder.encode_texts(prompts), dtype=np.float64).mean(0)
-            rows.append(v / max(np.linalg.norm(v), 1e-12))
-        self.w = np.asarray(rows, dtype=np.float32)
-        if self.w.shape[1] != self.dims[0]:
-            raise ValueError(f"text tower gives {self.w.shape[1]}-d vectors, the image column "
-                             f"is {self.dims[0]}-d: not the same CLIP model")
-
-    def _scores(self, xs: list[np.ndarray]) -> list[np.ndarray]:
-        x = xs[0] / np.maximum(np.linalg.norm(xs[0], axis=1, keepdims=True), 1e-12)
-        return [softmax(self.params["logit_scale"] * x @ self.w.T)]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"class_embeddings": torch.from_numpy(self.w)}
-
-    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.w = tensors["class_embeddings"].numpy()
-
-
-def class_prompt(label: str) -> str:
-    """``signs_and_symbols`` -> ``signs and symbols``."""
-    return label.replace("_", " ").replace("-", " ").strip()
-
-
-TEMPLATES: Sequence[str] = ("a drawing of {}.", "a picture of {}.", "an illustration of {}.",
-                            "a photo of {}.", "{}")
-
-register_head("logistic", LogisticHead, inputs="one", multilabel=False,
-              doc="softmax regression, L2 swept on validation (CLIP linear-probe protocol)",
-              solver="torch", lambdas=list(LAMBDAS), refine=1, sweep_rows=3072,
-              sweep_iter=8, max_iter=7, standardise=True, class_weights=True, threads=None,
-              seed=0)
-register_head("zeroshot", ZeroShotHead, inputs="one", multilabel=False,
-              doc="CLIP zero-shot: class-name prompts through the text tower, no training",
-              templates=list(TEMPLATES), logit_scale=100.0)
+DEFAULTS: dict[str, Any] = dict(
+    solver="torch", lambdas=list(LAMBDAS), refine=1, sweep_rows=3072, sweep_iter=8,
+    max_iter=7, standardise=True, class_weights=True, threads=None, seed=0)
