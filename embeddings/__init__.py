@@ -1,6 +1,7 @@
-"""Library: encoders, batched encoding, Parquet shard I/O (arrays in, arrays out, no CLI)."""
+"""Library: encoders, batched encoding, the run-directory store, indexes and heads
+(arrays in, arrays out; no CLI, never imports ``pipeline``)."""
 
-from .shards import read_manifest, read_table, read_vectors
+from .store import Run, read_table, read_vectors
 
-__version__ = "0.1.0"
-__all__ = ["read_manifest", "read_table", "read_vectors"]
+__version__ = "0.2.0"
+__all__ = ["Run", "read_table", "read_vectors"]

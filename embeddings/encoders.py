@@ -12,6 +12,7 @@ missing directory) :class:`WeightsUnavailable` says at once what to do instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -29,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import WeightsUnavailable
+from .errors import InputError, WeightsUnavailable
+from .store import Column, Provenance, check_same_model
 
+HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 OFFLINE_HINT = (
     "To run offline, put the weights on disk and use model='local-dir:/path/to/dir' "
     "(open_clip's format: open_clip_config.json + open_clip_model.safetensors), or for a "
@@ -55,7 +58,7 @@ class Encoder(Protocol):
     dim: int
     image_transform: Callable[[Any], torch.Tensor] | None
 
-    def provenance(self) -> dict[str, Any]: ...
+    def provenance(self) -> Provenance: ...
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray: ...
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray: ...
 
@@ -72,25 +75,48 @@ def register_encoder(type_name: str) -> Callable[[Callable[..., Encoder]], Calla
 
 def load_encoder(spec: EncoderSpec, device: torch.device | str = "cpu") -> Encoder:
     if spec.type not in ENCODERS:
-        raise ValueError(f"unknown encoder type {spec.type!r}; known: {sorted(ENCODERS)}")
+        raise InputError(f"unknown encoder type {spec.type!r}; known: {sorted(ENCODERS)}")
     return ENCODERS[spec.type](spec, torch.device(device))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available")
+        raise InputError(f"device {device!r} asked for, but no CUDA GPU is available")
     return dev
 
 
-def file_digest(path: Path) -> str:
+@functools.lru_cache(maxsize=32)
+def _digest_cached(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a weights file (cached per process: search and serve hash once)."""
+    st = Path(path).stat()
+    return _digest_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _hub_file(repo_id: str, filenames: Sequence[str]) -> Path | None:
+    """The cached file of a hub repo that a library loaded weights from, if any."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for f in filenames:
+        hit = try_to_load_from_cache(repo_id, f)
+        if isinstance(hit, str):
+            return Path(hit)
+    return None
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -138,20 +164,22 @@ class OpenClipEncoder:
             spec.model, pretrained=None if _is_local(spec.model) else spec.pretrained,
             device=device)
         self.model.eval()
+        if "weights_sha256" not in self.weights:  # hub weights: hash the cached file loaded
+            repo = self.weights.get("weights_source", "")
+            cached = _hub_file(repo, HUB_WEIGHTS) if repo else None
+            if cached is not None:
+                self.weights["weights_sha256"] = file_digest(cached)
         self.tokenizer = open_clip.get_tokenizer(spec.model)
         self.dim = int(open_clip.get_model_config(spec.model)["embed_dim"])
         self.context_length = int(getattr(self.tokenizer, "context_length", 77))
 
-    def provenance(self) -> dict[str, Any]:
+    def provenance(self) -> Provenance:
         pp = dict(getattr(self.model.visual, "preprocess_cfg", {}))
-        return {
-            "type": self.spec.type, "model": self.spec.model,
-            "pretrained": self.spec.pretrained, **self.weights,
-            "dim": self.dim, "normalized": True,
-            "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()},
-            "transform": repr(self.image_transform),
-            "text_context_length": self.context_length,
-        }
+        return Provenance(
+            type=self.spec.type, model=self.spec.model, dim=self.dim,
+            pretrained=self.spec.pretrained, **self.weights,
+            preprocess={k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()},
+            text_context_length=self.context_length, transform=repr(self.image_transform))
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
@@ -185,7 +213,7 @@ def _check_open_clip_weights(spec: EncoderSpec) -> dict[str, Any]:
             raise WeightsUnavailable(
                 f"{spec.model}: expected open_clip_config.json and open_clip_model.safetensors "
                 f"in {path}. {OFFLINE_HINT}")
-        return {"weights_file": weights[0].name, "weights_sha256": file_digest(weights[0])}
+        return {"weights_source": str(weights[0]), "weights_sha256": file_digest(weights[0])}
     if spec.model not in open_clip.list_models():
         raise WeightsUnavailable(f"unknown open_clip model {spec.model!r}. {OFFLINE_HINT}")
     if not spec.pretrained:
@@ -199,8 +227,7 @@ def _check_open_clip_weights(spec: EncoderSpec) -> dict[str, Any]:
             f"unknown pretrained tag {spec.pretrained!r} for {spec.model}; known tags: "
             f"{open_clip.list_pretrained_tags_by_model(spec.model)}")
     repo = cfg.get("hf_hub", "").strip("/")
-    cached = bool(repo) and _hub_cached(
-        repo, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+    cached = bool(repo) and _hub_cached(repo, HUB_WEIGHTS)
     if not cached and not _hub_reachable():
         raise WeightsUnavailable(
             f"cannot get pretrained weights {spec.model}/{spec.pretrained}: the model hub is "
@@ -231,13 +258,15 @@ class SentenceTransformerEncoder:
             self.model.half()
         self.model.eval()
         self.dim = int(self.model.get_embedding_dimension())
+        if "weights_sha256" not in self.weights:  # hub model: hash the cached weights file
+            cached = _hub_file(self.weights["weights_source"],
+                               ("model.safetensors", "pytorch_model.bin"))
+            if cached is not None:
+                self.weights["weights_sha256"] = file_digest(cached)
 
-    def provenance(self) -> dict[str, Any]:
-        return {
-            "type": self.spec.type, "model": self.spec.model, **self.weights,
-            "dim": self.dim, "normalized": True,
-            "max_seq_length": int(self.model.max_seq_length),
-        }
+    def provenance(self) -> Provenance:
+        return Provenance(type=self.spec.type, model=self.spec.model, dim=self.dim,
+                          **self.weights, max_seq_length=int(self.model.max_seq_length))
 
     def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
         raise TypeError(f"{self.spec.model} is a text model")
@@ -331,20 +360,17 @@ def _rng(seed: int) -> Iterator[None]:
         yield
 
 
-def encoder_for_column(info: dict[str, Any], device: torch.device | str = "cpu") -> Encoder:
-    """Load the encoder that made an embedding column and check it is the same one.
+def encoder_for_column(column: Column, device: torch.device | str = "cpu") -> Encoder:
+    """Load the encoder that made ``column`` and check it is the same model.
 
-    ``info`` is the column's entry in the embed manifest.  Queries must be embedded with
-    exactly that model and preprocessing; any difference raises ``ValueError``.
+    Queries must be embedded with exactly that model and preprocessing; another one
+    raises :class:`~embeddings.errors.RunMismatch` (the one identity rule of
+    :mod:`embeddings.store.provenance`).
     """
-    spec = EncoderSpec(name=info["encoder"], type=info["type"], model=info["model"],
-                       pretrained=info.get("pretrained"))
-    enc = load_encoder(spec, device)
-    now = enc.provenance()
-    for key in ("dim", "weights_sha256", "preprocess", "text_context_length", "max_seq_length"):
-        if json.dumps(info.get(key), sort_keys=True) != json.dumps(now.get(key), sort_keys=True):
-            raise ValueError(
-                f"encoder {spec.model!r} no longer matches the one that made column "
-                f"{info['encoder']}_{info.get('modality')}: {key} was {info.get(key)!r}, "
-                f"now {now.get(key)!r}. Re-run the embed stage, or restore those weights.")
+    p = column.provenance
+    enc = load_encoder(EncoderSpec(name=column.encoder, type=p.type, model=p.model,
+                                   pretrained=p.pretrained), device)
+    check_same_model(p, enc.provenance(), f"encoder {p.model!r} as loaded now",
+                     f"it no longer matches the one that made column {column.name}: re-run "
+                     "the embed stage, or restore those weights")
     return enc

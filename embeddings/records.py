@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -287,3 +287,49 @@ class _Builder:
 
 def _normalise(path: str) -> str:
     return Path(os.path.normpath(path)).as_posix()
+
+
+# ---------------------------------------------------------------------------- blocks
+
+@dataclass(frozen=True)
+class Block:
+    """The ``index``-th group of at most ``size`` image records, with their captions and
+    the ingest rejects of the rows read for them: what one embed shard pair covers."""
+
+    index: int
+    images: tuple[ImageRecord, ...]
+    captions: tuple[CaptionRecord, ...]
+    rejects: tuple[Reject, ...]
+
+
+@dataclass
+class Source:
+    """A dataset opened for reading block by block."""
+
+    root: Path
+    source: str
+    format: str
+    _dataset: Dataset | None = None
+
+    def blocks(self, size: int, skip: Container[int] = ()) -> Iterator[Block]:
+        ds = self._dataset or load_dataset(self.source, self.root, self.format)
+        self._dataset = ds
+        by_image: dict[str | None, list[CaptionRecord]] = {}
+        for c in ds.captions:
+            by_image.setdefault(c.image_id, []).append(c)
+        for k, start in enumerate(range(0, max(len(ds.images), 1), size)):
+            if k in skip:
+                continue
+            images = ds.images[start:start + size]
+            caps = tuple(c for im in images for c in by_image.get(im.id, []))
+            yield Block(k, tuple(images), caps, tuple(ds.rejects) if k == 0 else ())
+
+
+def open_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None,
+                 format: str = "auto") -> Source:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    fmt = detect_format(path) if format == "auto" else format
+    base = Path(root) if root is not None else (path if path.is_dir() else path.parent)
+    return Source(base.resolve(), str(path), fmt)

@@ -1,4 +1,9 @@
-"""Command line: ``python -m pipeline <command> --help`` (also installed as ``mmemb``)."""
+"""Command line: ``python -m pipeline <command> --help`` (also installed as ``mmemb``).
+
+A :class:`~embeddings.errors.UserError` (bad input, mismatched model, missing run, a
+corrupt file, a full disk) is one ``error:`` line and exit status 2; anything else is a
+bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +12,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from embeddings.encoders import WeightsUnavailable
-from embeddings.errors import FormatError
+from embeddings.errors import UserError
 
 from . import embed_cli, heads_cli, index_cli
-from .embed import RunMismatch
 
 # Each module registers its sub-commands with ``register(subparsers)``.
 COMMAND_MODULES = (embed_cli, index_cli, heads_cli)
-USER_ERRORS = (FileNotFoundError, ValueError, WeightsUnavailable, FormatError, RunMismatch)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Embed image/text datasets, index them, train fusion heads, search.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and tracebacks for every error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -41,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except UserError as e:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -1,97 +1,315 @@
-"""Run configuration: a TOML file (plus command-line overrides) -> frozen dataclasses.
+"""Run configuration: each knob declared once, as a field of a frozen dataclass.
 
-One file configures every stage of a run; each stage reads its own section::
+One TOML file configures every stage; each stage reads its own section, and the run
+directory is the top-level ``run``::
 
-    out = "runs/demo"            # run directory shared by all stages
-    [data]                       # what to embed (see embeddings.records)
-    path = "data/demo/manifest.csv"
-    [embed]                      # device, batch_size, workers, shard_size, dtype, max_pixels
-    [[encoders]]                 # one table per encoder: name, type, model, pretrained
+    run = "runs/demo"            # run directory shared by all stages (--run)
+    [data]    path, root, format                     [embed]  device, batch_size, ...
+    [[encoders]] name, type, model, pretrained       [index]  memory_budget_gb, ...
+    [search]  k, modality, ...   [heads] label, inputs, heads, ...   [eval] split, ...
+
+Precedence: dataclass default < TOML < command line.  A knob's field carries its help
+text and CLI flag (:func:`knob`); :func:`add_options` derives the argparse options from
+the fields, so a knob is written once.  Unknown or misplaced keys are one-line errors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import argparse
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
 from embeddings.encoders import EncoderSpec
+from embeddings.errors import InputError, MissingError
 from embeddings.images import DEFAULT_MAX_PIXELS
+from embeddings.store import check_name
 
 DEFAULT_CONFIG = Path("configs/default.toml")
+DEFAULT_RUN = "runs/default"
+
+
+def knob(default: Any, help: str, *, flag: str | None = None, cli: bool = True,
+         choices: tuple[Any, ...] | None = None) -> Any:
+    """A config field: default, help text, optional CLI flag name and choices."""
+    meta = {"help": help, "flag": flag, "cli": cli, "choices": choices}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = "data/demo/manifest.csv"
-    root: str | None = None  # default: the manifest's folder
-    format: str = "auto"  # csv | jsonl | parquet | imagefolder | coco | karpathy
+    path: str = knob("data/demo/manifest.csv", "manifest (csv/jsonl/parquet/COCO/Karpathy "
+                     "json) or image folder", flag="--data")
+    root: str | None = knob(None, "folder image paths are relative to (default: the "
+                            "manifest's)")
+    format: str = knob("auto", "dataset format", choices=("auto", "csv", "jsonl", "parquet",
+                                                          "imagefolder", "coco", "karpathy"))
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    data: DataConfig
-    encoders: tuple[EncoderSpec, ...]
-    out: str = "runs/demo"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    batch_size: int = 64
-    workers: int | None = None  # image decoding processes; None: picked per device
-    shard_size: int = 1000  # input records per Parquet shard
-    dtype: str = "float16"  # float16 | float32
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    encoders: tuple[EncoderSpec, ...] = ()
+    run: str = DEFAULT_RUN
+    device: str = knob("auto", "auto, cpu, cuda or cuda:N")
+    batch_size: int = knob(64, "items per model call")
+    workers: int | None = knob(None, "image decoding processes (0: in the main process; "
+                               "default: 4 on CPU, 8 on GPU)")
+    shard_size: int = knob(1000, "input image records per block (one Parquet shard each)")
+    dtype: str = knob("float16", "stored vector type", choices=("float16", "float32"))
+    max_pixels: int = knob(DEFAULT_MAX_PIXELS, "larger images are skipped before decoding")
+    progress: bool = knob(True, "progress bars")
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class IndexConfig:
+    run: str = DEFAULT_RUN
+    columns: tuple[str, ...] = knob((), "embedding columns to index (default: all)",
+                                    flag="--columns")
+    memory_budget_gb: float = knob(4.0, "memory budget per index in GiB",
+                                   flag="--memory-budget")
+    factory: str = knob("", "force a FAISS factory string, e.g. Flat, HNSW32, IVF1024,Flat")
+    flat_max: int = knob(100_000, "exact search up to this many vectors")
+    target_recall: float = knob(0.95, "recall@10 the search parameters are tuned to")
+    recall_threshold: float = knob(0.9, "warn when the measured recall@10 is below this")
+    recall_queries: int = knob(500, "held-out queries for tuning, as many for measuring")
+    device: str = knob("auto", "auto, cpu or cuda (GPU needs a GPU build of FAISS)")
+    rebuild: bool = knob(False, "rebuild from scratch instead of adding new shards")
+    verify: bool = knob(True, "check shard and index checksums before use")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    run: str = DEFAULT_RUN
+    k: int = knob(10, "number of hits")
+    modality: str = knob("image", "what to return: image rows or caption rows",
+                         choices=("image", "text"))
+    column: str | None = knob(None, "index to search (default: picked from --modality and "
+                              "the query)")
+    device: str = knob("auto", "device for the query encoder")
+    mmap: bool = knob(True, "memory-map the index instead of reading it into memory")
+    verify: bool = knob(True, "check the index checksum before use")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    run: str = DEFAULT_RUN
+    split: str | None = knob(None, "evaluate only this split (default: all rows)")
+    encoders: tuple[str, ...] = knob((), "encoders to evaluate (default: every image+text "
+                                     "encoder)")
+    exact_only: bool = knob(False, "skip the index (no index needed)")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    run: str = DEFAULT_RUN
+    label: str = knob("label", "single-label target column of the image rows")
+    inputs: tuple[str, ...] = knob(("clip_image", "clip_text", "minilm_text"),
+                                   "embedding columns (text: mean of an image's captions)")
+    heads: tuple[str, ...] = knob(("zeroshot", "logistic", "linear", "mlp", "concat", "sum",
+                                   "sum_mlp", "product", "gated", "late", "late_avg"),
+                                  "heads to train, e.g. logistic,concat,late")
+    multilabel: str = knob("labels", "list-valued target column ('' = none)")
+    multilabel_heads: tuple[str, ...] = knob(("mlp", "concat"), "heads for the multi-label "
+                                             "target")
+    multitask: tuple[str, ...] = knob(("label", "labels"), "columns sharing one trunk")
+    multitask_head: str = knob("gated", "head of the multi-task run")
+    metric: str = knob("macro_f1", "picks the best head, drawn in the chart",
+                       choices=("accuracy", "macro_f1"))
+    seed: int = knob(0, "seed of splits and training")
+    val_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
+    test_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
+    params: dict[str, dict[str, Any]] = knob(  # noqa: RUF009 (a default_factory field)
+        {}, "per-head parameter overrides", cli=False)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "embed": EmbedConfig, "index": IndexConfig,
+                             "search": SearchConfig, "eval": EvalConfig, "heads": HeadsConfig}
+NOT_IN_TOML = {"run", "data", "encoders"}  # top-level keys / own tables, not section keys
+
+
+def load_toml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+        raise MissingError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"config file {path} is not valid TOML: {e}") from None
+    _check_top(raw, path)
+    return raw
 
 
-def checked_section(cls: type, section: dict[str, Any], where: str) -> dict[str, Any]:
-    """``section`` unchanged, or ValueError naming keys that ``cls`` does not have."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in [{where}]; allowed: {sorted(known)}")
-    return section
+def _check_top(raw: Mapping[str, Any], path: Path) -> None:
+    allowed = {"run", "encoders", "serve", *SECTIONS}
+    for key in raw:
+        if key == "out":
+            raise InputError(f"{path}: top-level key 'out' is now 'run' (the run directory)")
+        if key not in allowed:
+            raise InputError(f"{path}: unknown top-level key {key!r}; allowed: {sorted(allowed)}")
 
 
-def embed_config(raw: dict[str, Any], **overrides: Any) -> EmbedConfig:
-    """Build the embed stage config from a parsed TOML dict and CLI overrides.
+def section_values(cls: type, raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The TOML table ``[name]`` checked against ``cls``'s knobs."""
+    section = raw.get(name, {})
+    if not isinstance(section, dict):
+        raise InputError(f"[{name}] must be a table")
+    known = {f.name for f in fields(cls) if f.name not in NOT_IN_TOML}
+    for key in section:
+        if key not in known:
+            where = [s for s, c in SECTIONS.items() if key in {f.name for f in fields(c)}
+                     and key not in NOT_IN_TOML]
+            hint = (f" (it belongs in [{where[0]}])" if where else
+                    " (the run directory is the top-level `run`)" if key in ("run", "out")
+                    else "")
+            raise InputError(f"unknown key {key!r} in [{name}]{hint}; allowed: {sorted(known)}")
+    return dict(section)
 
-    Overrides with value ``None`` are ignored.  ``model``/``pretrained`` replace those of
-    the first open_clip encoder; ``data``/``root``/``format`` those of ``[data]``.
-    """
-    ov = {k: v for k, v in overrides.items() if v is not None}
-    data = DataConfig(**checked_section(DataConfig, dict(raw.get("data", {})), "data"))
-    data = replace(data, **{k: ov.pop(k2) for k, k2 in
-                            (("path", "data"), ("root", "root"), ("format", "format")) if k2 in ov})
-    encoders = [EncoderSpec(**checked_section(EncoderSpec, e, "encoders"))
-                for e in raw.get("encoders", [])]
-    if "model" in ov or "pretrained" in ov:
+
+def build(cls: type, raw: Mapping[str, Any], name: str, overrides: Mapping[str, Any],
+          **fixed: Any) -> Any:
+    """``cls`` from its defaults, then ``[name]`` of the TOML, then non-None overrides."""
+    values = {**section_values(cls, raw, name),
+              **{k: v for k, v in overrides.items() if v is not None}}
+    hints = typing.get_type_hints(cls)
+    for key, value in list(values.items()):
+        values[key] = _coerce(value, hints[key], f"[{name}] {key}")
+        choices = next(f.metadata.get("choices") for f in fields(cls) if f.name == key)
+        if choices and values[key] not in choices:
+            raise InputError(f"[{name}] {key} must be one of {list(choices)}, not {value!r}")
+    return cls(**values, **fixed)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    args = typing.get_args(hint)
+    base = _optional_base(hint)
+    if value is None and type(None) in args:
+        return None
+    if typing.get_origin(base) is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise InputError(f"{where} must be a list of strings, not {value!r}")
+        return tuple(value)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    want = typing.get_origin(base) or base
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise InputError(f"{where} must be {getattr(want, '__name__', want)}, not {value!r}")
+    return value
+
+
+def run_dir(raw: Mapping[str, Any], override: str | None) -> str:
+    if override:
+        return override
+    value = raw.get("run", DEFAULT_RUN)
+    if not isinstance(value, str) or not value:
+        raise InputError(f"top-level `run` must be a directory name, not {value!r}")
+    return value
+
+
+def embed_config(raw: Mapping[str, Any], run: str | None = None,
+                 data: Mapping[str, Any] | None = None, model: str | None = None,
+                 pretrained: str | None = None, **overrides: Any) -> EmbedConfig:
+    """The embed stage: ``[data]``, ``[embed]``, ``[[encoders]]``; ``model``/``pretrained``
+    replace those of the first open_clip encoder."""
+    data_cfg = build(DataConfig, raw, "data", data or {})
+    encoders = _encoders(raw, model, pretrained)
+    cfg = build(EmbedConfig, raw, "embed", overrides, data=data_cfg, encoders=encoders,
+                run=run_dir(raw, run))
+    if cfg.batch_size < 1 or cfg.shard_size < 1:
+        raise InputError("[embed] batch_size and shard_size must be >= 1")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise InputError(f"[embed] workers must be >= 0, not {cfg.workers}")
+    return cfg
+
+
+def _encoders(raw: Mapping[str, Any], model: str | None,
+              pretrained: str | None) -> tuple[EncoderSpec, ...]:
+    tables = raw.get("encoders", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise InputError("[[encoders]] must be a list of tables")
+    known = {f.name for f in fields(EncoderSpec)}
+    encoders = []
+    for t in tables:
+        unknown = sorted(set(t) - known)
+        missing = sorted(f.name for f in fields(EncoderSpec)
+                         if f.default is MISSING and f.name not in t)
+        if unknown or missing:
+            raise InputError(f"[[encoders]] {t.get('name', '?')!r}: unknown key(s) {unknown}, "
+                             f"missing {missing}; allowed: {sorted(known)}")
+        check_name(t["name"], "encoder name")
+        encoders.append(EncoderSpec(**t))
+    if model or pretrained:
         clip = [i for i, e in enumerate(encoders) if e.type == "open_clip"]
         if not clip:
-            raise ValueError("--model/--pretrained given, but the config has no open_clip encoder")
-        model = ov.pop("model", encoders[clip[0]].model)
-        pretrained = ov.pop("pretrained", None if model.startswith("local-dir:")
-                            else encoders[clip[0]].pretrained)
-        encoders[clip[0]] = replace(encoders[clip[0]], model=model, pretrained=pretrained)
+            raise InputError("--model/--pretrained given, but the config has no open_clip "
+                             "encoder")
+        first = encoders[clip[0]]
+        new_model = model or first.model
+        tag = pretrained or (None if new_model.startswith("local-dir:") else first.pretrained)
+        encoders[clip[0]] = replace(first, model=new_model, pretrained=tag)
     if not encoders:
-        raise ValueError("no [[encoders]] in the config: nothing to embed with")
+        raise InputError("no [[encoders]] in the config: nothing to embed with")
     names = [e.name for e in encoders]
     if len(set(names)) != len(names):
-        raise ValueError(f"encoder names must be unique, got {names}")
-    section = checked_section(EmbedConfig, dict(raw.get("embed", {})), "embed")
-    out = ov.pop("out", raw.get("out", "runs/demo"))
-    cfg = EmbedConfig(data=data, encoders=tuple(encoders), out=out, **section)
-    cfg = replace(cfg, **ov)
-    if cfg.dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be float16 or float32, not {cfg.dtype!r}")
-    if cfg.batch_size < 1 or cfg.shard_size < 1:
-        raise ValueError("batch_size and shard_size must be >= 1")
-    return cfg
+        raise InputError(f"encoder names must be unique, got {names}")
+    return tuple(encoders)
+
+
+def stage_config(cls: type, name: str, raw: Mapping[str, Any], run: str | None = None,
+                 **overrides: Any) -> Any:
+    """A non-embed stage's config: its TOML section, the top-level run, CLI overrides."""
+    return build(cls, raw, name, overrides, run=run_dir(raw, run))
+
+
+# --------------------------------------------------------------------------- argparse
+
+def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One option per CLI knob of ``cls`` (``--batch-size``, ``--no-mmap``, ...)."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        meta = f.metadata
+        if not meta or not meta.get("cli") or f.name in skip:
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, default=None,
+                                action=argparse.BooleanOptionalAction,
+                                help=f"{meta['help']} (default: {default})")
+            continue
+        kind = _arg_type(hints[f.name])
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        parser.add_argument(flag, dest=f.name, default=None, type=kind, choices=meta["choices"],
+                            help=f"{meta['help']} (default: {shown})")
+
+
+def _optional_base(hint: Any) -> Any:
+    """``int`` for ``int | None``; the hint itself otherwise."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return hint
+
+
+def _arg_type(hint: Any) -> Any:
+    base = _optional_base(hint)
+    if typing.get_origin(base) is tuple:
+        return str  # comma-separated; _coerce splits it
+    return base if base in (int, float, str) else str
+
+
+def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values the user gave on the command line for ``cls``'s knobs."""
+    return {f.name: getattr(args, f.name) for f in fields(cls)
+            if f.metadata.get("cli") and getattr(args, f.name, None) is not None}

@@ -1,38 +1,50 @@
 """Embed stage: dataset -> Parquet embedding shards + manifest, resumable and idempotent.
 
-Order of work: ingest the dataset; check the run directory's lock (the config it was
-made with); skip the input records already covered by finished shards; embed the rest
-block by block, each block written as one shard through an atomic rename; finally write
-``rejects.jsonl`` and ``manifest.json`` (last).  A crash or Ctrl-C loses at most the
-shard in progress; a rerun finishes the job with exactly the same rows.
+Order of work, under the run's embed lock: open the dataset; check the run's identity
+(the config it was made with, the models that made its columns); find the finished
+blocks (every shard checked, a corrupt one is said and redone); embed the rest block by
+block, each block written as one image shard and one caption shard by atomic renames;
+finally write ``rejects.jsonl`` and the manifest (last).  A crash or Ctrl-C loses at most
+the block in progress; rerunning the same command finishes the job with exactly the rows
+of an uninterrupted run.  The unit of work, :func:`embed_block`, is what any engine runs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
-from embeddings import shards
 from embeddings.encode import embed_texts, iter_image_embeddings
 from embeddings.encoders import Encoder, load_encoder, resolve_device
-from embeddings.errors import RunMismatch
-from embeddings.records import CaptionRecord, Dataset, ImageRecord, load_dataset
+from embeddings.errors import FormatError, InputError, RunMismatch
+from embeddings.records import Block, Source, open_dataset
+from embeddings.store import (
+    KINDS,
+    MODALITY_KIND,
+    Column,
+    EmbedManifest,
+    Run,
+    ShardInfo,
+    ShardRecord,
+    check_same_model,
+    column_name,
+    shard_bytes,
+)
+from embeddings.store.embed import rows_of
 
 from .config import EmbedConfig
 
 log = logging.getLogger(__name__)
-LOCK = "config.json"
 PACKAGES = ("torch", "open_clip_torch", "sentence-transformers", "pyarrow", "numpy", "pillow",
             "multimodal-embeddings")
 
@@ -45,89 +57,176 @@ class EmbedResult:
     rejects: dict[str, int]
     seconds: float
     nothing_to_do: bool = False
-    throughput: dict[str, float] | None = None  # items/s per kind for this run's new work
+    throughput: dict[str, float] = field(default_factory=dict)  # items/s of this run's work
 
     def rate_summary(self) -> str:
-        return ", ".join(f"{k} {v:.1f}/s" for k, v in (self.throughput or {}).items())
+        return ", ".join(f"{k} {v:.1f}/s" for k, v in self.throughput.items())
+
+
+@dataclass
+class Models:
+    """The encoders of a run, loaded on first need (a finished run loads none)."""
+
+    cfg: EmbedConfig
+    device: torch.device
+    encoders: list[Encoder] = field(default_factory=list)
+    columns: dict[str, Column] = field(default_factory=dict)
+
+    def load(self) -> Models:
+        if not self.encoders:
+            self.encoders = [load_encoder(s, self.device) for s in self.cfg.encoders]
+            self.columns = {
+                column_name(e.spec.name, m): Column(column_name(e.spec.name, m),
+                                                    MODALITY_KIND[m], e.spec.name, m,
+                                                    self.cfg.dtype, e.provenance())
+                for e in self.encoders for m in ("image", "text") if m in e.modalities}
+        return self
 
 
 def run_embed(cfg: EmbedConfig) -> EmbedResult:
     """Run (or resume) the embed stage described by ``cfg``."""
     t0 = time.perf_counter()
-    ds = load_dataset(cfg.data.path, cfg.data.root, cfg.data.format)
-    log.info("ingest: %s", ds.summary())
-    base = shards.stage_dir(cfg.out)
-    spec = _lock_spec(cfg, ds)
-    _check_lock(base, "spec", spec)
-    for tmp in base.glob("*/.part-*.tmp"):  # left over by an interrupted run
-        tmp.unlink()
-
-    done = {kind: _finished(base, kind) for kind in shards.KINDS}
-    todo_images = _todo(ds.images, done["images"])
-    todo_captions = _todo(ds.captions, done["captions"])
-    manifest_path = base / shards.MANIFEST
-    if not todo_images and not todo_captions and manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("complete"):
-            log.info("nothing to do: %s is complete (%d image rows, %d caption rows)",
-                     base, manifest["rows"]["images"], manifest["rows"]["captions"])
-            return EmbedResult(Path(cfg.out), 0, manifest["rows"],
-                               manifest["rejects"]["by_reason"], time.perf_counter() - t0, True)
-
-    device = resolve_device(cfg.device)
-    encoders = [load_encoder(s, device) for s in cfg.encoders]
-    columns = _columns(encoders, cfg.dtype)
-    base.mkdir(parents=True, exist_ok=True)
-    _check_lock(base, "columns", columns)
-    _write_lock(base, spec, columns)
-
-    new = 0
-    rates: dict[str, float] = {}
-    try:
-        t = time.perf_counter()
-        new += _embed_images(cfg, ds, todo_images, encoders, device,
-                             _next_index(done["images"]))
-        if todo_images:
-            rates["images"] = len(todo_images) / (time.perf_counter() - t)
-        t = time.perf_counter()
-        new += _embed_captions(cfg, todo_captions, encoders, _next_index(done["captions"]))
-        if todo_captions:
-            rates["captions"] = len(todo_captions) / (time.perf_counter() - t)
-    except KeyboardInterrupt:
-        log.warning("interrupted: the %d shard(s) finished so far are kept; rerun to resume", new)
-        raise
-    manifest = _finalise(cfg, ds, columns)
-    return EmbedResult(Path(cfg.out), new, manifest["rows"], manifest["rejects"]["by_reason"],
-                       time.perf_counter() - t0, throughput=rates)
+    run = Run(cfg.run)
+    models = Models(cfg, resolve_device(cfg.device))
+    source = open_dataset(cfg.data.path, cfg.data.root, cfg.data.format)
+    with run.lock("embed"):
+        spec = _spec(cfg, source)
+        recorded = run.embed.read_spec()
+        _check_spec(run, recorded, spec)
+        done = _finished(run, cfg)
+        full = {k for k, (img, _) in done.items() if img.inputs == cfg.shard_size}
+        stats = _Progress(cfg)
+        try:
+            for block in source.blocks(cfg.shard_size, skip=full):
+                if block.index in done and _same_inputs(run, done[block.index], block):
+                    continue
+                models.load()
+                if recorded is None or "columns" not in recorded:
+                    recorded = {"spec": spec, "columns": _columns_dict(models.columns)}
+                    run.embed.write_spec(recorded)
+                _check_columns(run, recorded, models.columns)
+                result = embed_block(block, source.root, models, cfg)
+                done[block.index] = write_block(run, block, result, cfg.dtype)
+                stats.block_done(block)
+        except KeyboardInterrupt:
+            log.warning("interrupted: the %d block(s) finished in this run are kept (%d in "
+                        "all); rerun the same command to resume", stats.blocks, len(done))
+            raise
+        finally:
+            stats.close()
+        if not done:
+            raise InputError(f"{cfg.data.path}: the dataset has no rows to embed")
+        if not stats.blocks and run.embed.has_manifest() and _listed(run, done):
+            m = run.embed.manifest()
+            log.info("nothing to do: %s is complete", run.embed.dir)
+            return EmbedResult(run.path, 0, {k: m.rows(k) for k in KINDS},
+                               m.rejects["by_reason"], time.perf_counter() - t0, True)
+        if recorded is None or "columns" not in recorded:
+            raise FormatError(f"{run.embed.spec_path} is missing: delete {run.embed.dir} and "
+                              "rerun to start over")
+        manifest = _finalise(run, cfg, source, recorded, done)
+    return EmbedResult(run.path, stats.blocks, {k: manifest.rows(k) for k in KINDS},
+                       manifest.rejects["by_reason"], time.perf_counter() - t0,
+                       throughput=stats.rates())
 
 
-# ------------------------------------------------------------------------- lock file
+# ------------------------------------------------------------------- unit of work
 
-def _lock_spec(cfg: EmbedConfig, ds: Dataset) -> dict[str, Any]:
-    return {
-        "schema_version": shards.SCHEMA_VERSION,
-        "data": {"source": str(Path(ds.source).resolve()), "root": str(ds.root),
-                 "format": ds.format},
-        "encoders": [asdict(e) for e in cfg.encoders],
-        "dtype": cfg.dtype, "shard_size": cfg.shard_size, "max_pixels": cfg.max_pixels,
-    }
+@dataclass
+class BlockResult:
+    """One embedded block: kept rows, their vectors and the rejects, per kind."""
+
+    image_rows: list[int]
+    image_vectors: dict[str, np.ndarray]
+    image_rejects: list[tuple[int, str]]
+    caption_vectors: dict[str, np.ndarray]
 
 
-def _check_lock(base: Path, key: str, value: Any) -> None:
-    path = base / LOCK
-    if not path.exists():
+def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig) -> BlockResult:
+    """Embed the images and captions of one block with every encoder (no file written)."""
+    encoders = models.load().encoders
+    kept: list[int] = []
+    failed: list[tuple[int, str]] = []
+    parts: dict[str, list[np.ndarray]] = {}
+    image_encoders = [e for e in encoders if "image" in e.modalities]
+    if block.images and image_encoders:
+        for batch in iter_image_embeddings(
+                root, [r.image for r in block.images], encoders,
+                device=models.device, batch_size=cfg.batch_size, workers=cfg.workers,
+                max_pixels=cfg.max_pixels):
+            kept += batch.indices
+            failed += batch.failures
+            for name, vec in batch.vectors.items():
+                parts.setdefault(column_name(name, "image"), []).append(vec)
+    image_vectors = {column_name(e.spec.name, "image"): np.concatenate(
+        parts.get(column_name(e.spec.name, "image"), []) or [np.zeros((0, e.dim), np.float32)])
+        for e in image_encoders}
+    # A whole block per call: text models may reorder it by length to save padding.
+    texts = embed_texts([c.caption for c in block.captions], encoders, cfg.batch_size)
+    caption_vectors = {column_name(n, "text"): v for n, v in texts.items()}
+    return BlockResult(kept, image_vectors, failed, caption_vectors)
+
+
+def write_block(run: Run, block: Block, result: BlockResult,
+                dtype: str) -> tuple[ShardRecord, ShardRecord]:
+    """Write the image shard then the caption shard of ``block``; their records."""
+    images = [block.images[i] for i in result.image_rows]
+    ingest = [r.to_dict() for r in block.rejects]
+    embed_rejects = [{"kind": "images", "id": block.images[i].id, "reason": why}
+                     for i, why in result.image_rejects]
+    img_info = ShardInfo(block.index, [r.id for r in block.images],
+                         [r for r in ingest if r["kind"] == "images"] + embed_rejects)
+    cap_info = ShardInfo(block.index, [c.id for c in block.captions],
+                         [r for r in ingest if r["kind"] != "images"])
+    img = run.embed.write_shard("images", block.index, shard_bytes(
+        "images", rows_of("images", images), result.image_vectors, dtype, img_info))
+    cap = run.embed.write_shard("captions", block.index, shard_bytes(
+        "captions", rows_of("captions", block.captions), result.caption_vectors, dtype,
+        cap_info))
+    return img, cap
+
+
+# -------------------------------------------------------------------- identity, resume
+
+def _spec(cfg: EmbedConfig, source: Source) -> dict[str, Any]:
+    """What must not change within a run (models are checked through their columns)."""
+    return {"data": {"source": str(Path(source.source).resolve()), "root": str(source.root),
+                     "format": source.format},
+            "encoders": [{"name": e.name, "type": e.type} for e in cfg.encoders],
+            "dtype": cfg.dtype, "shard_size": cfg.shard_size, "max_pixels": cfg.max_pixels}
+
+
+def _check_spec(run: Run, recorded: dict[str, Any] | None, spec: dict[str, Any]) -> None:
+    if recorded is None:
         return
-    old = json.loads(path.read_text()).get(key)
-    if old is not None and old != json.loads(json.dumps(value)):
-        diff = _diff(old, value)
-        raise RunMismatch(
-            f"{base.parent} was made with a different {'model' if key == 'columns' else 'config'}"
-            f" ({diff}); refusing to mix them. Use another output directory (--out) or delete "
-            f"{base} to start over.")
+    old = recorded.get("spec")
+    if old != spec:
+        raise RunMismatch(f"{run.path} was made with a different config ({_diff(old, spec)}); "
+                          f"refusing to mix them: use another run directory (--run) or delete "
+                          f"{run.embed.dir} to start over")
+
+
+def _check_columns(run: Run, recorded: dict[str, Any], columns: dict[str, Column]) -> None:
+    try:
+        old = {n: Column.from_dict(n, c, str(run.embed.spec_path))
+               for n, c in recorded["columns"].items()}
+    except (AttributeError, TypeError):
+        raise FormatError(f"run lock file {run.embed.spec_path} is corrupt: delete "
+                          f"{run.embed.dir} to start over") from None
+    if set(old) != set(columns):
+        raise RunMismatch(f"{run.path} has columns {sorted(old)}, this config makes "
+                          f"{sorted(columns)}: use another run directory (--run)")
+    for name, col in columns.items():
+        check_same_model(old[name].provenance, col.provenance, f"column {name} of {run.path}",
+                         "use another run directory (--run) or delete "
+                         f"{run.embed.dir} to start over")
+
+
+def _columns_dict(columns: dict[str, Column]) -> dict[str, Any]:
+    return {n: c.to_dict() for n, c in columns.items()}
 
 
 def _diff(old: Any, new: Any, path: str = "") -> str:
-    new = json.loads(json.dumps(new))
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
             if old.get(k) != new.get(k):
@@ -139,141 +238,73 @@ def _diff(old: Any, new: Any, path: str = "") -> str:
     return f"{path or 'value'}: was {old!r}, now {new!r}"
 
 
-def _write_lock(base: Path, spec: dict[str, Any], columns: dict[str, Any]) -> None:
-    path = base / LOCK
-    if not path.exists():
-        shards.atomic_write_json(path, {"spec": spec, "columns": columns})
+def _finished(run: Run, cfg: EmbedConfig) -> dict[int, tuple[ShardRecord, ShardRecord]]:
+    """Blocks whose two shards are on disk and sound; a bad one is said and removed."""
+    recorded: dict[str, ShardRecord] = {}
+    if run.embed.has_manifest():
+        try:
+            m = run.embed.manifest()
+            recorded = {r.file: r for k in KINDS for r in m.shards[k]}
+        except FormatError as e:
+            log.warning("%s: checking every shard instead", e)
+    files = {k: run.embed.shard_files(k) for k in KINDS}
+    done = {}
+    for block in sorted(set(files["images"]) | set(files["captions"])):
+        pair = []
+        for kind in KINDS:
+            path = files[kind].get(block)
+            try:
+                if path is None:
+                    raise FormatError(f"shard {kind} of block {block} is missing")
+                pair.append(run.embed.verify_shard(kind, block, recorded))
+            except FormatError as e:
+                log.warning("%s: re-embedding block %d", e, block)
+                for p in (files[k].get(block) for k in KINDS):
+                    if p is not None:
+                        p.unlink(missing_ok=True)
+                break
+        else:
+            done[block] = (pair[0], pair[1])
+    return done
 
 
-def _columns(encoders: Sequence[Encoder], dtype: str) -> dict[str, Any]:
-    cols: dict[str, Any] = {}
-    for e in encoders:
-        prov = e.provenance()
-        for modality, kind in (("image", "images"), ("text", "captions")):
-            if modality in e.modalities:
-                cols[f"{e.spec.name}_{modality}"] = {
-                    "kind": kind, "encoder": e.spec.name, "modality": modality,
-                    "dtype": dtype, **prov}
-    return cols
+def _same_inputs(run: Run, records: tuple[ShardRecord, ShardRecord], block: Block) -> bool:
+    """A re-read partial block is done only if the dataset did not grow into it."""
+    info = run.embed.shard_info(run.embed.shard_path(records[0]))
+    return info.inputs == [r.id for r in block.images]
 
 
-# ------------------------------------------------------------------------ resumption
-
-def _finished(base: Path, kind: str) -> dict[int, dict[str, Any]]:
-    """Finished shards of ``kind``: index -> shard info (inputs covered, rejects)."""
-    out = {}
-    for path in sorted((base / kind).glob("part-*.parquet")):
-        out[int(path.stem.split("-")[1])] = shards.shard_info(path)
-    return out
+def _listed(run: Run, done: dict[int, tuple[ShardRecord, ShardRecord]]) -> bool:
+    try:
+        m = run.embed.manifest()
+    except FormatError:
+        return False
+    return [r.file for r in m.shards["images"]] == [done[b][0].file for b in sorted(done)]
 
 
-def _todo(records: Sequence[Any], done: dict[int, dict[str, Any]]) -> list[Any]:
-    covered = {rid for info in done.values() for rid in info["inputs"]}
-    return [r for r in records if r.id not in covered]
+# ------------------------------------------------------------------------- manifest
 
+class _Progress:
+    def __init__(self, cfg: EmbedConfig) -> None:
+        self.blocks = 0
+        self.items = Counter[str]()
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(unit="img", desc="embed", disable=not cfg.progress, dynamic_ncols=True,
+                        smoothing=0.1)
 
-def _next_index(done: dict[int, Any]) -> int:
-    return max(done, default=-1) + 1
+    def block_done(self, block: Block) -> None:
+        self.blocks += 1
+        self.items.update(images=len(block.images), captions=len(block.captions))
+        self.bar.update(len(block.images))
+        self.bar.set_postfix(captions=self.items["captions"], blocks=self.blocks, refresh=False)
 
+    def rates(self) -> dict[str, float]:
+        seconds = max(time.perf_counter() - self.t0, 1e-9)
+        return {k: n / seconds for k, n in self.items.items() if n}
 
-def _blocks(n: int, size: int) -> list[range]:
-    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+    def close(self) -> None:
+        self.bar.close()
 
-
-def _bar(cfg: EmbedConfig, total: int, unit: str, desc: str) -> tqdm:
-    return tqdm(total=total, unit=unit, desc=desc, disable=not cfg.progress, dynamic_ncols=True,
-                smoothing=0.1)
-
-
-# ------------------------------------------------------------------------- embedding
-
-def _image_rows(records: Sequence[ImageRecord]) -> dict[str, list[Any]]:
-    return {"id": [r.id for r in records], "image": [r.image for r in records],
-            "split": [r.split for r in records], "label": [r.label for r in records],
-            "labels": [list(r.labels) for r in records],
-            "captions": [list(r.captions) for r in records]}
-
-
-def _caption_rows(records: Sequence[CaptionRecord]) -> dict[str, list[Any]]:
-    return {"id": [r.id for r in records], "image_id": [r.image_id for r in records],
-            "caption": [r.caption for r in records], "split": [r.split for r in records],
-            "label": [r.label for r in records], "labels": [list(r.labels) for r in records]}
-
-
-def _write(cfg: EmbedConfig, kind: str, index: int, inputs: Sequence[Any], kept: list[int],
-           vectors: dict[str, np.ndarray], rejects: list[tuple[int, str]]) -> None:
-    records = [inputs[i] for i in kept]
-    rows = _image_rows(records) if kind == "images" else _caption_rows(records)
-    info = {"inputs": [r.id for r in inputs],
-            "rejects": [{"kind": kind, "id": inputs[i].id, "reason": why} for i, why in rejects]}
-    shards.write_shard(shards.stage_dir(cfg.out) / shards.shard_name(kind, index), kind, rows,
-                       vectors, cfg.dtype, info)
-
-
-def _embed_images(cfg: EmbedConfig, ds: Dataset, todo: list[ImageRecord],
-                  encoders: Sequence[Encoder], device: Any, first: int) -> int:
-    image_encoders = [e for e in encoders if "image" in e.modalities]
-    if not todo or not image_encoders:
-        return 0
-    blocks = _blocks(len(todo), cfg.shard_size)
-    pending = {e.spec.name: [np.zeros((0, e.dim), np.float32)] for e in image_encoders}
-    kept: list[int] = []
-    failed: list[tuple[int, str]] = []
-    b = seen = 0
-    with _bar(cfg, len(todo), "img", "images") as bar:
-        stream = iter_image_embeddings(ds.root, [r.image for r in todo], encoders, device=device,
-                                       batch_size=cfg.batch_size, workers=cfg.workers,
-                                       max_pixels=cfg.max_pixels)
-        for batch in stream:
-            kept += batch.indices
-            failed += batch.failures
-            for name, vec in batch.vectors.items():
-                pending[name].append(vec)
-            seen += len(batch.indices) + len(batch.failures)
-            bar.update(len(batch.indices) + len(batch.failures))
-            bar.set_postfix(skipped=len(failed), refresh=False)
-            # Batches never overlap blocks out of order, so flush every block now complete.
-            while b < len(blocks) and seen >= blocks[b].stop:
-                _flush_block(cfg, "images", first + b, todo, blocks[b], kept, failed, pending)
-                b += 1
-    return len(blocks)
-
-
-def _flush_block(cfg: EmbedConfig, kind: str, index: int, todo: Sequence[Any], block: range,
-                 kept: list[int], failed: list[tuple[int, str]],
-                 pending: dict[str, list[np.ndarray]]) -> None:
-    """Write the rows of ``block`` (absolute positions in ``todo``) and drop them."""
-    mine = [i for i in kept if i < block.stop]
-    vectors = {}
-    for name, parts in pending.items():
-        allv = np.concatenate(parts)
-        vectors[f"{name}_image"] = allv[:len(mine)]
-        pending[name] = [allv[len(mine):]]
-    bad = [(i, r) for i, r in failed if i < block.stop]
-    inputs = list(todo[block.start:block.stop])
-    _write(cfg, kind, index, inputs, [i - block.start for i in mine], vectors,
-           [(i - block.start, r) for i, r in bad])
-    kept[:] = [i for i in kept if i >= block.stop]
-    failed[:] = [(i, r) for i, r in failed if i >= block.stop]
-
-
-def _embed_captions(cfg: EmbedConfig, todo: list[CaptionRecord], encoders: Sequence[Encoder],
-                    first: int) -> int:
-    if not todo or not any("text" in e.modalities for e in encoders):
-        return 0
-    blocks = _blocks(len(todo), cfg.shard_size)
-    with _bar(cfg, len(todo), "txt", "captions") as bar:
-        for b, block in enumerate(blocks):
-            inputs = todo[block.start:block.stop]
-            # A whole block per call: text models may reorder it by length to save padding.
-            vectors = embed_texts([r.caption for r in inputs], encoders, cfg.batch_size)
-            _write(cfg, "captions", first + b, inputs, list(range(len(inputs))),
-                   {f"{name}_text": vec for name, vec in vectors.items()}, [])
-            bar.update(len(inputs))
-    return len(blocks)
-
-
-# -------------------------------------------------------------------------- manifest
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -285,42 +316,30 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _finalise(cfg: EmbedConfig, ds: Dataset, columns: dict[str, Any]) -> dict[str, Any]:
-    base = shards.stage_dir(cfg.out)
-    shard_list: dict[str, list[dict[str, Any]]] = {}
-    rejects = [r.to_dict() for r in ds.rejects]
-    for kind in shards.KINDS:
-        shard_list[kind] = []
-        for index, info in sorted(_finished(base, kind).items()):
-            name = shards.shard_name(kind, index)
-            n_in, n_bad = len(info["inputs"]), len(info["rejects"])
-            shard_list[kind].append({"file": name, "rows": n_in - n_bad, "inputs": n_in,
-                                     "rejects": n_bad})
-            rejects += info["rejects"]
-    rows = {k: sum(s["rows"] for s in v) for k, v in shard_list.items()}
+def _finalise(run: Run, cfg: EmbedConfig, source: Source, recorded: dict[str, Any],
+              done: dict[int, tuple[ShardRecord, ShardRecord]]) -> EmbedManifest:
+    blocks = sorted(done)
+    shards = {kind: [done[b][i] for b in blocks] for i, kind in enumerate(KINDS)}
+    rejects = [r for kind in KINDS for rec in shards[kind]
+               for r in run.embed.shard_info(run.embed.shard_path(rec)).rejects]
     by_reason = Counter(_reason_class(r["reason"]) for r in rejects)
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
-    shards.atomic_write_bytes(base / shards.REJECTS, lines.encode())
-    manifest = {
-        "schema_version": shards.SCHEMA_VERSION,
-        "stage": "embed",
-        "complete": True,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dataset": {"source": ds.source, "format": ds.format, "root": str(ds.root),
-                    "images": len(ds.images), "captions": len(ds.captions)},
-        "config": {"dtype": cfg.dtype, "shard_size": cfg.shard_size,
-                   "max_pixels": cfg.max_pixels, "normalized": True},
-        "columns": columns,
-        "rows": rows,
-        "shards": shard_list,
-        "rejects": {"count": len(rejects), "by_reason": dict(sorted(by_reason.items())),
-                    "file": shards.REJECTS, "items": rejects},
-        "versions": _versions(),
-    }
-    shards.atomic_write_json(base / shards.MANIFEST, manifest)
+    columns = {n: Column.from_dict(n, c, str(run.embed.spec_path))
+               for n, c in recorded["columns"].items()}
+    manifest = EmbedManifest(
+        dataset={"source": source.source, "format": source.format, "root": str(source.root),
+                 "images": sum(r.inputs for r in shards["images"]),
+                 "captions": sum(r.inputs for r in shards["captions"])},
+        config={"dtype": cfg.dtype, "shard_size": cfg.shard_size,
+                "max_pixels": cfg.max_pixels, "normalized": True},
+        columns=columns, shards=shards,
+        rejects={"count": len(rejects), "by_reason": dict(sorted(by_reason.items())),
+                 "file": run.embed.rejects_path.name},
+        versions=_versions(), updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    run.embed.write_manifest(manifest, rejects)
     return manifest
 
 
 def _reason_class(reason: str) -> str:
     """The reason without its specifics, for counting ("image too large: 9000x9000")."""
     return reason.split(":")[0].split(" (")[0]
+

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 
 from embeddings import index as ix
-from embeddings import shards
+from embeddings.errors import InputError
+from embeddings.store import Run, column_name
 
 from .index import open_index
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 10)
-EVAL_DIR = "eval"
 BLOCK = 1024  # queries per exact-search block (bounds the score matrix in memory)
 
 
@@ -45,8 +45,9 @@ class Protocol:
 
 def protocol(run: str | Path, split: str | None = None) -> Protocol:
     """Rows of the evaluation from the shards' metadata (ids, image ids, splits)."""
-    images = shards.read_table(run, "images", ["id", "split"]).to_pydict()
-    captions = shards.read_table(run, "captions", ["id", "image_id", "split"]).to_pydict()
+    files = Run(run).embed
+    images = files.read_table("images", ["id", "split"]).to_pydict()
+    captions = files.read_table("captions", ["id", "image_id", "split"]).to_pydict()
     in_split = np.array([split is None or s == split for s in images["split"]], dtype=bool)
     gallery = np.flatnonzero(in_split)
     row_of = {images["id"][i]: int(i) for i in gallery}
@@ -99,8 +100,8 @@ def evaluate_encoder(run: str | Path, encoder: str, p: Protocol, use_index: bool
                      ks: Sequence[int] = KS) -> list[dict[str, Any]]:
     """Rows (method, direction, R@k...) for one encoder with image and text columns."""
     k = max(ks)
-    img = shards.read_vectors(run, f"{encoder}_image")
-    txt = shards.read_vectors(run, f"{encoder}_text")
+    img = Run(run).embed.read_vectors(column_name(encoder, "image"))
+    txt = Run(run).embed.read_vectors(column_name(encoder, "text"))
     cap_q = txt[p.caption_rows]
     img_q = img[p.image_rows]
     caps_of: dict[int, set[int]] = {}
@@ -115,13 +116,13 @@ def evaluate_encoder(run: str | Path, encoder: str, p: Protocol, use_index: bool
                      time.perf_counter() - t0))
     if use_index:
         t0 = time.perf_counter()
-        image_index, ie = open_index(run, f"{encoder}_image")
-        text_index, te = open_index(run, f"{encoder}_text")
+        image_index, ie = open_index(run, column_name(encoder, "image"))
+        text_index, te = open_index(run, column_name(encoder, "text"))
         _, t2i = ix.search_filtered(image_index, cap_q, k, _mask(img.shape[0], p.gallery))
         _, i2t = ix.search_filtered(text_index, img_q, k, _mask(txt.shape[0], p.caption_rows))
         row = _row(encoder, "index", t2i, p.caption_image, i2t, right_caps, ks,
                    time.perf_counter() - t0)
-        row["indexes"] = {"image": ie["factory"], "text": te["factory"]}
+        row["indexes"] = {"image": ie.factory, "text": te.factory}
         rows.append(row)
     return rows
 
@@ -147,29 +148,27 @@ def run_retrieval_eval(run: str | Path, split: str | None = None,
                        encoders: Sequence[str] | None = None,
                        use_index: bool = True) -> dict[str, Any]:
     """Evaluate every encoder with both an image and a text column; write RUN/eval/."""
-    columns = shards.read_manifest(run)["columns"]
-    both = [c["encoder"] for c in columns.values() if c["modality"] == "image"
-            and f"{c['encoder']}_text" in columns]
+    columns = Run(run).embed.manifest().columns
+    both = [c.encoder for c in columns.values() if c.modality == "image"
+            and column_name(c.encoder, "text") in columns]
     chosen = list(encoders) if encoders else both
     for e in chosen:
         if e not in both:
-            raise ValueError(f"encoder {e!r} has no image+text columns in {run}; "
+            raise InputError(f"encoder {e!r} has no image+text columns in {run}; "
                              f"those that do: {both}")
     if not chosen:
-        raise ValueError(f"no encoder of {run} embeds both images and text: "
+        raise InputError(f"no encoder of {run} embeds both images and text: "
                          "cross-modal retrieval needs one (e.g. CLIP)")
     p = protocol(run, split)
     if len(p.caption_rows) == 0:
         where = f" in split {split!r}" if split else ""
-        raise ValueError(f"no captions with an embedded image{where}: nothing to evaluate")
+        raise InputError(f"no captions with an embedded image{where}: nothing to evaluate")
     rows = [r for e in chosen for r in evaluate_encoder(run, e, p, use_index)]
     report = {"split": split, "protocol": "multi-caption (Karpathy)", "ks": list(KS),
               "images": len(p.image_rows), "gallery": len(p.gallery),
               "captions": len(p.caption_rows), "excluded": p.excluded, "results": rows,
               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(run) / EVAL_DIR
-    shards.atomic_write_json(out / "retrieval.json", report)
-    shards.atomic_write_bytes(out / "retrieval.md", (format_report(report) + "\n").encode())
+    Run(run).eval.write_report("retrieval", report, format_report(report) + "\n")
     return report
 
 

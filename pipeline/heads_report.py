@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 COLUMNS = ("head", "inputs", "target", "accuracy", "macro_f1", "mAP", "train_s", "rows")
@@ -17,9 +17,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def format_table(rows: Sequence[Any]) -> str:
     """A fixed-width text table of ``COLUMNS`` (``-`` where a metric does not apply)."""
-    cells = [[_cell(r[c]) for c in COLUMNS] for r in rows]
+    cells = [[_cell(getattr(r, c)) for c in COLUMNS] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(COLUMNS)]
     numeric = [c in ("accuracy", "macro_f1", "mAP", "train_s", "rows") for c in COLUMNS]
 
@@ -30,13 +30,14 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
-def csv_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+def csv_bytes(rows: Sequence[Any]) -> bytes:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=[*COLUMNS, "notes"], extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({**{c: ("" if isinstance(r[c], float) and math.isnan(r[c]) else r[c])
-                       for c in COLUMNS}, "notes": r.get("notes", "")})
+        values = {c: getattr(r, c) for c in COLUMNS}
+        w.writerow({**{c: ("" if isinstance(v, float) and math.isnan(v) else v)
+                       for c, v in values.items()}, "notes": r.notes})
     return buf.getvalue().encode()
 
 
@@ -49,24 +50,25 @@ def _figure_bytes(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def bar_chart(rows: Sequence[Mapping[str, Any]], metric: str, title: str) -> bytes:
+def bar_chart(rows: Sequence[Any], metric: str, title: str) -> bytes:
     """Horizontal bars of ``metric`` per row (rows without it are left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if not math.isnan(r[metric])]
+    shown = [r for r in rows if not math.isnan(getattr(r, metric))]
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(shown) + 1.2))
-    labels = [f"{r['head']} [{r['inputs']}] -> {r['target']}" for r in shown]
-    ax.barh(range(len(shown)), [r[metric] for r in shown], color="#4c72b0")
+    labels = [f"{r.head} [{r.inputs}] -> {r.target}" for r in shown]
+    ax.barh(range(len(shown)), [getattr(r, metric) for r in shown], color="#4c72b0")
     ax.set_yticks(range(len(shown)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"{metric} (test split)")
     ax.set_title(title, fontsize=10)
     for i, r in enumerate(shown):
-        ax.text(r[metric] + 0.01, i, f"{r[metric]:.3f}", va="center", fontsize=7)
+        v = getattr(r, metric)
+        ax.text(v + 0.01, i, f"{v:.3f}", va="center", fontsize=7)
     return _figure_bytes(fig)
 
 

@@ -1,4 +1,4 @@
-"""Sub-commands ``index``, ``search`` and ``eval-retrieval``."""
+"""Sub-commands ``index``, ``search``, ``eval-retrieval`` and ``verify``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,21 @@ import argparse
 import json
 from typing import Any
 
-from .config import DEFAULT_CONFIG, load_toml
+from embeddings.errors import FormatError, InputError
+from embeddings.store import Run
+
+from .config import (
+    EvalConfig,
+    IndexConfig,
+    SearchConfig,
+    add_options,
+    load_toml,
+    overrides,
+    stage_config,
+)
 from .evaluate import format_report, run_retrieval_eval
-from .index import index_config, run_index
+from .index import run_index
+from .options import common_options
 from .search import format_table, search
 
 
@@ -23,18 +35,8 @@ def register(sub: Any) -> None:
         "adds only the new rows; vectors of a different model are refused.",
         epilog="example: python -m pipeline index --config configs/offline.toml "
         "--factory IVF256,Flat")
-    _common(p)
-    p.add_argument("--column", action="append", dest="columns", metavar="COLUMN",
-                   help="embedding column to index (repeatable; default: all)")
-    p.add_argument("--factory", help="force a FAISS factory string, e.g. Flat, HNSW32, "
-                   "IVF1024,Flat, OPQ64,IVF1024,PQ64")
-    p.add_argument("--memory-budget", type=float, dest="memory_budget_gb", metavar="GB",
-                   help="memory budget per index in GiB (default: config, 4)")
-    p.add_argument("--target-recall", type=float, help="recall@10 the search parameters "
-                   "are tuned to (default: config, 0.95)")
-    p.add_argument("--rebuild", action="store_true", default=None,
-                   help="rebuild from scratch instead of adding new shards")
-    p.add_argument("--device", help="auto, cpu or cuda (GPU needs a GPU build of FAISS)")
+    common_options(p)
+    add_options(p, IndexConfig)
     p.set_defaults(func=_index)
 
     s = sub.add_parser(
@@ -45,21 +47,14 @@ def register(sub: Any) -> None:
         epilog='examples: python -m pipeline search "a red bicycle" --k 5\n'
         "          python -m pipeline search --image cat.png --modality text --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common(s)
+    common_options(s)
     s.add_argument("query", nargs="?", help="query text (or use --image)")
     s.add_argument("--image", help="query image file (image->image, or image->text with "
                    "--modality text)")
-    s.add_argument("--modality", choices=("image", "text"), default="image",
-                   help="what to return: image rows or caption rows (default: %(default)s)")
-    s.add_argument("--column", help="index to search, e.g. clip_image, clip_text, "
-                   "minilm_text (default: picked from --modality and the query)")
-    s.add_argument("--k", type=int, default=10, help="number of hits (default: %(default)s)")
     s.add_argument("--split", help="only rows of this split (train, val, test, ...)")
     s.add_argument("--label", help="only rows with this label")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    s.add_argument("--device", default="auto", help="device for the query encoder")
-    s.add_argument("--no-mmap", action="store_true", help="read the index into memory "
-                   "instead of memory-mapping it")
+    add_options(s, SearchConfig)
     s.set_defaults(func=_search)
 
     e = sub.add_parser(
@@ -69,30 +64,23 @@ def register(sub: Any) -> None:
         "any of its captions is retrieved. Computed through the indexes and exactly; writes "
         "RUN/eval/retrieval.json and retrieval.md. Needs an encoder with image and text "
         "columns (CLIP).")
-    _common(e)
-    e.add_argument("--split", help="evaluate only this split (e.g. test); default: all rows")
-    e.add_argument("--encoder", action="append", dest="encoders",
-                   help="encoder name (repeatable; default: every image+text encoder)")
-    e.add_argument("--exact-only", action="store_true", help="skip the index (no index needed)")
+    common_options(e)
+    add_options(e, EvalConfig)
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.set_defaults(func=_eval)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help="TOML config; its `out` is the run (default: %(default)s)")
-    p.add_argument("--run", "--out", dest="run", help="run directory (default: config's out)")
-
-
-def _run_dir(args: argparse.Namespace) -> str:
-    return args.run or load_toml(args.config).get("out", "runs/demo")
+    v = sub.add_parser("verify", help="check every file of a run against its checksums",
+                       description="Check the shards, indexes and saved heads of a run "
+                       "against the sizes and digests their manifests record; list every bad "
+                       "or missing file. Exit 0 when all are sound, 2 otherwise.")
+    common_options(v)
+    v.set_defaults(func=_verify)
 
 
 def _index(args: argparse.Namespace) -> int:
-    cfg = index_config(load_toml(args.config), run=args.run, columns=args.columns,
-                       factory=args.factory, memory_budget_gb=args.memory_budget_gb,
-                       target_recall=args.target_recall, rebuild=args.rebuild,
-                       device=args.device)
+    cfg = stage_config(IndexConfig, "index", load_toml(args.config), args.run,
+                       **overrides(args, IndexConfig))
     for r in run_index(cfg):
         extra = f" ({r.note})" if r.note else ""
         print(f"index {r.column}: {r.action}{extra}, {r.ntotal} vectors, {r.factory}, "
@@ -103,17 +91,32 @@ def _index(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     if args.query is not None and args.image is not None:
-        raise ValueError("give either a query text or --image, not both")
-    result = search(_run_dir(args), text=args.query, image=args.image,
-                    modality=args.modality, column=args.column, k=args.k, split=args.split,
-                    label=args.label, device=args.device, mmap=not args.no_mmap)
+        raise InputError("give either a query text or --image, not both")
+    cfg = stage_config(SearchConfig, "search", load_toml(args.config), args.run,
+                       **overrides(args, SearchConfig))
+    result = search(cfg.run, text=args.query, image=args.image, modality=cfg.modality,
+                    column=cfg.column, k=cfg.k, split=args.split, label=args.label,
+                    device=cfg.device, mmap=cfg.mmap, verify=cfg.verify)
     print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) if args.json
           else format_table(result))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    report = run_retrieval_eval(_run_dir(args), split=args.split, encoders=args.encoders,
-                                use_index=not args.exact_only)
+    cfg = stage_config(EvalConfig, "eval", load_toml(args.config), args.run,
+                       **overrides(args, EvalConfig))
+    report = run_retrieval_eval(cfg.run, split=cfg.split, encoders=cfg.encoders or None,
+                                use_index=not cfg.exact_only)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    run = stage_config(EvalConfig, "eval", load_toml(args.config), args.run).run
+    problems = Run(run).verify()
+    for p in problems:
+        print(f"bad: {p}")
+    if problems:
+        raise FormatError(f"{len(problems)} bad or missing file(s) in {run}")
+    print(f"verify: every recorded file of {run} is sound")
     return 0

@@ -2,8 +2,8 @@
 
 The query is embedded by the encoder that made the indexed column, loaded through
 :func:`embeddings.encoders.encoder_for_column`, which refuses a model that differs from
-the recorded one.  Index row ``i`` is row ``i`` of :func:`embeddings.shards.read_table`
-(checked by :func:`pipeline.index.open_index`), so no separate id mapping exists.
+the recorded one.  Index row ``i`` is row ``i`` of the column's shards (checked by
+:func:`pipeline.index.open_index`), so no separate id mapping exists.
 
     >>> s = Searcher("runs/demo", "clip_image")
     >>> s.search_text("a red bicycle", k=5).hits[0].image
@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from embeddings import index as ix
-from embeddings import shards
 from embeddings.encoders import Encoder, encoder_for_column, resolve_device
+from embeddings.errors import FormatError, InputError
 from embeddings.images import ImageError, load_image
+from embeddings.store import Run, column_name
 
 from .index import allowed_rows, open_index
 
@@ -62,23 +63,24 @@ def pick_column(run: str | Path, modality: str = "image", query: str = "text",
     Only encoders that embed both modalities qualify; for text->text a text-only model
     (sentence-transformers) is preferred to a CLIP text tower.
     """
-    columns = shards.read_manifest(run)["columns"]
+    manifest = Run(run).embed.manifest()
+    columns = manifest.columns
     if column is not None:
-        info = shards.column_info({"columns": columns}, column)
-        if f"{info['encoder']}_{query}" not in columns:
-            raise ValueError(f"column {column} was made by {info['encoder']}, which cannot "
+        col = manifest.column(column)
+        if column_name(col.encoder, query) not in columns:
+            raise InputError(f"column {column} was made by {col.encoder}, which cannot "
                              f"embed {query} queries; choose another --column of "
                              f"{sorted(columns)}")
         return column
     if modality not in MODALITIES:
-        raise ValueError(f"--modality must be one of {MODALITIES}, not {modality!r}")
-    found = [c for c, i in columns.items()
-             if i["modality"] == modality and f"{i['encoder']}_{query}" in columns]
+        raise InputError(f"--modality must be one of {MODALITIES}, not {modality!r}")
+    found = [c for c, col in columns.items()
+             if col.modality == modality and column_name(col.encoder, query) in columns]
     if not found:
-        raise ValueError(f"no embedding column of this run answers {query}->{modality} "
+        raise InputError(f"no embedding column of this run answers {query}->{modality} "
                          f"queries; it has {sorted(columns)}")
     if modality == query == "text":
-        found.sort(key=lambda c: f"{columns[c]['encoder']}_image" in columns)
+        found.sort(key=lambda c: column_name(columns[c].encoder, "image") in columns)
     return found[0]
 
 
@@ -86,12 +88,13 @@ class Searcher:
     """One column's index, its rows and (on the first query) its encoder."""
 
     def __init__(self, run: str | Path, column: str, device: str = "auto",
-                 mmap: bool = True) -> None:
+                 mmap: bool = True, verify: bool = True) -> None:
         self.run, self.column = Path(run), column
         self.device = device
-        self.index, self.entry = open_index(run, column, mmap=mmap, device=device)
-        self.info = self.entry["provenance"]
-        self.kind = self.info["kind"]
+        self.index, self.entry = open_index(run, column, mmap=mmap, device=device,
+                                            verify=verify)
+        self.info = Run(run).embed.manifest().column(column)
+        self.kind = self.info.kind
         self._encoder: Encoder | None = None
         self._rows: dict[str, list[Any]] | None = None
         self._image_paths: dict[str, str] = {}
@@ -104,17 +107,17 @@ class Searcher:
 
     def embed_text(self, text: str) -> np.ndarray:
         if not text or not text.strip():
-            raise ValueError("empty query: give some text, or --image PATH")
+            raise InputError("empty query: give some text, or --image PATH")
         return self.encoder.encode_texts([text.strip()])
 
     def embed_image(self, path: str | Path) -> np.ndarray:
         try:
             image = load_image(path)
         except ImageError as e:
-            raise ValueError(f"cannot use query image {path}: {e}") from None
+            raise InputError(f"cannot use query image {path}: {e}") from None
         enc = self.encoder
         if "image" not in enc.modalities or enc.image_transform is None:
-            raise ValueError(f"{self.info['model']} cannot embed images")
+            raise InputError(f"{self.info.provenance.model} cannot embed images")
         return enc.encode_images(enc.image_transform(image).unsqueeze(0))
 
     def search_text(self, text: str, k: int = 10, split: str | None = None,
@@ -129,7 +132,7 @@ class Searcher:
                       split: str | None = None, label: str | None = None) -> SearchResult:
         """Top-``k`` rows for one query vector, optionally only rows of a split / label."""
         if k < 1:
-            raise ValueError(f"--k must be >= 1, got {k}")
+            raise InputError(f"--k must be >= 1, got {k}")
         notes = []
         n = int(self.index.ntotal)
         if k > n:
@@ -164,13 +167,13 @@ class Searcher:
     def rows(self) -> dict[str, list[Any]]:
         """The metadata columns of every row, read once from the shards."""
         if self._rows is None:
-            table = shards.read_table(self.run, self.kind)
+            table = Run(self.run).embed.read_table(self.kind)
             if table.num_rows != self.index.ntotal:
-                raise shards.FormatError(f"{self.kind} shards hold {table.num_rows} rows, the "
+                raise FormatError(f"{self.kind} shards hold {table.num_rows} rows, the "
                                          f"index {self.index.ntotal}: rerun the index stage")
             self._rows = table.to_pydict()
             if self.kind == "captions":
-                images = shards.read_table(self.run, "images", ["id", "image"]).to_pydict()
+                images = Run(self.run).embed.read_table("images", ["id", "image"]).to_pydict()
                 self._image_paths = dict(zip(images["id"], images["image"]))
         return self._rows
 
@@ -178,16 +181,16 @@ class Searcher:
 def search(run: str | Path, text: str | None = None, image: str | Path | None = None,
            modality: str = "image", column: str | None = None, k: int = 10,
            split: str | None = None, label: str | None = None, device: str = "auto",
-           mmap: bool = True) -> SearchResult:
+           mmap: bool = True, verify: bool = True) -> SearchResult:
     """One query (``text`` or ``image``) against the run's index of the chosen column."""
     if (text is None) == (image is None):
-        raise ValueError("give exactly one query: text, or an image (--image PATH)")
+        raise InputError("give exactly one query: text, or an image (--image PATH)")
     if text is not None and not text.strip():
-        raise ValueError("empty query: give some text, or --image PATH")
+        raise InputError("empty query: give some text, or --image PATH")
     if image is not None and not Path(image).is_file():
-        raise ValueError(f"cannot use query image {image}: no such file")
+        raise InputError(f"cannot use query image {image}: no such file")
     col = pick_column(run, modality, "image" if image is not None else "text", column)
-    searcher = Searcher(run, col, device=device, mmap=mmap)
+    searcher = Searcher(run, col, device=device, mmap=mmap, verify=verify)
     if image is not None:
         return searcher.search_image(image, k, split, label)
     return searcher.search_text(text or "", k, split, label)

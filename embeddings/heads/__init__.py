@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from . import late, logistic, torch_heads, zeroshot
 from .base import HEADS, Head, HeadType, Task, make_head, register_head
-from .io import BINDING_KEYS, check_inputs_match, load_head, save_head
+from .io import check_inputs_match, load_head, save_head
 
 register_head("logistic", logistic.LogisticHead, inputs="one", multilabel=False,
               doc="softmax regression, L2 swept on validation (CLIP linear-probe protocol)",
@@ -35,5 +35,5 @@ register_head("late_avg", late.LateFusionHead, inputs="many", multilabel=True,
               doc="late fusion baseline: a head per modality, equal weights (0.5/0.5)",
               **{**late.DEFAULTS, "tune": False})
 
-__all__ = ["BINDING_KEYS", "HEADS", "Head", "HeadType", "Task", "check_inputs_match",
+__all__ = ["HEADS", "Head", "HeadType", "Task", "check_inputs_match",
            "load_head", "make_head", "register_head", "save_head"]

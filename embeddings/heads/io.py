@@ -1,8 +1,13 @@
-"""Saving and loading heads: safetensors weights + a JSON description, no pickle."""
+"""Saving and loading heads: safetensors weights + a JSON description, no pickle.
+
+The description records the head type, parameters, tasks, input dimensions, what
+fitting found, and for each input column the provenance of the model that made it;
+the store (:func:`embeddings.store.save_head_files`) keeps weights and description one
+unit (the description names the weights file and its digest).
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -11,78 +16,63 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ..errors import FormatError, MissingError
-from ..shards import atomic_write_bytes, atomic_write_json
+from ..errors import FormatError, InputError
+from ..store import Column, Provenance, check_same_model, load_head_files, save_head_files
 from .base import Head, Task, make_head
 
-FORMAT = "embeddings.head"
-FORMAT_VERSION = 1
-# Provenance keys that must agree between the training shards and the shards predicted on.
-BINDING_KEYS = ("type", "model", "pretrained", "weights_sha256", "dim", "normalized",
-                "preprocess", "text_context_length", "max_seq_length")
+REMEDY = "retrain it with `python -m pipeline heads`"
 
-def save_head(head: Head, path: str | os.PathLike, inputs: Sequence[Mapping[str, Any]],
+
+def save_head(head: Head, path: str | os.PathLike, inputs: Sequence[tuple[str, Column]],
               extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``path.safetensors`` then ``path.json`` (last, atomically).
+    """Write the weights, then ``path`` (``.json``, last): the saved head.
 
-    ``inputs``: one entry per input column, ``{"column": name, "provenance": {...}}`` with
-    the column's entry from the embed manifest; predicting checks it.
+    ``inputs``: ``(column name, Column)`` per input, in order; predicting checks them.
     """
-    path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in head.tensors().items()}
     for t, thr in head.thresholds.items():
         tensors[f"thresholds.{t}"] = torch.from_numpy(np.asarray(thr, dtype=np.float32))
-    atomic_write_bytes(path.with_suffix(".safetensors"), save_safetensors(tensors))
-    meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "head": head.name, "params": head.params,
-        "tasks": [asdict(t) for t in head.tasks], "dims": list(head.dims),
-        "inputs": [{"column": i["column"],
-                    "provenance": {k: i["provenance"].get(k) for k in BINDING_KEYS}}
-                   for i in inputs],
-        "weights": path.with_suffix(".safetensors").name, "info": head.info, **(extra or {}),
-    }
-    atomic_write_json(path.with_suffix(".json"), meta)
-    return path.with_suffix(".json")
+    description = {
+        "head": head.name, "params": head.params, "tasks": [asdict(t) for t in head.tasks],
+        "dims": list(head.dims),
+        "inputs": [{"column": name, "provenance": col.provenance.to_dict()}
+                   for name, col in inputs],
+        "info": head.info, **(extra or {})}
+    return save_head_files(Path(path).with_suffix(".json"), save_safetensors(tensors),
+                           description)
 
 
 def load_head(path: str | os.PathLike) -> tuple[Head, dict[str, Any]]:
-    """Rebuild a saved head from its JSON description and safetensors weights."""
-    path = Path(path).with_suffix(".json")
-    if not path.is_file():
-        raise MissingError(f"no saved head at {path}")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise FormatError(f"{path} is not a saved head of format {FORMAT} v{FORMAT_VERSION}")
-    tasks = [Task(t["column"], tuple(t["classes"]), t["multilabel"]) for t in meta["tasks"]]
-    head = make_head(meta["head"], tasks, meta["dims"], **meta["params"])
-    tensors = load_safetensors(path.with_name(meta["weights"]).read_bytes())
-    head.thresholds = {int(k.split(".")[1]): v.numpy() for k, v in tensors.items()
-                       if k.startswith("thresholds.")}
-    head.load_tensors({k: v for k, v in tensors.items() if not k.startswith("thresholds.")})
+    """Rebuild a saved head from its description and verified weights."""
+    json_path = Path(path).with_suffix(".json")
+    meta, weights = load_head_files(json_path)
+    try:
+        tasks = [Task(t["column"], tuple(t["classes"]), t["multilabel"]) for t in meta["tasks"]]
+        head = make_head(meta["head"], tasks, meta["dims"], **meta["params"])
+        tensors = load_safetensors(weights)
+        head.thresholds = {int(k.split(".")[1]): v.numpy() for k, v in tensors.items()
+                           if k.startswith("thresholds.")}
+        head.load_tensors({k: v for k, v in tensors.items() if not k.startswith("thresholds.")})
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, SafetensorError,
+            InputError) as e:
+        raise FormatError(f"saved head {json_path} is corrupt ({type(e).__name__}: {e}): "
+                          f"{REMEDY}") from None
     head.info = meta.get("info", {})
     return head, meta
 
 
-def check_inputs_match(meta: Mapping[str, Any], columns: Mapping[str, Mapping[str, Any]],
+def check_inputs_match(meta: Mapping[str, Any], columns: Mapping[str, Column],
                        where: str = "this run") -> None:
-    """Refuse (FormatError) shards whose columns were not made by the models the head saw."""
+    """Refuse (RunMismatch) shards whose columns were not made by the models the head saw."""
     for inp in meta["inputs"]:
-        name, want = inp["column"], inp["provenance"]
+        name = inp["column"]
         if name not in columns:
-            raise FormatError(f"the head needs embedding column {name!r}; {where} has "
-                              f"{sorted(columns)}")
-        have = columns[name]
-        diff = [k for k in BINDING_KEYS
-                if json.dumps(want.get(k), sort_keys=True) != json.dumps(have.get(k),
-                                                                         sort_keys=True)]
-        if diff:
-            k = diff[0]
-            raise FormatError(
-                f"refusing to predict: column {name!r} of {where} comes from a different model "
-                f"than the head was trained on ({k}: head {want.get(k)!r}, shards "
-                f"{have.get(k)!r}). Embed with the same model, or retrain the head.")
-
-
+            raise InputError(f"the head needs embedding column {name!r}; {where} has "
+                             f"{sorted(columns)}")
+        check_same_model(Provenance.from_dict(inp["provenance"]), columns[name].provenance,
+                         f"column {name!r} of {where}",
+                         "embed with the model the head was trained on, or retrain the head")

@@ -1,0 +1,330 @@
+"""The embed stage's files: Parquet shards, their manifest, the rejects and the run lock.
+
+Block ``k`` of the input (see :mod:`embeddings.records`) becomes ``images/part-k`` and
+``captions/part-k``; each shard lists in its Parquet key-value metadata the input ids it
+covers and the items it rejected, so it is self-contained and appears by one atomic
+rename.  The manifest, written last, records every shard with its size and digest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import FormatError
+from .files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_file,
+    confined,
+    digest_file,
+    read_json,
+)
+from .provenance import Provenance
+
+SCHEMA_VERSION = 2
+KINDS = ("images", "captions")
+MODALITY_KIND = {"image": "images", "text": "captions"}
+META_KEY = b"embeddings.shard"
+SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+REMEDY = "run `python -m pipeline verify RUN`, then rerun `python -m pipeline embed` to redo it"
+IMAGE_FIELDS = pa.schema([("id", pa.string()), ("image", pa.string()), ("split", pa.string()),
+                          ("label", pa.string()), ("labels", pa.list_(pa.string())),
+                          ("captions", pa.list_(pa.string()))])
+CAPTION_FIELDS = pa.schema([("id", pa.string()), ("image_id", pa.string()),
+                            ("caption", pa.string()), ("split", pa.string()),
+                            ("label", pa.string()), ("labels", pa.list_(pa.string()))])
+FIELDS = {"images": IMAGE_FIELDS, "captions": CAPTION_FIELDS}
+DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+
+
+def column_name(encoder: str, modality: str) -> str:
+    """The one place an embedding column is named: ``<encoder>_<modality>``."""
+    return f"{encoder}_{modality}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """An embedding column: which rows it belongs to and the model that made it."""
+
+    name: str
+    kind: str  # images | captions
+    encoder: str
+    modality: str  # image | text
+    dtype: str
+    provenance: Provenance
+
+    @property
+    def dim(self) -> int:
+        return self.provenance.dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "encoder": self.encoder, "modality": self.modality,
+                "dtype": self.dtype, "provenance": self.provenance.to_dict()}
+
+    @classmethod
+    def from_dict(cls, name: str, d: Any, where: str) -> Column:
+        try:
+            return cls(name, d["kind"], d["encoder"], d["modality"], d["dtype"],
+                       Provenance.from_dict(d["provenance"], f"{where}: column {name}"))
+        except (KeyError, TypeError):
+            raise FormatError(f"{where}: column {name!r} is incomplete") from None
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One finished shard as the manifest records it."""
+
+    file: str  # relative to RUN/embed
+    block: int
+    rows: int
+    inputs: int
+    rejects: int
+    bytes: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A shard's own key-value metadata: the block, the inputs covered, the rejects."""
+
+    block: int
+    inputs: list[str]
+    rejects: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class EmbedManifest:
+    dataset: dict[str, Any]
+    config: dict[str, Any]
+    columns: dict[str, Column]
+    shards: dict[str, list[ShardRecord]]
+    rejects: dict[str, Any]
+    versions: dict[str, str]
+    updated: str
+
+    def column(self, name: str) -> Column:
+        if name not in self.columns:
+            raise FormatError(f"no embedding column {name!r}; this run has {sorted(self.columns)}")
+        return self.columns[name]
+
+    def rows(self, kind: str) -> int:
+        return sum(s.rows for s in self.shards[kind])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "stage": "embed", "complete": True,
+                "updated": self.updated, "dataset": self.dataset, "config": self.config,
+                "columns": {n: c.to_dict() for n, c in self.columns.items()},
+                "rows": {k: self.rows(k) for k in KINDS},
+                "shards": {k: [vars(s) for s in v] for k, v in self.shards.items()},
+                "rejects": self.rejects, "versions": self.versions}
+
+
+def rows_of(kind: str, records: Sequence[Any]) -> dict[str, list[Any]]:
+    """The metadata columns of ``kind`` from records whose attributes carry those names."""
+    return {name: [_plain(getattr(r, name)) for r in records] for name in FIELDS[kind].names}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def shard_file(kind: str, block: int) -> str:
+    return f"{kind}/part-{block:05d}.parquet"
+
+
+def vectors_to_arrow(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
+    """A 2-D array as a fixed-size-list column, without going through Python lists."""
+    np_type, pa_type = DTYPES[dtype]
+    flat = np.ascontiguousarray(vectors, dtype=np_type).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa_type), vectors.shape[1])
+
+
+def shard_bytes(kind: str, rows: Mapping[str, Sequence[Any]], vectors: Mapping[str, np.ndarray],
+                dtype: str, info: ShardInfo) -> bytes:
+    """One shard as Parquet bytes (page checksums on: readers verify every page they read)."""
+    arrays = [pa.array(rows[f.name], type=f.type) for f in FIELDS[kind]]
+    names = [f.name for f in FIELDS[kind]]
+    for name, vec in vectors.items():
+        if len(vec) != len(arrays[0]):
+            raise ValueError(f"column {name}: {len(vec)} vectors for {len(arrays[0])} rows")
+        arrays.append(vectors_to_arrow(vec, dtype))
+        names.append(name)
+    table = pa.Table.from_arrays(arrays, names=names)
+    meta = {"block": info.block, "inputs": info.inputs, "rejects": info.rejects}
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
+    return buf.getvalue()
+
+
+class EmbedFiles:
+    """Paths and readers of ``RUN/embed``; every stage goes through this, never a path."""
+
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.dir = run / "embed"
+        self.manifest_path = self.dir / "manifest.json"
+        self.spec_path = self.dir / "config.json"
+        self.rejects_path = self.dir / "rejects.jsonl"
+
+    # ------------------------------------------------------------------ writing
+    def write_shard(self, kind: str, block: int, data: bytes) -> ShardRecord:
+        """Write one shard atomically; its record (size, digest) for the manifest."""
+        name = shard_file(kind, block)
+        path = self.dir / name
+        atomic_write_bytes(path, data)
+        info = self.shard_info(path)
+        n_rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+        return ShardRecord(name, block, n_rows, len(info.inputs), len(info.rejects), len(data),
+                           digest_file(path))
+
+    def read_spec(self) -> dict[str, Any] | None:
+        if not self.spec_path.exists():
+            return None
+        return read_json(self.spec_path, "run lock file", f"delete {self.dir} to start over")
+
+    def write_spec(self, spec: dict[str, Any]) -> None:
+        atomic_write_json(self.spec_path, spec)
+
+    def write_manifest(self, manifest: EmbedManifest, rejects: Iterable[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+        atomic_write_bytes(self.rejects_path, lines.encode())
+        atomic_write_json(self.manifest_path, manifest.to_dict())  # last: the run is done
+
+    # ------------------------------------------------------------------ scanning
+    def shard_files(self, kind: str) -> dict[int, Path]:
+        """Shard files on disk by block number (finished or not yet in the manifest)."""
+        folder = self.dir / kind
+        out = {}
+        if folder.is_dir():
+            for p in folder.iterdir():
+                m = SHARD_RE.match(p.name)
+                if m and p.is_file():
+                    out[int(m.group(1))] = p
+        return dict(sorted(out.items()))
+
+    def verify_shard(self, kind: str, block: int,
+                     recorded: Mapping[str, ShardRecord]) -> ShardRecord:
+        """The record of a shard on disk, checked against the manifest's record when there
+        is one, else read through (page checksums) and described afresh."""
+        name = shard_file(kind, block)
+        if name in recorded:
+            self.check_shard(recorded[name])
+            return recorded[name]
+        path = self.dir / name
+        info = self.shard_info(path)
+        try:
+            rows = pq.read_table(path, page_checksum_verification=True).num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise FormatError(f"shard {path} is corrupt ({e})") from None
+        return ShardRecord(name, block, rows, len(info.inputs), len(info.rejects),
+                           path.stat().st_size, digest_file(path))
+
+    def shard_info(self, path: Path) -> ShardInfo:
+        """The metadata of a shard file; FormatError naming it when unreadable."""
+        try:
+            meta = (pq.read_schema(path).metadata or {})[META_KEY]
+            d = json.loads(meta)
+            return ShardInfo(int(d["block"]), list(d["inputs"]), list(d["rejects"]))
+        except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as e:
+            raise FormatError(f"shard {path} is corrupt or not a shard of this tool "
+                              f"({type(e).__name__}): {REMEDY}") from None
+
+    # ------------------------------------------------------------------ reading
+    def has_manifest(self) -> bool:
+        return self.manifest_path.exists()
+
+    def manifest(self) -> EmbedManifest:
+        path = self.manifest_path
+        if not path.exists():
+            raise FormatError(f"no embeddings in {self.run}: {path} is missing (run "
+                              "`python -m pipeline embed` first)")
+        d = read_json(path, "embed manifest", "rerun `python -m pipeline embed` to rewrite it")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise FormatError(f"{path} has schema version {d.get('schema_version')}; this "
+                              f"version reads {SCHEMA_VERSION}: embed into a new run "
+                              "directory (--run) with this version")
+        if not d.get("complete"):
+            raise FormatError(f"the embed stage in {self.run} did not finish: rerun it to resume")
+        try:
+            where = str(path)
+            return EmbedManifest(
+                dict(d["dataset"]), dict(d["config"]),
+                {n: Column.from_dict(n, c, where) for n, c in d["columns"].items()},
+                {k: [ShardRecord(**s) for s in d["shards"][k]] for k in KINDS},
+                dict(d["rejects"]), dict(d["versions"]), str(d["updated"]))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"embed manifest {path} is corrupt ({type(e).__name__}: {e}): "
+                              "rerun `python -m pipeline embed` to rewrite it") from None
+
+    def shard_path(self, record: ShardRecord) -> Path:
+        return confined(self.dir, record.file, "shard file")
+
+    def check_shard(self, record: ShardRecord, full: bool = True) -> Path:
+        path = self.shard_path(record)
+        check_file(path, vars(record), "shard", REMEDY, full=full)
+        return path
+
+    def _read(self, record: ShardRecord, columns: Sequence[str], verify: bool) -> pa.Table:
+        path = self.check_shard(record, full=verify)
+        try:
+            return pq.read_table(path, columns=list(columns), page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as e:
+            raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
+
+    def read_vectors(self, column: str, dtype: type = np.float32,
+                     verify: bool = True) -> np.ndarray:
+        """All vectors of one column as one contiguous ``(n, dim)`` array, shard order."""
+        m = self.manifest()
+        col = m.column(column)
+        records = m.shards[col.kind]
+        out = np.empty((m.rows(col.kind), col.dim), dtype=dtype)
+        pos = 0
+        for rec in records:
+            arr = self._read(rec, [column], verify).column(0).combine_chunks()
+            n = len(arr)
+            if n != rec.rows or pos + n > len(out):
+                raise FormatError(f"shard {rec.file} holds {n} rows, the manifest "
+                                  f"{rec.rows}: {REMEDY}")
+            out[pos:pos + n] = arr.values.to_numpy(zero_copy_only=False).reshape(n, col.dim)
+            pos += n
+        return out
+
+    def read_table(self, kind: str, columns: Iterable[str] | None = None,
+                   verify: bool = True) -> pa.Table:
+        """Metadata columns (default: all non-embedding ones) of every ``kind`` row."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        names = list(columns) if columns is not None else FIELDS[kind].names
+        tables = [self._read(r, names, verify) for r in self.manifest().shards[kind]]
+        if not tables:
+            return pa.Table.from_batches([], schema=FIELDS[kind]).select(names)
+        return pa.concat_tables(tables)
+
+    def iter_batches(self, kind: str, columns: Sequence[str],
+                     verify: bool = True) -> Iterator[pa.Table]:
+        """One table per shard, in order, so a large column never has to fit in memory."""
+        for rec in self.manifest().shards[kind]:
+            yield self._read(rec, columns, verify)
+
+    def verify(self) -> list[str]:
+        """Every problem of the embed files (missing, wrong size, wrong digest, unreadable)."""
+        problems = []
+        m = self.manifest()
+        for kind in KINDS:
+            for rec in m.shards[kind]:
+                try:
+                    self.check_shard(rec)  # size and digest cover every byte
+                except FormatError as e:
+                    problems.append(str(e))
+        return problems

@@ -1,0 +1,128 @@
+"""The index stage's files: one FAISS file per embedding column and their manifest.
+
+Index files get a fresh name on every write (``<column>.<token>.faiss``); the manifest,
+replaced atomically, names the current one with its size and digest, and the old file
+is removed only after that, so a crash never leaves a manifest naming a missing index.
+This module does no FAISS itself: the caller hands it a function that writes a path.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError
+from .files import (
+    atomic_path,
+    atomic_write_json,
+    check_file,
+    check_name,
+    confined,
+    file_record,
+    read_json,
+)
+from .provenance import Provenance
+
+SCHEMA_VERSION = 2
+REMEDY = "rebuild it with `python -m pipeline index --rebuild`"
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    file: str
+    rows: int
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One column's index: the file, what it covers, how it searches, how good it is."""
+
+    column: str
+    kind: str
+    file: str
+    bytes: int
+    digest: str
+    factory: str
+    params: dict[str, int]
+    ntotal: int
+    dim: int
+    shards: list[ShardSpan]
+    provenance: Provenance
+    recall_at_10: float
+    auto: bool
+    stats: dict[str, Any] = field(default_factory=dict)  # build/add times, budget, versions
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["provenance"] = self.provenance.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> IndexEntry:
+        try:
+            return cls(**{**d, "shards": [ShardSpan(**s) for s in d["shards"]],
+                          "provenance": Provenance.from_dict(d["provenance"], where)})
+        except (KeyError, TypeError) as e:
+            raise FormatError(f"{where} is corrupt ({type(e).__name__}: {e}): {REMEDY}") from None
+
+
+class IndexFiles:
+    def __init__(self, run: Path) -> None:
+        self.run = run
+        self.dir = run / "index"
+        self.manifest_path = self.dir / "manifest.json"
+
+    def entries(self) -> dict[str, IndexEntry]:
+        """The recorded indexes by column ({} when none was built)."""
+        path = self.manifest_path
+        if not path.exists():
+            return {}
+        d = read_json(path, "index manifest", REMEDY)
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise FormatError(f"{path} has schema version {d.get('schema_version')}, this "
+                              f"version reads {SCHEMA_VERSION}: {REMEDY}")
+        indexes = d.get("indexes")
+        if not isinstance(indexes, dict):
+            raise FormatError(f"index manifest {path} is corrupt (no indexes): {REMEDY}")
+        return {c: IndexEntry.from_dict(e, f"index manifest {path}, column {c}")
+                for c, e in indexes.items()}
+
+    def write_entries(self, entries: dict[str, IndexEntry]) -> None:
+        atomic_write_json(self.manifest_path, {
+            "schema_version": SCHEMA_VERSION, "stage": "index",
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "indexes": {c: e.to_dict() for c, e in sorted(entries.items())}})
+
+    def save(self, column: str, write: Callable[[Path], None]) -> dict[str, Any]:
+        """Write a new index file for ``column`` with ``write(tmp_path)``; its record."""
+        name = f"{check_name(column, 'column')}.{secrets.token_hex(4)}.faiss"
+        path = self.dir / name
+        with atomic_path(path) as tmp:
+            write(tmp)
+        return file_record(path, name)
+
+    def path(self, entry: IndexEntry) -> Path:
+        return confined(self.dir, entry.file, "index file")
+
+    def check(self, entry: IndexEntry, full: bool = True) -> Path:
+        """The index file, after checking its size (and digest unless ``full`` is off)."""
+        path = self.path(entry)
+        check_file(path, {"bytes": entry.bytes, "digest": entry.digest}, "index file", REMEDY,
+                   full=full)
+        return path
+
+    def remove(self, file: str) -> None:
+        confined(self.dir, file, "index file").unlink(missing_ok=True)
+
+    def verify(self) -> list[str]:
+        problems = []
+        for entry in self.entries().values():
+            try:
+                self.check(entry)
+            except FormatError as e:
+                problems.append(str(e))
+        return problems

@@ -1,0 +1,13 @@
+"""Options every sub-command shares: the config file and the run directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import DEFAULT_CONFIG
+
+
+def common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="TOML config (default: %(default)s)")
+    p.add_argument("--run", help="run directory (default: the config's top-level `run`)")
