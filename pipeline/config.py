@@ -135,8 +135,11 @@ NOT_IN_TOML = {"run", "data", "encoders"}  # top-level keys / own tables, not se
 
 
 def load_toml(path: str | Path | None) -> dict[str, Any]:
+    """The parsed config; ``None``: ``configs/default.toml`` if present, else defaults only."""
     if path is None:
-        return {}
+        if not DEFAULT_CONFIG.is_file():
+            return {}
+        path = DEFAULT_CONFIG
     path = Path(path)
     if not path.is_file():
         raise MissingError(f"config file not found: {path}")
@@ -146,6 +149,11 @@ def load_toml(path: str | Path | None) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"config file {path} is not valid TOML: {e}") from None
     _check_top(raw, path)
+    for name, cls in SECTIONS.items():  # every section, not just the command's: fail early
+        if name in raw:
+            build(cls, raw, name, {})
+    if "encoders" in raw:
+        _encoders(raw, None, None)
     return raw
 
 

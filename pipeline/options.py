@@ -8,6 +8,5 @@ from .config import DEFAULT_CONFIG
 
 
 def common_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help="TOML config (default: %(default)s)")
+    p.add_argument("--config", help=f"TOML config (default: {DEFAULT_CONFIG} when it exists)")
     p.add_argument("--run", help="run directory (default: the config's top-level `run`)")

@@ -8,6 +8,7 @@ This module does no FAISS itself: the caller hands it a function that writes a p
 
 from __future__ import annotations
 
+import errno
 import secrets
 import time
 from collections.abc import Callable
@@ -102,7 +103,12 @@ class IndexFiles:
         name = f"{check_name(column, 'column')}.{secrets.token_hex(4)}.faiss"
         path = self.dir / name
         with atomic_path(path) as tmp:
-            write(tmp)
+            try:
+                write(tmp)
+            except RuntimeError as e:  # FAISS reports a failed write as a RuntimeError
+                if "No space left" in str(e) or "errno 28" in str(e).lower():
+                    raise OSError(errno.ENOSPC, "No space left on device") from None
+                raise
         return file_record(path, name)
 
     def path(self, entry: IndexEntry) -> Path:
