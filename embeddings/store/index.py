@@ -89,8 +89,11 @@ class IndexFiles:
         indexes = d.get("indexes")
         if not isinstance(indexes, dict):
             raise FormatError(f"index manifest {path} is corrupt (no indexes): {REMEDY}")
-        return {c: IndexEntry.from_dict(e, f"index manifest {path}, column {c}")
-                for c, e in indexes.items()}
+        entries = {c: IndexEntry.from_dict(e, f"index manifest {path}, column {c}")
+                   for c, e in indexes.items()}
+        for entry in entries.values():  # a tampered name is refused before any work
+            self.path(entry)
+        return entries
 
     def write_entries(self, entries: dict[str, IndexEntry]) -> None:
         atomic_write_json(self.manifest_path, {
