@@ -81,8 +81,25 @@ def iter_image_embeddings(
         worker_init_fn=_worker_init if workers else None,
         prefetch_factor=4 if workers else None, persistent_workers=False)
     for indices, tensors, failures in loader:
-        vectors = {e.spec.name: e.encode_images(t) for e, t in zip(image_encoders, tensors)}
-        yield ImageBatch(indices, vectors, failures)
+        yield _encode(image_encoders, indices, tensors, failures)
+
+
+Decoded = tuple[int, tuple[torch.Tensor, ...] | None, str | None]  # an ImageFiles item
+
+
+def iter_decoded_embeddings(items: Sequence[Decoded], encoders: Sequence[Encoder], *,
+                            batch_size: int = 64) -> Iterator[ImageBatch]:
+    """As :func:`iter_image_embeddings`, for images :class:`ImageFiles` decoded elsewhere
+    (a distributed engine decodes on CPU workers and runs the models on others)."""
+    image_encoders = [e for e in encoders if "image" in e.modalities]
+    for start in range(0, len(items), batch_size):
+        yield _encode(image_encoders, *_collate(list(items[start:start + batch_size])))
+
+
+def _encode(image_encoders: Sequence[Encoder], indices: list[int],
+            tensors: list[torch.Tensor], failures: list[tuple[int, str]]) -> ImageBatch:
+    vectors = {e.spec.name: e.encode_images(t) for e, t in zip(image_encoders, tensors)}
+    return ImageBatch(indices, vectors, failures)
 
 
 def embed_texts(texts: Sequence[str], encoders: Sequence[Encoder],

@@ -65,6 +65,10 @@ class EmbedConfig:
     dtype: str = knob("float16", "stored vector type", choices=("float16", "float32"))
     max_pixels: int = knob(DEFAULT_MAX_PIXELS, "larger images are skipped before decoding")
     progress: bool = knob(True, "progress bars")
+    engine: str = knob("local", "what runs the blocks: this process, or a Ray cluster "
+                       "(pip install -e \".[ray]\")", choices=("local", "ray"))
+    ray_address: str | None = knob(None, "Ray cluster to join, e.g. auto or ray://host:10001 "
+                                   "(default: start a local one)")
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ of an uninterrupted run.  The unit of work, :func:`embed_block`, is what any eng
 
 from __future__ import annotations
 
+import itertools
 import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from embeddings.encode import embed_texts, iter_image_embeddings
+from embeddings.encode import (
+    Decoded,
+    ImageFiles,
+    embed_texts,
+    iter_decoded_embeddings,
+    iter_image_embeddings,
+)
 from embeddings.encoders import Encoder, load_encoder, resolve_device
 from embeddings.errors import FormatError, InputError, RunMismatch
 from embeddings.records import Block, Source, open_dataset
@@ -85,9 +93,13 @@ class Models:
 
 def run_embed(cfg: EmbedConfig) -> EmbedResult:
     """Run (or resume) the embed stage described by ``cfg``."""
+    from .engines import ENGINES, EngineJob, check_engine  # engines run this module's work
+
+    check_engine(cfg.engine)  # a missing engine fails before any work
     t0 = time.perf_counter()
     run = Run(cfg.run)
-    models = Models(cfg, resolve_device(cfg.device))
+    # Under Ray the driver's models serve only the identity checks: the actors embed.
+    models = Models(cfg, resolve_device("cpu" if cfg.engine == "ray" else cfg.device))
     source = open_dataset(cfg.data.path, cfg.data.root, cfg.data.format)
     with run.lock("embed"):
         spec = _spec(cfg, source)
@@ -96,21 +108,22 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
         done = _finished(run, cfg)
         full = {k for k, (img, _) in done.items() if img.inputs == cfg.shard_size}
         stats = _Progress(cfg)
+        todo = (b for b in source.blocks(cfg.shard_size, skip=full)
+                if not (b.index in done and _same_inputs(run, done[b.index], b)))
         try:
-            for block in source.blocks(cfg.shard_size, skip=full):
-                if block.index in done and _same_inputs(run, done[block.index], block):
-                    continue
+            first = next(todo, None)
+            if first is not None:  # models are loaded, and checked, only when there is work
                 models.load()
                 if recorded is None or "columns" not in recorded:
                     recorded = {"spec": spec, "columns": _columns_dict(models.columns)}
                     run.embed.write_spec(recorded)
                 _check_columns(run, recorded, models.columns)
-                result = embed_block(block, source.root, models, cfg)
-                done[block.index] = write_block(run, block, result, cfg.dtype)
-                stats.block_done(block)
+                job = EngineJob(run, source.root, models, cfg, stats)
+                done.update(ENGINES[cfg.engine](job, itertools.chain([first], todo)))
         except KeyboardInterrupt:
             log.warning("interrupted: the %d block(s) finished in this run are kept (%d in "
-                        "all); rerun the same command to resume", stats.blocks, len(done))
+                        "all); rerun the same command to resume", stats.blocks,
+                        len(done) + stats.blocks)
             raise
         finally:
             stats.close()
@@ -142,18 +155,24 @@ class BlockResult:
     caption_vectors: dict[str, np.ndarray]
 
 
-def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig) -> BlockResult:
-    """Embed the images and captions of one block with every encoder (no file written)."""
+def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig,
+                decoded: Sequence[Decoded] | None = None) -> BlockResult:
+    """Embed the images and captions of one block with every encoder (no file written).
+
+    ``decoded``: the block's images already read by :func:`decode_block` (elsewhere, by
+    an engine that decodes apart from the models); by default they are read here."""
     encoders = models.load().encoders
     kept: list[int] = []
     failed: list[tuple[int, str]] = []
     parts: dict[str, list[np.ndarray]] = {}
     image_encoders = [e for e in encoders if "image" in e.modalities]
     if block.images and image_encoders:
-        for batch in iter_image_embeddings(
-                root, [r.image for r in block.images], encoders,
-                device=models.device, batch_size=cfg.batch_size, workers=cfg.workers,
-                max_pixels=cfg.max_pixels):
+        batches = iter_image_embeddings(
+            root, [r.image for r in block.images], encoders, device=models.device,
+            batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels,
+        ) if decoded is None else iter_decoded_embeddings(decoded, encoders,
+                                                           batch_size=cfg.batch_size)
+        for batch in batches:
             kept += batch.indices
             failed += batch.failures
             for name, vec in batch.vectors.items():
@@ -165,6 +184,19 @@ def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig) -> B
     texts = embed_texts([c.caption for c in block.captions], encoders, cfg.batch_size)
     caption_vectors = {column_name(n, "text"): v for n, v in texts.items()}
     return BlockResult(kept, image_vectors, failed, caption_vectors)
+
+
+def decode_block(block: Block, root: Path, transforms: Sequence[Callable[[Any], torch.Tensor]],
+                 max_pixels: int) -> list[Decoded]:
+    """The CPU half of :func:`embed_block`: read, decode and preprocess the block's images
+    with the image encoders' transforms (:func:`image_transforms`), in input order."""
+    files = ImageFiles(root, [r.image for r in block.images], transforms, max_pixels)
+    return [files[i] for i in range(len(files))]
+
+
+def image_transforms(models: Models) -> list[Callable[[Any], torch.Tensor]]:
+    return [e.image_transform for e in models.load().encoders
+            if "image" in e.modalities and e.image_transform is not None]
 
 
 def write_block(run: Run, block: Block, result: BlockResult,

@@ -1,0 +1,204 @@
+"""The Ray engine: the embed stage's remaining blocks as one Ray Data pipeline.
+
+One row per block.  Stage 1, CPU tasks (``map_batches``): read, decode and preprocess the
+block's images (:func:`pipeline.embed.decode_block`).  Stage 2, an actor pool: each actor
+loads the models once (one GPU each on GPU nodes, as many actors as GPUs; CPU actors
+otherwise), embeds the block (:func:`pipeline.embed.embed_block`) and writes its two shards
+straight into the run directory (:func:`pipeline.embed.write_block`), so the run
+directory must be on a filesystem every node sees.  Only the shard records come back to
+the driver, which reports progress and, after the last block, writes the manifest.
+
+Faults: a task or actor that dies is restarted and its block retried by Ray; shards
+appear by atomic rename of uniquely named temporary files, so a retried block rewrites
+its shards whole.  A killed driver takes its job's workers with it; rerunning the same
+command resumes from the finished shards, like the local engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from ray.exceptions import RayError
+
+from embeddings.encode import Decoded
+from embeddings.encoders import resolve_device
+from embeddings.errors import InputError, UserError
+from embeddings.records import Block
+from embeddings.store import Run
+
+from .config import EmbedConfig
+from .embed import Models, decode_block, embed_block, image_transforms, write_block
+from .engines import Done, EngineJob
+
+log = logging.getLogger(__name__)
+CPU_THREADS = 4  # torch threads of a CPU actor; one CPU actor per this many cluster CPUs
+CRASH_ONCE_ENV = "MMEMB_RAY_CRASH_ONCE"  # fault injection (tests): a marker file path;
+# the first actor call that creates it exits at once, mid-block, before writing.
+
+
+def run_blocks(job: EngineJob, blocks: Iterable[Block]) -> Done:
+    """Embed ``blocks`` on the cluster of ``job.cfg.ray_address`` (default: a new local
+    one); the records of the blocks finished, as the local engine returns them."""
+    started = _connect(job.cfg.ray_address)
+    try:
+        return _run(job, list(blocks))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _connect(address: str | None) -> bool:
+    """Join the cluster (or start a local one); True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    kw: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address is None:
+        kw["include_dashboard"] = False
+    try:
+        ray.init(address=address, **kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise InputError(f"cannot reach the Ray cluster at {address!r}: {e} (start one with "
+                         "`ray start --head`, or leave out --ray-address for a local one)"
+                         ) from None
+    return True
+
+
+def _run(job: EngineJob, blocks: list[Block]) -> Done:
+    cfg = job.cfg
+    if not blocks:
+        return {}
+    by_index = {b.index: b for b in blocks}
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    actors = gpus or max(1, cpus // CPU_THREADS)
+    data_ctx = ray.data.DataContext.get_current()
+    data_ctx.enable_progress_bars = False  # the driver's own bar counts finished blocks
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+    items = [{"index": b.index, "block": pickle.dumps(b)} for b in blocks]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.map_batches(
+        _decode, batch_size=1, batch_format="numpy", num_cpus=1,
+        fn_kwargs={"root": str(job.root), "transforms": image_transforms(job.models),
+                   "max_pixels": cfg.max_pixels})
+    ds = ds.map_batches(
+        _Embedder, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if gpus else 0, num_cpus=1,  # dead actors: restarted, block retried
+        fn_constructor_kwargs={"cfg": cfg, "run": str(job.run.path.resolve()),
+                               "root": str(job.root),
+                               "crash_marker": os.environ.get(CRASH_ONCE_ENV)})
+    log.info("ray: %d blocks on %d %s actor(s) (cluster: %d CPUs, %d GPUs)", len(blocks),
+             actors, "GPU" if gpus else "CPU", cpus, gpus)
+    done: Done = {}
+    t0 = time.perf_counter()
+    try:
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
+            for index, records in zip(batch["index"], batch["records"]):
+                done[int(index)] = pickle.loads(records)
+                job.progress.block_done(by_index[int(index)])
+    except RayError as e:
+        _raise_user_error(e)
+        raise
+    seconds = time.perf_counter() - t0
+    images = sum(len(by_index[k].images) for k in done)
+    log.info("ray: %d blocks, %d images in %.1f s (%.1f images/s)", len(done), images,
+             seconds, images / max(seconds, 1e-9))
+    return done
+
+
+def _raise_user_error(error: BaseException) -> None:
+    """A user mistake met on a worker (a bad file, a full disk) is said on one line."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, UserError):
+            raise seen from None
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+
+
+# ----------------------------------------------------------------- stage 1: CPU tasks
+
+def _decode(batch: dict[str, np.ndarray], root: str, transforms: list[Any],
+            max_pixels: int) -> dict[str, np.ndarray]:
+    """Read and preprocess the images of each block of the batch (one, in practice)."""
+    torch.set_num_threads(1)  # decoding tasks must not fight the models for cores
+    out = []
+    for raw in batch["block"]:
+        items = decode_block(pickle.loads(raw), Path(root), transforms, max_pixels)
+        out.append(pickle.dumps(_pack(items), protocol=pickle.HIGHEST_PROTOCOL))
+    return {"index": batch["index"], "block": batch["block"],
+            "decoded": np.array(out, dtype=object)}
+
+
+def _pack(items: list[Decoded]) -> dict[str, Any]:
+    """Decoded items as one array per transform (cheap to ship) plus the failures."""
+    ok = [(i, t) for i, t, _ in items if t is not None]
+    n_transforms = len(ok[0][1]) if ok else 0
+    return {"n": len(items), "ok": [i for i, _ in ok],
+            "pixels": [torch.stack([t[k] for _, t in ok]).numpy()
+                       for k in range(n_transforms)],
+            "failures": [(i, why) for i, t, why in items if t is None]}
+
+
+def _unpack(packed: dict[str, Any]) -> list[Decoded]:
+    items: list[Decoded | None] = [None] * packed["n"]
+    pixels = [torch.from_numpy(p) for p in packed["pixels"]]
+    for j, i in enumerate(packed["ok"]):
+        items[i] = (i, tuple(p[j] for p in pixels), None)
+    for i, why in packed["failures"]:
+        items[i] = (i, None, why)
+    return [item for item in items if item is not None]
+
+
+# ------------------------------------------------------------- stage 2: model actors
+
+class _Embedder:
+    """One actor: the models, loaded once; embeds blocks and writes their shards."""
+
+    def __init__(self, cfg: EmbedConfig, run: str, root: str,
+                 crash_marker: str | None = None) -> None:
+        device = _actor_device(cfg)
+        if device.type == "cpu":
+            torch.set_num_threads(min(CPU_THREADS, os.cpu_count() or 1))
+        self.cfg, self.root, self.run = cfg, Path(root), Run(Path(run))
+        self.models = Models(cfg, device).load()
+        self.crash_marker = crash_marker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = []
+        for raw, packed in zip(batch["block"], batch["decoded"]):
+            block: Block = pickle.loads(raw)
+            result = embed_block(block, self.root, self.models, self.cfg,
+                                 decoded=_unpack(pickle.loads(packed)))
+            if self.crash_marker and _first_claim(self.crash_marker):
+                os._exit(1)  # a dying worker, mid-block (tests only)
+            out.append(pickle.dumps(write_block(self.run, block, result, self.cfg.dtype)))
+        return {"index": batch["index"], "records": np.array(out, dtype=object)}
+
+
+def _actor_device(cfg: EmbedConfig) -> torch.device:
+    """The GPU Ray gave this actor (the only one it sees), else the configured device."""
+    if ray.get_gpu_ids():
+        return torch.device("cuda")
+    if cfg.device == "auto":
+        return torch.device("cpu")  # no GPU assigned: do not share someone else's
+    return resolve_device(cfg.device)
+
+
+def _first_claim(marker: str) -> bool:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True

@@ -1,0 +1,70 @@
+"""Engines: what runs the embed stage's blocks, in this process or on a Ray cluster.
+
+:func:`pipeline.embed.run_embed` keeps everything around the blocks (the lock, the identity
+checks, the resume rule, the manifest written last); an engine only takes the blocks still
+to do and returns the shard records of those it finished.  Every engine runs the same unit
+of work, :func:`pipeline.embed.embed_block` then :func:`pipeline.embed.write_block`, so
+a run can be started with one engine and finished with another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embeddings.errors import InputError
+from embeddings.records import Block
+from embeddings.store import Run, ShardRecord
+
+from .embed import Models, embed_block, write_block
+from .config import EmbedConfig
+
+Done = dict[int, tuple[ShardRecord, ShardRecord]]
+RAY_INSTALL = 'pip install "ray[data]"  (or, from a checkout: pip install -e ".[ray]")'
+
+
+@dataclass
+class EngineJob:
+    """What an engine needs besides the blocks: where to write, with what, and the
+    driver's progress bar (``progress.block_done(block)`` once a block's shards are in)."""
+
+    run: Run
+    root: Path  # dataset root the image paths are relative to
+    models: Models  # loaded on the driver (identity checked); engines may load more
+    cfg: EmbedConfig
+    progress: Any  # pipeline.embed._Progress
+
+
+def run_local(job: EngineJob, blocks: Iterable[Block]) -> Done:
+    """One block after another in this process (images decoded by DataLoader workers)."""
+    done: Done = {}
+    for block in blocks:
+        result = embed_block(block, job.root, job.models, job.cfg)
+        done[block.index] = write_block(job.run, block, result, job.cfg.dtype)
+        job.progress.block_done(block)
+    return done
+
+
+def run_ray(job: EngineJob, blocks: Iterable[Block]) -> Done:
+    """Ray Data: decoding in CPU tasks, the models in an actor pool (:mod:`.engine_ray`)."""
+    from .engine_ray import run_blocks
+
+    return run_blocks(job, blocks)
+
+
+def check_engine(name: str) -> None:
+    """Fail at once, before any work, if ``name``'s engine cannot run here."""
+    if name not in ENGINES:
+        raise InputError(f"unknown engine {name!r}; known: {sorted(ENGINES)}")
+    if name == "ray":
+        try:
+            import ray.data  # noqa: F401
+        except ImportError:
+            raise InputError(f"--engine ray needs Ray Data, which is not installed: "
+                             f"{RAY_INSTALL}") from None
+
+
+ENGINES: dict[str, Callable[[EngineJob, Iterable[Block]], Done]] = {
+    "local": run_local, "ray": run_ray}

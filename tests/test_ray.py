@@ -1,0 +1,126 @@
+"""The Ray engine on a real local Ray cluster (started once for the module): the same rows
+and vectors as the local engine, through a dead actor, a killed driver, and runs started
+with one engine and finished with the other."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embeddings import read_manifest, read_table, read_vectors, shards
+from pipeline.embed import run_embed
+from tests.conftest import REPO, make_config
+
+ray = pytest.importorskip("ray")
+from pipeline.engine_ray import CRASH_ONCE_ENV  # noqa: E402 (needs ray)
+
+COLUMNS = ("clip_image", "clip_text", "minilm_text")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A local 2-CPU Ray cluster shared by the module's tests; its address."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _rows(run: Path) -> dict[str, list[str]]:
+    return {k: sorted(read_table(run, k, ["id"]).column("id").to_pylist())
+            for k in shards.KINDS}
+
+
+def _same_run(run: Path, reference: Path) -> None:
+    """Exactly the reference's rows (no duplicate, no gap) and its vectors."""
+    got, want = _rows(run), _rows(reference)
+    assert got == want and all(len(v) == len(set(v)) for v in got.values())
+    for column in COLUMNS:
+        kind = "images" if column.endswith("_image") else "captions"
+        order = np.argsort(read_table(run, kind, ["id"]).column("id").to_pylist())
+        ref_order = np.argsort(read_table(reference, kind, ["id"]).column("id").to_pylist())
+        np.testing.assert_allclose(read_vectors(run, column)[order],
+                                   read_vectors(reference, column)[ref_order], atol=2e-3)
+
+
+def _data(demo_run: Path) -> Path:
+    return Path(read_manifest(demo_run)["dataset"]["source"])
+
+
+def _drop_blocks(run: Path, keep: int) -> None:
+    """A run cut short: blocks from ``keep`` on and the manifest removed."""
+    (run / "embed/manifest.json").unlink()
+    for kind in shards.KINDS:
+        for path in sorted((run / "embed" / kind).glob("part-*.parquet"))[keep:]:
+            path.unlink()
+
+
+def test_ray_engine_gives_the_local_rows_and_vectors(cluster, demo_run, encoder_specs,
+                                                     tmp_path) -> None:
+    cfg = make_config(_data(demo_run), tmp_path / "run", encoder_specs, engine="ray")
+    result = run_embed(cfg)
+    assert result.new_shards == len(read_manifest(demo_run)["shards"]["images"]) > 1
+    _same_run(tmp_path / "run", demo_run)
+    assert run_embed(cfg).nothing_to_do
+
+
+def test_a_dead_actor_is_replaced_and_its_block_redone(cluster, demo_run, encoder_specs,
+                                                       tmp_path, monkeypatch) -> None:
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))  # the first block's actor exits mid-block
+    run_embed(make_config(_data(demo_run), tmp_path / "run", encoder_specs, engine="ray"))
+    assert marker.exists()
+    _same_run(tmp_path / "run", demo_run)
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command(cluster, demo_run, tiny_clip,
+                                                        tmp_path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline", "embed", "--config",
+           str(REPO / "configs/offline.toml"), "--data", str(_data(demo_run)), "--run",
+           str(run), "--model", tiny_clip, "--shard-size", "20", "--batch-size", "16",
+           "--device", "cpu", "--no-progress", "--engine", "ray", "--ray-address", cluster]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = run / "embed/captions"
+    deadline = time.time() + 120
+    while not list(first.glob("part-*.parquet")) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(first.glob("part-*.parquet")) and not (run / "embed/manifest.json").exists()
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "image rows" in out and "new blocks" in out, out
+    _same_run(run, demo_run)
+
+
+def test_each_engine_finishes_the_others_runs(cluster, demo_run, encoder_specs,
+                                              tmp_path) -> None:
+    cfg = make_config(_data(demo_run), tmp_path / "run", encoder_specs)
+    shutil.copytree(demo_run, tmp_path / "run")
+    _drop_blocks(tmp_path / "run", keep=1)  # started locally ...
+    assert run_embed(replace(cfg, engine="ray")).new_shards > 0  # ... finished with Ray
+    _same_run(tmp_path / "run", demo_run)
+    _drop_blocks(tmp_path / "run", keep=2)  # Ray's blocks cut short ...
+    assert run_embed(cfg).new_shards > 0  # ... finished locally
+    _same_run(tmp_path / "run", demo_run)
+
+
+def test_without_ray_the_engine_fails_at_once_with_the_install_command(tmp_path) -> None:
+    code = ("import sys; sys.modules['ray'] = None\n"  # as if Ray were not installed
+            "from pipeline.cli import main\n"
+            f"sys.exit(main(['embed', '--run', {str(tmp_path)!r}, '--engine', 'ray']))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert p.returncode != 0
+    assert 'pip install "ray[data]"' in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "embed").exists()
