@@ -23,7 +23,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed clean index search eval-retrieval bench-search heads predict bench-heads
+.PHONY: setup demo embed tiny-model test lint bench bench-embed clean index search eval-retrieval bench-search heads predict bench-heads bench-ray
 
 setup: $(VENV)/.installed
 
@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ray]"
 	touch $@
 
 $(TINY)/open_clip_config.json: | setup
@@ -75,6 +75,10 @@ bench: bench-embed bench-search bench-heads
 bench-embed: setup
 	$(PY) benchmarks/bench_embed.py --arch tiny
 	$(PY) benchmarks/bench_embed.py --arch ViT-B-32 --repeat 1
+
+# Local engine vs Ray engine (local Ray cluster), same demo images and models, one run.
+bench-ray: setup
+	$(PY) benchmarks/bench_ray.py $(ARGS)
 
 # Brute force (numpy, torch, FAISS Flat) vs the chosen index at 100k and 1M x 512;
 # ARGS="--quick" for a short run, ARGS="--sizes 300000" for other sizes.

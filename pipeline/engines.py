@@ -18,8 +18,8 @@ from embeddings.errors import InputError
 from embeddings.records import Block
 from embeddings.store import Run, ShardRecord
 
-from .embed import Models, embed_block, write_block
 from .config import EmbedConfig
+from .embed import Models, embed_block, write_block
 
 Done = dict[int, tuple[ShardRecord, ShardRecord]]
 RAY_INSTALL = 'pip install "ray[data]"  (or, from a checkout: pip install -e ".[ray]")'
