@@ -41,6 +41,7 @@ from .embed import Models, decode_block, embed_block, image_transforms, write_bl
 from .engines import Done, EngineJob
 
 log = logging.getLogger(__name__)
+DECODE_CPUS = 0.5  # CPUs reserved per decoding task
 CPU_THREADS = 4  # torch threads of a CPU actor; one CPU actor per this many cluster CPUs
 CRASH_ONCE_ENV = "MMEMB_RAY_CRASH_ONCE"  # fault injection (tests): a marker file path;
 # the first actor call that creates it exits at once, mid-block, before writing.
@@ -87,8 +88,9 @@ def _run(job: EngineJob, blocks: list[Block]) -> Done:
 
     items = [{"index": b.index, "block": pickle.dumps(b)} for b in blocks]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        _decode, batch_size=1, batch_format="numpy", num_cpus=1,
+    ds = ds.map_batches(  # half a CPU: reads overlap decoding; unlike the actors' resources,
+        # which keeps Ray Data from fusing this stage into the actors (decoding in turn)
+        _decode, batch_size=1, batch_format="numpy", num_cpus=DECODE_CPUS,
         fn_kwargs={"root": str(job.root), "transforms": image_transforms(job.models),
                    "max_pixels": cfg.max_pixels})
     ds = ds.map_batches(
