@@ -9,6 +9,7 @@ a run can be started with one engine and finished with another.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from embeddings.records import Block
 from embeddings.store import Run, ShardRecord
 
 from .config import EmbedConfig
-from .embed import Models, embed_block, write_block
+from .embed import Models
 
 Done = dict[int, tuple[ShardRecord, ShardRecord]]
 RAY_INSTALL = 'pip install "ray[data]"  (or, from a checkout: pip install -e ".[ray]")'
@@ -39,10 +40,11 @@ class EngineJob:
 
 def run_local(job: EngineJob, blocks: Iterable[Block]) -> Done:
     """One block after another in this process (images decoded by DataLoader workers)."""
+    stage = sys.modules[Models.__module__]  # pipeline.embed, looked up per run (tests patch it)
     done: Done = {}
     for block in blocks:
-        result = embed_block(block, job.root, job.models, job.cfg)
-        done[block.index] = write_block(job.run, block, result, job.cfg.dtype)
+        result = stage.embed_block(block, job.root, job.models, job.cfg)
+        done[block.index] = stage.write_block(job.run, block, result, job.cfg.dtype)
         job.progress.block_done(block)
     return done
 
