@@ -93,6 +93,8 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
         spec = _spec(cfg, source)
         recorded = run.embed.read_spec()
         _check_spec(run, recorded, spec)
+        if recorded is not None and _names_other_weights(recorded, cfg):
+            _check_columns(run, recorded, models.load().columns)  # even with nothing to do
         done = _finished(run, cfg)
         full = {k for k, (img, _) in done.items() if img.inputs == cfg.shard_size}
         stats = _Progress(cfg)
@@ -220,6 +222,20 @@ def _check_columns(run: Run, recorded: dict[str, Any], columns: dict[str, Column
         check_same_model(old[name].provenance, col.provenance, f"column {name} of {run.path}",
                          "use another run directory (--run) or delete "
                          f"{run.embed.dir} to start over")
+
+
+def _names_other_weights(recorded: dict[str, Any], cfg: EmbedConfig) -> bool:
+    """Whether an encoder now names another model than the one recorded for its columns:
+    then the models are loaded and checked even when no block is left to embed."""
+    if "columns" not in recorded:
+        return False
+    now = {e.name: (e.model, e.pretrained) for e in cfg.encoders}
+    try:
+        was = {c["encoder"]: (c["provenance"]["model"], c["provenance"].get("pretrained"))
+               for c in recorded["columns"].values()}
+    except (AttributeError, KeyError, TypeError):
+        return True  # _check_columns says what is wrong with the lock file
+    return was != now
 
 
 def _columns_dict(columns: dict[str, Column]) -> dict[str, Any]:
