@@ -94,6 +94,8 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
         spec = _spec(cfg, source)
         recorded = run.embed.read_identity()
         _check_spec(run, recorded, spec)
+        if recorded is not None and _names_other_weights(recorded, cfg):
+            _check_columns(run, recorded, models.load().columns)  # even with nothing to do
         done = _finished(run, cfg)
         full = {k for k, (img, _) in done.items() if img.inputs == cfg.shard_size}
         stats = _Progress(cfg)
@@ -216,6 +218,15 @@ def _check_columns(run: Run, recorded: RunIdentity, columns: dict[str, Column]) 
         check_same_model(old[name].provenance, col.provenance, f"column {name} of {run.path}",
                          "use another run directory (--run) or delete "
                          f"{run.embed.dir} to start over")
+
+
+def _names_other_weights(recorded: RunIdentity, cfg: EmbedConfig) -> bool:
+    """Whether an encoder now names another model than the one recorded for its columns:
+    then the models are loaded and checked even when no block is left to embed."""
+    now = {e.name: (e.model, e.pretrained) for e in cfg.encoders}
+    was = {c.encoder: (c.provenance.model, c.provenance.pretrained)
+           for c in recorded.columns.values()}
+    return was != now
 
 
 def _diff(old: Any, new: Any, path: str = "") -> str:
