@@ -7,23 +7,24 @@ PY := $(VENV)/bin/python
 # override (e.g. TORCH="torch torchvision") to let pip choose.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?= configs/default.toml
-OUT ?=
-# Overrides for `make embed`: MODEL, PRETRAINED, DATA, OUT, DEVICE, BATCH
-EMBED_ARGS = $(if $(MODEL),--model $(MODEL)) $(if $(PRETRAINED),--pretrained $(PRETRAINED)) \
-	$(if $(DATA),--data $(DATA)) $(if $(OUT),--out $(OUT)) $(if $(DEVICE),--device $(DEVICE)) \
-	$(if $(BATCH),--batch-size $(BATCH))
-# Overrides for `make index / search / eval-retrieval`: OUT (run dir), FACTORY, Q (query
+# RUN: the run directory (default: the config's top-level `run`); OUT is an alias.
+RUN ?= $(OUT)
+# Overrides for `make embed`: MODEL, PRETRAINED, DATA, RUN, DEVICE, BATCH
+EMBED_ARGS = $(RUN_ARGS) $(if $(MODEL),--model $(MODEL)) \
+	$(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(DATA),--data $(DATA)) \
+	$(if $(DEVICE),--device $(DEVICE)) $(if $(BATCH),--batch-size $(BATCH))
+# Overrides for `make index / search / eval-retrieval`: RUN, FACTORY, Q (query
 # text), IMAGE (query image), K, SPLIT, ARGS (any other options, e.g. ARGS="--json").
-RUN_ARGS = $(if $(OUT),--run $(OUT))
+RUN_ARGS = $(if $(RUN),--run $(RUN))
 INDEX_ARGS = $(RUN_ARGS) $(if $(FACTORY),--factory "$(FACTORY)") $(ARGS)
 SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 	$(if $(K),--k $(K)) $(if $(SPLIT),--split $(SPLIT)) $(ARGS)
-# Overrides for `make heads / predict`: OUT (run dir), HEADS (comma list, e.g.
+# Overrides for `make heads / predict`: RUN, HEADS (comma list, e.g.
 # HEADS=logistic,concat,late), HEAD (saved head .json, for predict), PRED (output .parquet).
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed clean index search eval-retrieval bench-search heads predict bench-heads bench-ray
+.PHONY: setup demo embed tiny-model test lint bench bench-embed clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray
 
 setup: $(VENV)/.installed
 
@@ -42,7 +43,7 @@ tiny-model: $(TINY)/open_clip_config.json
 # The main job on the bundled demo data, offline (tiny random CLIP + real MiniLM):
 # embed, train and compare heads, index, evaluate retrieval.
 demo: setup tiny-model
-	$(PY) -m pipeline embed --config configs/offline.toml $(EMBED_ARGS)
+	$(PY) -m pipeline embed --config configs/offline.toml $(RUN_ARGS)
 	$(PY) -m pipeline heads --config configs/offline.toml $(HEADS_ARGS)
 	$(PY) -m pipeline index --config configs/offline.toml $(RUN_ARGS)
 	$(PY) -m pipeline eval-retrieval --config configs/offline.toml $(RUN_ARGS)
@@ -58,6 +59,10 @@ index: setup
 # make search Q="a red bicycle"   |   make search IMAGE=photo.jpg K=5 ARGS="--modality text"
 search: setup
 	$(PY) -m pipeline search --config $(CONFIG) $(SEARCH_ARGS)
+
+# Check every shard, index and head file of a run against its recorded digest.
+verify: setup
+	$(PY) -m pipeline verify --config $(CONFIG) $(RUN_ARGS)
 
 # Text->image and image->text recall@1/5/10, through the index and exactly.
 eval-retrieval: setup
@@ -84,6 +89,7 @@ bench-ray: setup
 # ARGS="--quick" for a short run, ARGS="--sizes 300000" for other sizes.
 bench-search: setup
 	$(PY) benchmarks/bench_search.py $(ARGS)
+	$(PY) benchmarks/bench_store.py
 
 clean:
 	rm -rf runs models
@@ -95,7 +101,7 @@ heads: setup
 # A saved head on a run's shards: make predict HEAD=runs/demo/heads/models/NAME.json
 predict: setup
 	$(if $(HEAD),,$(error set HEAD=RUN/heads/models/NAME.json))
-	$(PY) -m pipeline predict --head $(HEAD) --run $(or $(OUT),runs/demo) $(if $(PRED),--out $(PRED))
+	$(PY) -m pipeline predict --config $(CONFIG) --head $(HEAD) $(RUN_ARGS) $(if $(PRED),--output $(PRED))
 
 # Every head on 50,000 x (512 + 512)-d synthetic features, vs scikit-learn defaults.
 bench-heads: setup

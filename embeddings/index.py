@@ -24,6 +24,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 FLAT_MAX = 100_000  # exact search up to here: ~10-20 ms per query at d=512 on one core
@@ -72,7 +74,7 @@ def choose_index(n: int, d: int, memory_budget: int, flat_max: int = FLAT_MAX,
     # it with --factory "OPQ{m},IVF{nlist},PQ{m}" where the cores are there).
     m = _pq_bytes(d, (memory_budget - overhead) // n)
     if m == 0:
-        raise ValueError(
+        raise InputError(
             f"memory budget {memory_budget / 2**30:.3g} GiB is too small for {n} vectors of "
             f"dimension {d} (even 4-byte PQ codes need {(n * 4 + overhead) / 2**30:.3g} GiB)")
     return IndexChoice(f"IVF{nlist},PQ{m}", {"nprobe": min(32, nlist)},
@@ -102,7 +104,7 @@ def use_gpu(device: str = "auto") -> bool:
         return False
     has = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
     if device.startswith("cuda") and not has:
-        raise ValueError(f"device {device!r} asked for, but FAISS sees no GPU "
+        raise InputError(f"device {device!r} asked for, but FAISS sees no GPU "
                          "(faiss-cpu installed, or no CUDA device)")
     return has
 
@@ -144,7 +146,7 @@ def build_index(vectors: np.ndarray, factory: str, train_size: int | None = None
         if ivf is not None:
             ivf.cp.seed = seed
             if ivf.nlist > len(sample):
-                raise ValueError(f"{factory}: {ivf.nlist} lists need at least as many "
+                raise InputError(f"{factory}: {ivf.nlist} lists need at least as many "
                                  f"training vectors, got {len(sample)}")
         work = to_gpu(index) if gpu and gpu_supported(factory) else index
         work.train(sample)
@@ -384,11 +386,11 @@ def index_bytes(index: faiss.Index) -> int:
 
 
 def check_factory(factory: str, d: int) -> str:
-    """``factory`` if FAISS can build an index of dimension ``d`` from it, else ValueError."""
+    """``factory`` if FAISS can build an index of dimension ``d`` from it, else InputError."""
     try:
         faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise ValueError(f"FAISS cannot build {factory!r} for dimension {d}: {first}") from None
+        raise InputError(f"FAISS cannot build {factory!r} for dimension {d}: {first}") from None
     return factory
 

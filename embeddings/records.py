@@ -27,6 +27,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from .errors import InputError, MissingError
+
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 SPLITS = {"train", "val", "valid", "validation", "test", "restval"}
 IMAGE_KEYS = ("image", "image_path", "filepath", "file_name", "path")
@@ -85,7 +87,7 @@ def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None,
     """Read any supported dataset description into a :class:`Dataset`."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
+        raise MissingError(f"dataset not found: {path}")
     fmt = detect_format(path) if format == "auto" else format
     base = Path(root) if root is not None else (path if path.is_dir() else path.parent)
     builder = _Builder(base.resolve(), str(path), fmt)
@@ -98,7 +100,7 @@ def load_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None,
     elif fmt == "karpathy":
         builder.add_rows(_karpathy_rows(_read_json(path)))
     else:
-        raise ValueError(
+        raise InputError(
             f"unknown dataset format {fmt!r}: "
             "use csv, jsonl, parquet, imagefolder, coco or karpathy"
         )
@@ -121,8 +123,8 @@ def detect_format(path: Path) -> str:
             return "coco"
         if isinstance(data, dict) and any("sentences" in i for i in data.get("images", [])[:5]):
             return "karpathy"
-        raise ValueError(f"{path}: JSON is neither COCO-captions nor Karpathy-split format")
-    raise ValueError(f"cannot tell the format of {path}: pass format= (csv, jsonl, parquet, ...)")
+        raise InputError(f"{path}: JSON is neither COCO-captions nor Karpathy-split format")
+    raise InputError(f"cannot tell the format of {path}: pass format= (csv, jsonl, parquet, ...)")
 
 
 def _read_json(path: Path) -> Any:
@@ -329,7 +331,7 @@ def open_dataset(path: str | os.PathLike, root: str | os.PathLike | None = None,
                  format: str = "auto") -> Source:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset not found: {path}")
+        raise MissingError(f"dataset not found: {path}")
     fmt = detect_format(path) if format == "auto" else format
     base = Path(root) if root is not None else (path if path.is_dir() else path.parent)
     return Source(base.resolve(), str(path), fmt)

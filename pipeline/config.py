@@ -230,11 +230,13 @@ def run_dir(raw: Mapping[str, Any], override: str | None) -> str:
 
 
 def embed_config(raw: Mapping[str, Any], run: str | None = None,
-                 data: Mapping[str, Any] | None = None, model: str | None = None,
+                 data: str | Mapping[str, Any] | None = None, model: str | None = None,
                  pretrained: str | None = None, **overrides: Any) -> EmbedConfig:
-    """The embed stage: ``[data]``, ``[embed]``, ``[[encoders]]``; ``model``/``pretrained``
-    replace those of the first open_clip encoder."""
-    data_cfg = build(DataConfig, raw, "data", data or {})
+    """The embed stage: ``[data]``, ``[embed]``, ``[[encoders]]``; ``data`` overrides
+    ``[data]`` (a path, or a mapping of its keys); ``model``/``pretrained`` replace those
+    of the first open_clip encoder."""
+    data_ov = {"path": data} if isinstance(data, str) else dict(data or {})
+    data_cfg = build(DataConfig, raw, "data", data_ov)
     encoders = _encoders(raw, model, pretrained)
     cfg = build(EmbedConfig, raw, "embed", overrides, data=data_cfg, encoders=encoders,
                 run=run_dir(raw, run))

@@ -42,13 +42,14 @@ from embeddings.store import (
     Column,
     EmbedManifest,
     Run,
+    RunIdentity,
     ShardInfo,
     ShardRecord,
     check_same_model,
     column_name,
+    rows_of,
     shard_bytes,
 )
-from embeddings.store.embed import rows_of
 
 from .config import EmbedConfig
 
@@ -103,8 +104,10 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
     source = open_dataset(cfg.data.path, cfg.data.root, cfg.data.format)
     with run.lock("embed"):
         spec = _spec(cfg, source)
-        recorded = run.embed.read_spec()
+        recorded = run.embed.read_identity()
         _check_spec(run, recorded, spec)
+        if recorded is not None and _names_other_weights(recorded, cfg):
+            _check_columns(run, recorded, models.load().columns)  # even with nothing to do
         done = _finished(run, cfg)
         full = {k for k, (img, _) in done.items() if img.inputs == cfg.shard_size}
         stats = _Progress(cfg)
@@ -114,9 +117,9 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
             first = next(todo, None)
             if first is not None:  # models are loaded, and checked, only when there is work
                 models.load()
-                if recorded is None or "columns" not in recorded:
-                    recorded = {"spec": spec, "columns": _columns_dict(models.columns)}
-                    run.embed.write_spec(recorded)
+                if recorded is None:
+                    recorded = RunIdentity(spec, models.columns)
+                    run.embed.write_identity(recorded)
                 _check_columns(run, recorded, models.columns)
                 job = EngineJob(run, source.root, models, cfg, stats)
                 done.update(ENGINES[cfg.engine](job, itertools.chain([first], todo)))
@@ -133,13 +136,13 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
             m = run.embed.manifest()
             log.info("nothing to do: %s is complete", run.embed.dir)
             return EmbedResult(run.path, 0, {k: m.rows(k) for k in KINDS},
-                               m.rejects["by_reason"], time.perf_counter() - t0, True)
-        if recorded is None or "columns" not in recorded:
+                               m.reject_counts(), time.perf_counter() - t0, True)
+        if recorded is None:
             raise FormatError(f"{run.embed.spec_path} is missing: delete {run.embed.dir} and "
                               "rerun to start over")
         manifest = _finalise(run, cfg, source, recorded, done)
     return EmbedResult(run.path, stats.blocks, {k: manifest.rows(k) for k in KINDS},
-                       manifest.rejects["by_reason"], time.perf_counter() - t0,
+                       manifest.reject_counts(), time.perf_counter() - t0,
                        throughput=stats.rates())
 
 
@@ -228,23 +231,18 @@ def _spec(cfg: EmbedConfig, source: Source) -> dict[str, Any]:
             "dtype": cfg.dtype, "shard_size": cfg.shard_size, "max_pixels": cfg.max_pixels}
 
 
-def _check_spec(run: Run, recorded: dict[str, Any] | None, spec: dict[str, Any]) -> None:
+def _check_spec(run: Run, recorded: RunIdentity | None, spec: dict[str, Any]) -> None:
     if recorded is None:
         return
-    old = recorded.get("spec")
+    old = recorded.spec
     if old != spec:
         raise RunMismatch(f"{run.path} was made with a different config ({_diff(old, spec)}); "
                           f"refusing to mix them: use another run directory (--run) or delete "
                           f"{run.embed.dir} to start over")
 
 
-def _check_columns(run: Run, recorded: dict[str, Any], columns: dict[str, Column]) -> None:
-    try:
-        old = {n: Column.from_dict(n, c, str(run.embed.spec_path))
-               for n, c in recorded["columns"].items()}
-    except (AttributeError, TypeError):
-        raise FormatError(f"run lock file {run.embed.spec_path} is corrupt: delete "
-                          f"{run.embed.dir} to start over") from None
+def _check_columns(run: Run, recorded: RunIdentity, columns: dict[str, Column]) -> None:
+    old = recorded.columns
     if set(old) != set(columns):
         raise RunMismatch(f"{run.path} has columns {sorted(old)}, this config makes "
                           f"{sorted(columns)}: use another run directory (--run)")
@@ -254,8 +252,13 @@ def _check_columns(run: Run, recorded: dict[str, Any], columns: dict[str, Column
                          f"{run.embed.dir} to start over")
 
 
-def _columns_dict(columns: dict[str, Column]) -> dict[str, Any]:
-    return {n: c.to_dict() for n, c in columns.items()}
+def _names_other_weights(recorded: RunIdentity, cfg: EmbedConfig) -> bool:
+    """Whether an encoder now names another model than the one recorded for its columns:
+    then the models are loaded and checked even when no block is left to embed."""
+    now = {e.name: (e.model, e.pretrained) for e in cfg.encoders}
+    was = {c.encoder: (c.provenance.model, c.provenance.pretrained)
+           for c in recorded.columns.values()}
+    return was != now
 
 
 def _diff(old: Any, new: Any, path: str = "") -> str:
@@ -348,15 +351,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _finalise(run: Run, cfg: EmbedConfig, source: Source, recorded: dict[str, Any],
+def _finalise(run: Run, cfg: EmbedConfig, source: Source, recorded: RunIdentity,
               done: dict[int, tuple[ShardRecord, ShardRecord]]) -> EmbedManifest:
     blocks = sorted(done)
     shards = {kind: [done[b][i] for b in blocks] for i, kind in enumerate(KINDS)}
     rejects = [r for kind in KINDS for rec in shards[kind]
                for r in run.embed.shard_info(run.embed.shard_path(rec)).rejects]
     by_reason = Counter(_reason_class(r["reason"]) for r in rejects)
-    columns = {n: Column.from_dict(n, c, str(run.embed.spec_path))
-               for n, c in recorded["columns"].items()}
+    columns = recorded.columns
     manifest = EmbedManifest(
         dataset={"source": source.source, "format": source.format, "root": str(source.root),
                  "images": sum(r.inputs for r in shards["images"]),

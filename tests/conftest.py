@@ -53,10 +53,10 @@ def small_demo(dst: Path, per_class: int = 6) -> Path:
     return dst / "manifest.csv"
 
 
-def make_config(data: Path, out: Path, specs: tuple[EncoderSpec, ...], **kw: object) -> EmbedConfig:
+def make_config(data: Path, run: Path, specs: tuple[EncoderSpec, ...], **kw: object) -> EmbedConfig:
     base = dict(device="cpu", batch_size=16, workers=0, shard_size=20, progress=False)
     base.update(kw)
-    return EmbedConfig(data=DataConfig(path=str(data)), encoders=specs, run=str(out), **base)
+    return EmbedConfig(data=DataConfig(path=str(data)), encoders=specs, run=str(run), **base)
 
 
 @pytest.fixture(scope="session")

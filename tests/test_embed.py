@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,23 +18,23 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from embeddings import read_manifest, read_table, read_vectors, shards
-from embeddings.encoders import (
-    EncoderSpec,
-    WeightsUnavailable,
-    encoder_for_column,
-    load_encoder,
-    write_tiny_open_clip,
-)
+from embeddings import read_table, read_vectors
+from embeddings.encoders import EncoderSpec, encoder_for_column, load_encoder, write_tiny_open_clip
+from embeddings.errors import FormatError, RunMismatch, WeightsUnavailable
 from embeddings.images import load_image
+from embeddings.store import KINDS, Column, EmbedFiles, EmbedManifest, Run
 from pipeline.cli import main
-from pipeline.embed import RunMismatch, run_embed
+from pipeline.embed import run_embed
 from tests import corpus
 from tests.conftest import REPO, make_config, small_demo
 
 
 def _rows(run: Path) -> dict[str, list[str]]:
-    return {k: read_table(run, k, ["id"]).column("id").to_pylist() for k in shards.KINDS}
+    return {k: read_table(run, k, ["id"]).column("id").to_pylist() for k in KINDS}
+
+
+def _manifest(run: Path) -> EmbedManifest:
+    return Run(run).embed.manifest()
 
 
 def test_embeddings_equal_direct_library_calls(tmp_path: Path, encoder_specs, tiny_clip) -> None:
@@ -58,16 +59,16 @@ def test_embeddings_equal_direct_library_calls(tmp_path: Path, encoder_specs, ti
 
 
 def test_manifest_records_provenance_and_float16(demo_run: Path) -> None:
-    m = read_manifest(demo_run)
-    assert m["rows"] == {"images": 72, "captions": 72}
-    col = m["columns"]["clip_image"]
-    assert col["kind"] == "images" and col["dtype"] == "float16" and col["normalized"]
-    assert col["dim"] == 64 and len(col["weights_sha256"]) == 64
-    assert col["preprocess"]["size"] == [64, 64]
-    assert m["columns"]["minilm_text"]["dim"] == 384
-    assert {"torch", "open_clip_torch", "pyarrow"} <= set(m["versions"])
-    assert sum(s["rows"] for s in m["shards"]["images"]) == 72
-    table = pq.read_table(shards.stage_dir(demo_run) / m["shards"]["images"][0]["file"])
+    m = _manifest(demo_run)
+    assert {k: m.rows(k) for k in KINDS} == {"images": 72, "captions": 72}
+    col = m.columns["clip_image"]
+    assert col.kind == "images" and col.dtype == "float16" and col.provenance.normalized
+    assert col.dim == 64 and len(col.provenance.weights_sha256 or "") == 64
+    assert col.provenance.preprocess is not None and col.provenance.preprocess["size"] == [64, 64]
+    assert m.columns["minilm_text"].dim == 384
+    assert {"torch", "open_clip_torch", "pyarrow"} <= set(m.versions)
+    assert sum(s.rows for s in m.shards["images"]) == 72
+    table = pq.read_table(Run(demo_run).embed.shard_path(m.shards["images"][0]))
     assert str(table.schema.field("clip_image").type) == "fixed_size_list<element: halffloat>[64]"
     vec = read_vectors(demo_run, "clip_image")
     assert vec.flags.c_contiguous and vec.shape == (72, 64)
@@ -92,32 +93,37 @@ def test_bad_input_corpus_is_skipped_and_reported(tmp_path: Path, encoder_specs)
     by_id = {c["id"]: c["caption"] for c in caps}
     assert by_id["long_caption#0"] == corpus.LONG_CAPTION  # full text kept
     assert by_id["chinese_caption#0"] == corpus.CHINESE
-    listed = read_manifest(tmp_path / "run")["rejects"]
-    assert listed["count"] == len(want) and listed["items"] == rejects
+    # The manifest counts the rejects and names the file that lists them (schema 2 no
+    # longer copies the items into the manifest).
+    listed = _manifest(tmp_path / "run").rejects
+    assert listed["count"] == len(want) and listed["file"] == "rejects.jsonl"
+    assert listed["by_reason"] == Counter(r["reason"].split(":")[0].split(" (")[0]
+                                          for r in rejects)
 
 
 def test_interrupted_run_resumes_to_the_same_rows(tmp_path: Path, encoder_specs,
                                                   monkeypatch) -> None:
-    data = small_demo(tmp_path / "d", per_class=5)  # 60 records, shards of 20
+    data = small_demo(tmp_path / "d", per_class=5)  # 60 records: 3 blocks of 20
     run_embed(make_config(data, tmp_path / "full", encoder_specs))
-    real_write, calls = shards.write_shard, []
+    real_write, calls = EmbedFiles.write_shard, []
 
-    def write_then_die(*args, **kwargs):  # the 3rd shard never lands: Ctrl-C mid-run
+    def write_then_die(*args, **kwargs):  # Ctrl-C mid-block: block 1's captions never land
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise KeyboardInterrupt
         return real_write(*args, **kwargs)
 
-    monkeypatch.setattr(shards, "write_shard", write_then_die)
+    monkeypatch.setattr(EmbedFiles, "write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_embed(make_config(data, tmp_path / "part", encoder_specs))
-    monkeypatch.setattr(shards, "write_shard", real_write)
+    monkeypatch.setattr(EmbedFiles, "write_shard", real_write)
     assert not (tmp_path / "part/embed/manifest.json").exists()
-    with pytest.raises(Exception, match="did not finish|missing"):
-        read_manifest(tmp_path / "part")
-    (tmp_path / "part/embed/images/.part-00009.parquet.tmp").write_bytes(b"junk")
+    assert (tmp_path / "part/embed/images/part-00001.parquet").exists()
+    with pytest.raises(FormatError, match="did not finish|missing"):
+        _manifest(tmp_path / "part")
+    (tmp_path / "part/embed/images/.part-00009.parquet.x1y2z3.tmp").write_bytes(b"junk")
     again = run_embed(make_config(data, tmp_path / "part", encoder_specs))
-    assert again.new_shards == 4  # 1 image shard + 3 caption shards were left to do
+    assert again.new_shards == 2  # block 1 (half written) and block 2 were left to do
     assert not list((tmp_path / "part/embed").glob("*/.*.tmp"))
     assert _rows(tmp_path / "part") == _rows(tmp_path / "full")
     np.testing.assert_array_equal(read_vectors(tmp_path / "part", "minilm_text"),
@@ -127,7 +133,7 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path: Path, encoder_specs,
 def test_killed_process_resumes(tmp_path: Path, tiny_clip: str) -> None:
     data = small_demo(tmp_path / "d", per_class=10)
     cmd = [sys.executable, "-m", "pipeline", "embed", "--config",
-           str(REPO / "configs/offline.toml"), "--data", str(data), "--out",
+           str(REPO / "configs/offline.toml"), "--data", str(data), "--run",
            str(tmp_path / "run"), "--model", tiny_clip, "--shard-size", "16",
            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -162,7 +168,7 @@ def test_rerun_is_idempotent_and_appends_new_records(tmp_path: Path, encoder_spe
         (data.parent / rel).parent.mkdir(parents=True, exist_ok=True)
         (data.parent / rel).write_bytes((tmp_path / "d2" / rel).read_bytes())
     result = run_embed(cfg)
-    assert result.new_shards == 2 and result.rows["images"] == 48
+    assert result.new_shards == 2 and result.rows["images"] == 48  # blocks 1 (grown) and 2
     assert _rows(tmp_path / "run")["images"][-len(new):] == [r.split(",")[0] for r in new]
 
 
@@ -172,12 +178,13 @@ def test_refuses_to_mix_models_or_configs(tmp_path: Path, encoder_specs) -> None
     run_embed(cfg)
     with pytest.raises(RunMismatch, match="dtype: was 'float16', now 'float32'"):
         run_embed(replace(cfg, dtype="float32"))
-    # Same path, different weights: caught by the weights digest.
+    # Another checkpoint at another path: refused even though the run is complete.
     other = write_tiny_open_clip(tmp_path / "other", seed=1)
     moved = replace(cfg, encoders=(replace(encoder_specs[0], model=f"local-dir:{other}"),
                                    encoder_specs[1]))
-    with pytest.raises(RunMismatch, match="different config"):
+    with pytest.raises(RunMismatch, match="different model.*weights_sha256"):
         run_embed(moved)
+    # Same path, different weights: caught by the weights digest.
     path = Path(encoder_specs[0].model.removeprefix("local-dir:"))
     backup = (path / "open_clip_model.safetensors").read_bytes()
     (path / "open_clip_model.safetensors").write_bytes(
@@ -186,9 +193,9 @@ def test_refuses_to_mix_models_or_configs(tmp_path: Path, encoder_specs) -> None
         (tmp_path / "run/embed/images/part-00000.parquet").unlink()  # leave work to do
         with pytest.raises(RunMismatch, match="different model.*weights_sha256"):
             run_embed(cfg)
-        with pytest.raises(ValueError, match="no longer matches"):
-            encoder_for_column(json.loads(
-                (tmp_path / "run/embed/config.json").read_text())["columns"]["clip_image"])
+        recorded = json.loads((tmp_path / "run/embed/config.json").read_text())["columns"]
+        with pytest.raises(RunMismatch, match="no longer matches"):
+            encoder_for_column(Column.from_dict("clip_image", recorded["clip_image"], "test"))
     finally:
         (path / "open_clip_model.safetensors").write_bytes(backup)
 
@@ -223,19 +230,19 @@ def test_cli_help_and_errors(tmp_path: Path, capsys, tiny_clip: str) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[data]\npath = "{tmp_path}/nope.csv"\n[[encoders]]\nname = "c"\n'
                    f'type = "open_clip"\nmodel = "{tiny_clip}"\n')
-    assert main(["embed", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    assert main(["embed", "--config", str(cfg), "--run", str(tmp_path / "r")]) == 2
     assert "dataset not found" in capsys.readouterr().err
     cfg.write_text(cfg.read_text() + '[embed]\nbogus = 1\n')
     assert main(["embed", "--config", str(cfg)]) == 2
-    assert "unknown key(s) ['bogus'] in [embed]" in capsys.readouterr().err
+    assert "unknown key 'bogus' in [embed]" in capsys.readouterr().err
 
 
 def test_python_api_and_cli_overrides(tmp_path: Path, tiny_clip: str) -> None:
     import pipeline
 
     data = small_demo(tmp_path / "d", per_class=1)
-    r = pipeline.embed(str(REPO / "configs/offline.toml"), data=str(data),
-                       out=str(tmp_path / "run"), model=tiny_clip, device="cpu", workers=0,
+    r = pipeline.embed(str(REPO / "configs/offline.toml"), data={"path": str(data)},
+                       run=str(tmp_path / "run"), model=tiny_clip, device="cpu", workers=0,
                        progress=False)
     assert r.rows == {"images": 12, "captions": 12} and r.throughput["images"] > 0
-    assert read_manifest(tmp_path / "run")["columns"]["clip_image"]["model"] == tiny_clip
+    assert _manifest(tmp_path / "run").columns["clip_image"].provenance.model == tiny_clip

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embeddings import shards
+from embeddings import read_vectors
 from embeddings.encoders import encoder_for_column
+from embeddings.errors import FormatError, RunMismatch
 from embeddings.features import caption_means
 from embeddings.heads import HEADS, Task, check_inputs_match, load_head, make_head, save_head
+from embeddings.store import FIELDS, Column, Provenance, Run, atomic_write_json, digest_file
 from pipeline.cli import main
-from pipeline.heads import HeadsConfig, make_splits, run_heads, single_targets
+from pipeline.config import HeadsConfig
+from pipeline.heads import run_heads
+from pipeline.targets import make_splits, single_targets
 
 CLASSES = tuple(f"c{i}" for i in range(4))
 
@@ -61,6 +66,13 @@ def split3(arrays: list[np.ndarray]) -> tuple[list, list, list]:
 TRAINED = [h for h in HEADS if h != "zeroshot"]
 
 
+def columns_of(xs: list[np.ndarray]) -> list[tuple[str, Column]]:
+    """``(name, Column)`` inputs of a synthetic head, as ``save_head`` records them."""
+    return [(f"col{i}", Column(f"col{i}", "images", "m", "image", "float32",
+                               Provenance(type="synthetic", model="m", dim=x.shape[1])))
+            for i, x in enumerate(xs)]
+
+
 @pytest.mark.parametrize("name", TRAINED)
 def test_head_learns_separable_problem_and_round_trips(name: str, tmp_path: Path) -> None:
     xs, y, _ = separable()
@@ -73,9 +85,7 @@ def test_head_learns_separable_problem_and_round_trips(name: str, tmp_path: Path
     probs = head.predict_proba(te)[0]
     assert probs.shape == (len(yte[0]), 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
-    inputs = [{"column": f"col{i}", "provenance": {"model": "m", "dim": x.shape[1]}}
-              for i, x in enumerate(xs)]
-    save_head(head, tmp_path / name, inputs)
+    save_head(head, tmp_path / name, columns_of(xs))
     assert not list(tmp_path.glob("*.tmp"))
     loaded, meta = load_head(tmp_path / f"{name}.json")
     assert meta["head"] == name and meta["inputs"][0]["column"] == "col0"
@@ -113,7 +123,7 @@ def test_multilabel_thresholds_are_tuned_and_saved(name: str, tmp_path: Path) ->
     head = make_head(name, [task], [x.shape[1] for x in xs]).fit(tr, mtr, va, mva)
     pred = head.predict(te)[0]
     assert pred.shape == mte[0].shape and (pred == mte[0]).mean() >= 0.95
-    save_head(head, tmp_path / "h", [{"column": "c", "provenance": {}}] * len(xs))
+    save_head(head, tmp_path / "h", columns_of(xs))
     loaded, _ = load_head(tmp_path / "h.json")
     np.testing.assert_array_equal(loaded.predict(te)[0], pred)
 
@@ -185,15 +195,21 @@ def copy_run(demo_run: Path, dst: Path) -> Path:
 
 
 def rewrite_images(run: Path, change: Callable[[dict], None]) -> None:
-    """Edit the metadata of every image row of a run in place (shard metadata kept)."""
-    for path in sorted((run / "embed" / "images").glob("part-*.parquet")):
+    """Edit the metadata of every image row of a run in place (shard metadata kept), and
+    record the new shards' sizes and digests in the manifest, as the embed stage would."""
+    manifest_path = run / "embed" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for record in manifest["shards"]["images"]:
+        path = run / "embed" / record["file"]
         table = pq.read_table(path)
         rows = table.drop_columns(["clip_image"]).to_pylist()
         for r in rows:
             change(r)
-        new = pa.Table.from_pylist(rows, schema=shards.IMAGE_FIELDS)
+        new = pa.Table.from_pylist(rows, schema=FIELDS["images"])
         new = new.append_column("clip_image", table.column("clip_image"))
         pq.write_table(new.replace_schema_metadata(table.schema.metadata), path)
+        record.update(bytes=path.stat().st_size, digest=digest_file(path))
+    manifest_path.write_text(json.dumps(manifest))
 
 
 def small_config(run: Path, **kw: object) -> HeadsConfig:
@@ -206,7 +222,7 @@ def test_bad_labels_and_splits_leave_nothing_written(demo_run: Path, tmp_path: P
     run = copy_run(demo_run, tmp_path / "run")
     with pytest.raises(ValueError, match="label column 'nope' not found"):
         run_heads(small_config(run, label="nope"))
-    with pytest.raises(shards.FormatError, match="no embedding column"):
+    with pytest.raises(FormatError, match="no embedding column"):
         run_heads(small_config(run, inputs=("clip_image", "nope_text")))
 
     first = {}
@@ -227,7 +243,8 @@ def test_bad_labels_and_splits_leave_nothing_written(demo_run: Path, tmp_path: P
     rewrite_images(run, lambda r: r.update(label=None))
     with pytest.raises(ValueError, match="is empty"):
         run_heads(small_config(run))
-    assert not (run / "heads").exists()
+    # Only the stage's lock file (RUN/heads/.lock) was made: no split, model or report.
+    assert {p.name for p in (run / "heads").rglob("*")} <= {".lock"}
 
 
 def test_splits_are_made_once_and_recorded(tmp_path: Path) -> None:
@@ -239,7 +256,7 @@ def test_splits_are_made_once_and_recorded(tmp_path: Path) -> None:
     for c in set(labels):  # stratified: every class in every split
         assert {s for s, lab in zip(split, labels, strict=True) if lab == c} == {
             "train", "val", "test"}
-    shards.atomic_write_json(tmp_path / "heads" / "splits.json", record)
+    atomic_write_json(Run(tmp_path).heads.splits_path(), record)
     again, record2 = make_splits(tmp_path, ids, labels, [None] * 40,
                                  HeadsConfig(seed=9, val_fraction=0.3, test_fraction=0.3))
     assert record2 is None and again.tolist() == split.tolist()
@@ -248,11 +265,11 @@ def test_splits_are_made_once_and_recorded(tmp_path: Path) -> None:
 # ------------------------------------------------------------------- zero-shot, run, CLI
 
 def test_zeroshot_through_the_tiny_clip_text_tower(demo_run: Path, tmp_path: Path) -> None:
-    manifest = shards.read_manifest(demo_run)
-    image = shards.read_vectors(demo_run, "clip_image")
+    manifest = Run(demo_run).embed.manifest()
+    image = read_vectors(demo_run, "clip_image")
     head = make_head("zeroshot", [Task("label", ("animals", "food", "signs_and_symbols"))],
                      [image.shape[1]])
-    head.text_encoder = encoder_for_column(shards.column_info(manifest, "clip_text"))
+    head.text_encoder = encoder_for_column(manifest.column("clip_text"))
     head.fit([image], [np.zeros(len(image), dtype=np.int64)], [image[:4]], [np.zeros(4)])
     probs = head.predict_proba([image])[0]
     assert probs.shape == (len(image), 3) and np.isfinite(probs).all()
@@ -260,14 +277,14 @@ def test_zeroshot_through_the_tiny_clip_text_tower(demo_run: Path, tmp_path: Pat
     w = head.tensors()["class_embeddings"].numpy()
     np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1, atol=1e-5)
     assert not np.allclose(w[0], w[1])  # different prompts, different class vectors
-    save_head(head, tmp_path / "zs", [{"column": "clip_image",
-                                       "provenance": manifest["columns"]["clip_image"]}])
+    save_head(head, tmp_path / "zs", [("clip_image", manifest.column("clip_image"))])
     loaded, meta = load_head(tmp_path / "zs")
     np.testing.assert_array_equal(loaded.predict_proba([image])[0], probs)
-    check_inputs_match(meta, manifest["columns"])
-    other = json.loads(json.dumps(manifest["columns"]))
-    other["clip_image"]["weights_sha256"] = "0" * 64
-    with pytest.raises(shards.FormatError, match="different model"):
+    check_inputs_match(meta, manifest.columns)
+    col = manifest.column("clip_image")
+    other = {**manifest.columns, "clip_image": replace(
+        col, provenance=replace(col.provenance, weights_sha256="0" * 64))}
+    with pytest.raises(RunMismatch, match="different model"):
         check_inputs_match(meta, other)
 
 
@@ -276,7 +293,7 @@ def test_cli_heads_then_predict(demo_run: Path, tmp_path: Path,
     run = copy_run(demo_run, tmp_path / "run")
     config = tmp_path / "heads.toml"
     config.write_text(
-        f'out = "{run}"\n[heads]\ninputs = ["clip_image", "clip_text", "minilm_text"]\n'
+        f'run = "{run}"\n[heads]\ninputs = ["clip_image", "clip_text", "minilm_text"]\n'
         'heads = ["zeroshot", "logistic", "concat", "gated", "late", "late_avg"]\n'
         'multilabel = "labels"\nmultilabel_heads = ["concat"]\n'
         'multitask = ["label", "labels"]\nmultitask_head = "sum"\n')
@@ -306,7 +323,7 @@ def test_cli_heads_then_predict(demo_run: Path, tmp_path: Path,
     # Shards made by another model: refused with a clear message, nothing written.
     other = copy_run(demo_run, tmp_path / "other")
     manifest = json.loads((other / "embed" / "manifest.json").read_text())
-    manifest["columns"]["clip_image"]["weights_sha256"] = "f" * 64
+    manifest["columns"]["clip_image"]["provenance"]["weights_sha256"] = "f" * 64
     (other / "embed" / "manifest.json").write_text(json.dumps(manifest))
     assert main(["predict", "--head", str(model), "--run", str(other)]) == 2
     assert "different model" in capsys.readouterr().err

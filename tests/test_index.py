@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 from embeddings import index as ix
-from embeddings import shards
+from embeddings import read_table, read_vectors
 from embeddings.encoders import EncoderSpec, write_tiny_open_clip
+from embeddings.errors import InputError, RunMismatch
+from embeddings.store import Run, ShardSpan
 from pipeline.cli import main
+from pipeline.config import IndexConfig, stage_config
 from pipeline.embed import run_embed
-from pipeline.index import IndexConfig, IndexMismatch, index_config, open_index, run_index
+from pipeline.index import IndexMismatch, open_index, run_index
 from pipeline.search import Searcher
 from tests._index_fixtures import clustered, exact_top
 from tests.conftest import make_config, small_demo
@@ -146,25 +149,25 @@ def indexed(demo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_stage_manifest_records_what_it_built(indexed: Path) -> None:
     manifest = json.loads((indexed / "index" / "manifest.json").read_text())
-    embed = shards.read_manifest(indexed)
-    assert set(manifest["indexes"]) == set(embed["columns"])
-    for column, entry in manifest["indexes"].items():
-        info = embed["columns"][column]
-        assert entry["provenance"] == info
-        assert entry["factory"] == "Flat" and entry["auto"] and entry["recall_at_10"] == 1.0
-        assert entry["ntotal"] == embed["rows"][info["kind"]] == sum(
-            s["rows"] for s in entry["shards"])
-        assert [s["file"] for s in entry["shards"]] == [
-            s["file"] for s in embed["shards"][info["kind"]]]
-        assert (indexed / "index" / entry["file"]).stat().st_size == entry["bytes"]
+    embed = Run(indexed).embed.manifest()
+    entries = Run(indexed).index.entries()
+    assert set(manifest["indexes"]) == set(entries) == set(embed.columns)
+    for column, entry in entries.items():
+        info = embed.columns[column]
+        assert entry.provenance == info.provenance
+        assert manifest["indexes"][column]["provenance"] == info.provenance.to_dict()
+        assert entry.factory == "Flat" and entry.auto and entry.recall_at_10 == 1.0
+        assert entry.ntotal == embed.rows(info.kind) == sum(s.rows for s in entry.shards)
+        assert [s.file for s in entry.shards] == [s.file for s in embed.shards[info.kind]]
+        assert (indexed / "index" / entry.file).stat().st_size == entry.bytes
 
 
 def test_hits_map_back_to_their_shard_rows(indexed: Path) -> None:
     """Each stored vector finds its own row; the hit carries that row's id and caption."""
     for column in ("clip_image", "clip_text", "minilm_text"):
-        kind = shards.read_manifest(indexed)["columns"][column]["kind"]
-        table = shards.read_table(indexed, kind).to_pydict()
-        vectors = shards.read_vectors(indexed, column)
+        kind = Run(indexed).embed.manifest().columns[column].kind
+        table = read_table(indexed, kind).to_pydict()
+        vectors = read_vectors(indexed, column)
         s = Searcher(indexed, column, device="cpu")
         for row in (0, 21, len(vectors) - 1):  # rows in the first, a middle, the last shard
             hit = s.search_vector(vectors[row], "self", k=3).hits[0]
@@ -175,7 +178,7 @@ def test_hits_map_back_to_their_shard_rows(indexed: Path) -> None:
 
 
 def test_text_query_embedded_with_the_recorded_model(indexed: Path) -> None:
-    table = shards.read_table(indexed, "captions").to_pydict()
+    table = read_table(indexed, "captions").to_pydict()
     s = Searcher(indexed, "minilm_text", device="cpu")
     result = s.search_text(table["caption"][30], k=5)
     assert result.hits[0].caption == table["caption"][30]
@@ -183,8 +186,8 @@ def test_text_query_embedded_with_the_recorded_model(indexed: Path) -> None:
 
 
 def test_image_query_finds_its_own_image(indexed: Path) -> None:
-    table = shards.read_table(indexed, "images").to_pydict()
-    root = Path(shards.read_manifest(indexed)["dataset"]["root"])
+    table = read_table(indexed, "images").to_pydict()
+    root = Path(Run(indexed).embed.manifest().dataset["root"])
     s = Searcher(indexed, "clip_image", device="cpu")
     hit = s.search_image(root / table["image"][5], k=3).hits[0]
     assert (hit.row, hit.image) == (5, table["image"][5])
@@ -200,12 +203,16 @@ def test_rerun_is_a_no_op(indexed: Path) -> None:
 @pytest.fixture(scope="module")
 def grown(tmp_path_factory: pytest.TempPathFactory,
           encoder_specs: tuple[EncoderSpec, ...]) -> tuple[Path, Path]:
-    """A run indexed at 24 images, then re-embedded with 48 (new shards appended)."""
+    """A run indexed at 24 images, then re-embedded with 48 (new shards appended).
+
+    Blocks of 12 images: the 24 fill two blocks, so growing appends blocks and leaves the
+    indexed shards as they are (a partial last block would be re-embedded when it grows).
+    """
     base = tmp_path_factory.mktemp("grow")
     small = small_demo(base / "small", per_class=2)
     data = base / "data"
     shutil.copytree(small.parent, data)
-    cfg = make_config(data / "manifest.csv", base / "run", encoder_specs)
+    cfg = make_config(data / "manifest.csv", base / "run", encoder_specs, shard_size=12)
     run_embed(cfg)
     first = run_index(IndexConfig(run=str(base / "run")))
     assert {r.ntotal for r in first if r.column == "clip_image"} == {24}
@@ -229,12 +236,12 @@ def test_incremental_add_equals_a_full_rebuild(grown: tuple[Path, Path], tmp_pat
     assert added["clip_image"].ntotal == 48
     run_index(IndexConfig(run=str(full), rebuild=True))
     for column in ("clip_image", "minilm_text"):
-        q = shards.read_vectors(run, column)[::5]
+        q = read_vectors(run, column)[::5]
         a, entry = open_index(run, column)
         b, _ = open_index(full, column)
         np.testing.assert_array_equal(ix.search(a, q, 10)[1], ix.search(b, q, 10)[1])
-        assert entry["shards"] == [{"file": s["file"], "rows": s["rows"]}
-                                   for s in shards.read_manifest(run)["shards"][entry["kind"]]]
+        assert entry.shards == [ShardSpan(s.file, s.rows)
+                                for s in Run(run).embed.manifest().shards[entry.kind]]
     files = sorted(p.name for p in (run / "index").glob("*.faiss"))
     assert len(files) == 3  # the replaced index files are gone
 
@@ -246,7 +253,7 @@ def test_refuses_vectors_of_a_different_model(indexed: Path, tmp_path: Path) -> 
     run_embed(make_config(data, run, (EncoderSpec("clip", "open_clip", f"local-dir:{other}"),)))
     shutil.copytree(indexed / "index", run / "index")
     before = (run / "index" / "manifest.json").read_bytes()
-    with pytest.raises(IndexMismatch, match="different model.*model: index 'local-dir:"):
+    with pytest.raises(RunMismatch, match="clip_image index .*different model.*weights_sha256"):
         run_index(IndexConfig(run=str(run)))
     assert main(["search", "--run", str(run), "anything"]) == 2
     assert (run / "index" / "manifest.json").read_bytes() == before
@@ -259,7 +266,7 @@ def test_refuses_vectors_of_a_different_model(indexed: Path, tmp_path: Path) -> 
 def test_forced_factory_and_cli(demo_run: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     run = _copy(demo_run, tmp_path / "run")
-    assert main(["index", "--run", str(run), "--column", "minilm_text",
+    assert main(["index", "--run", str(run), "--columns", "minilm_text",
                  "--factory", "IVF4,Flat"]) == 0
     out = capsys.readouterr().out
     assert "index minilm_text: built" in out and "IVF4,Flat" in out
@@ -267,14 +274,14 @@ def test_forced_factory_and_cli(demo_run: Path, tmp_path: Path,
     assert entry["factory"] == "IVF4,Flat" and not entry["auto"] and "nprobe" in entry["params"]
     assert main(["index", "--run", str(run), "--factory", "NotAnIndex"]) == 2
     assert "FAISS cannot build 'NotAnIndex'" in capsys.readouterr().err
-    assert main(["index", "--run", str(run), "--column", "nope"]) == 2
+    assert main(["index", "--run", str(run), "--columns", "nope"]) == 2
     assert "no embedding column 'nope'" in capsys.readouterr().err
 
 
 def test_index_config_section(tmp_path: Path) -> None:
-    raw = {"out": "runs/x", "index": {"memory_budget_gb": 1.5, "columns": ["clip_image"]}}
-    cfg = index_config(raw, factory="HNSW32")
+    raw = {"run": "runs/x", "index": {"memory_budget_gb": 1.5, "columns": ["clip_image"]}}
+    cfg = stage_config(IndexConfig, "index", raw, factory="HNSW32")
     assert (cfg.run, cfg.memory_budget_gb, cfg.columns, cfg.factory) == (
         "runs/x", 1.5, ("clip_image",), "HNSW32")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['budget'\] in \[index\]"):
-        index_config({"index": {"budget": 1}})
+    with pytest.raises(InputError, match=r"unknown key 'budget' in \[index\]"):
+        stage_config(IndexConfig, "index", {"index": {"budget": 1}})

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embeddings import shards
+from embeddings import read_table, read_vectors
 from embeddings.encoders import EncoderSpec
+from embeddings.store import Run
 from pipeline.cli import main
+from pipeline.config import IndexConfig
 from pipeline.embed import run_embed
 from pipeline.evaluate import run_retrieval_eval
-from pipeline.index import IndexConfig, run_index
+from pipeline.index import run_index
 from pipeline.search import pick_column, search
 from tests._index_fixtures import karpathy_dataset
 from tests.conftest import make_config
@@ -35,7 +37,7 @@ def _search_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
 
 def test_text_to_text_json_matches_shard_rows(run: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    table = shards.read_table(run, "captions").to_pydict()
+    table = read_table(run, "captions").to_pydict()
     query = table["caption"][10]
     out = _search_json(capsys, "--run", str(run), query, "--modality", "text", "--k", "4")
     assert out["column"] == "minilm_text"  # a text model is preferred for text->text
@@ -53,7 +55,7 @@ def test_table_output_and_filters(run: Path, capsys: pytest.CaptureFixture[str])
     assert lines[0].startswith("clip_image: 'a red bicycle' (3 hits)")
     assert lines[1].split() == ["rank", "score", "id", "caption", "image", "label"]
     assert len(lines) == 5
-    images = shards.read_table(run, "images").to_pydict()
+    images = read_table(run, "images").to_pydict()
     label = images["label"][0]
     out = _search_json(capsys, "--run", str(run), "anything", "--k", "5", "--label", label,
                        "--split", "test")
@@ -63,8 +65,8 @@ def test_table_output_and_filters(run: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_image_queries_both_ways(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    images = shards.read_table(run, "images").to_pydict()
-    path = Path(shards.read_manifest(run)["dataset"]["root"]) / images["image"][7]
+    images = read_table(run, "images").to_pydict()
+    path = Path(Run(run).embed.manifest().dataset["root"]) / images["image"][7]
     same = _search_json(capsys, "--run", str(run), "--image", str(path), "--k", "2")
     assert same["column"] == "clip_image" and same["hits"][0]["row"] == 7
     text = _search_json(capsys, "--run", str(run), "--image", str(path), "--modality", "text")
@@ -130,10 +132,10 @@ def multi(tmp_path_factory: pytest.TempPathFactory,
 
 def _brute_force(run: Path, split: str | None) -> dict[str, list[float]]:
     """Recall@1/5/10 by a plain per-query loop over numpy arrays (no shared code)."""
-    images = shards.read_table(run, "images").to_pylist()
-    caps = shards.read_table(run, "captions").to_pylist()
-    img = shards.read_vectors(run, "clip_image").astype(np.float64)
-    txt = shards.read_vectors(run, "clip_text").astype(np.float64)
+    images = read_table(run, "images").to_pylist()
+    caps = read_table(run, "captions").to_pylist()
+    img = read_vectors(run, "clip_image").astype(np.float64)
+    txt = read_vectors(run, "clip_text").astype(np.float64)
     gallery = [i for i, r in enumerate(images) if split in (None, r["split"])]
     row = {images[i]["id"]: i for i in gallery}
     queries = [(c, row[r["image_id"]]) for c, r in enumerate(caps)
@@ -164,7 +166,7 @@ def test_retrieval_recall_matches_brute_force(multi: tuple[Path, int], split: st
         got = [exact[direction][f"R@{k}"] for k in (1, 5, 10)]
         assert got == pytest.approx(want[direction], abs=1e-9), direction
         assert via_index[direction] == exact[direction]  # Flat index: exactly the same
-    n_img = len([r for r in shards.read_table(run, "images").to_pylist()
+    n_img = len([r for r in read_table(run, "images").to_pylist()
                  if split in (None, r["split"])])
     assert exact["queries"] == {"t2i": 3 * n_img, "i2t": n_img}
 
@@ -178,7 +180,7 @@ def test_eval_cli_writes_the_table(multi: tuple[Path, int],
     saved = json.loads((run / "eval" / "retrieval.json").read_text())
     assert saved["split"] == "test" and len(saved["results"]) == 2
     assert (run / "eval" / "retrieval.md").read_text().strip() == out.strip()
-    assert main(["eval-retrieval", "--run", str(run), "--encoder", "minilm"]) == 2
+    assert main(["eval-retrieval", "--run", str(run), "--encoders", "minilm"]) == 2
     assert "no image+text columns" in capsys.readouterr().err
 
 

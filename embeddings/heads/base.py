@@ -6,8 +6,6 @@ embedding column) and one target per :class:`Task`::
     head = make_head("gated", tasks, dims=[512, 384], seed=0)
     head.fit(train_xs, train_ys, val_xs, val_ys)    # val: early stopping, sweeps, thresholds
     probs = head.predict_proba(xs)                   # one (n, n_classes) array per task
-    save_head(head, "runs/demo/heads/models/gated", inputs=provenance)
-    head, meta = load_head("runs/demo/heads/models/gated")
 
 Targets: single-label tasks take int class indices ``(n,)``; multi-label tasks a 0/1
 matrix ``(n, n_classes)`` (sigmoid outputs, per-label thresholds tuned on validation).

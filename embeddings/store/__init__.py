@@ -42,9 +42,11 @@ from .embed import (
     Column,
     EmbedFiles,
     EmbedManifest,
+    RunIdentity,
     ShardInfo,
     ShardRecord,
     column_name,
+    rows_of,
     shard_bytes,
 )
 from .files import (
@@ -114,8 +116,10 @@ def read_table(run: str | os.PathLike, kind: str, columns: list[str] | None = No
 
 __all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "SCHEMA_VERSION", "Column", "DiskFull",
            "EmbedFiles", "EmbedManifest", "EvalFiles", "HeadsFiles", "IndexEntry", "IndexFiles",
-           "Provenance", "Run", "ServeFiles", "ShardInfo", "ShardRecord", "ShardSpan",
+           "Provenance", "Run", "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord",
+           "ShardSpan",
            "StageLock", "atomic_write_bytes", "atomic_write_json", "check_name",
            "check_same_model", "column_name", "confined", "digest_file", "disk_errors",
-           "load_head_files", "read_json", "read_table", "read_vectors", "save_head_files",
+           "load_head_files", "read_json", "read_table", "read_vectors", "rows_of",
+           "save_head_files",
            "shard_bytes"]

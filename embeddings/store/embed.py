@@ -120,6 +120,10 @@ class EmbedManifest:
     def rows(self, kind: str) -> int:
         return sum(s.rows for s in self.shards[kind])
 
+    def reject_counts(self) -> dict[str, int]:
+        """Skipped items by reason class."""
+        return dict(self.rejects.get("by_reason", {}))
+
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "stage": "embed", "complete": True,
                 "updated": self.updated, "dataset": self.dataset, "config": self.config,
@@ -127,6 +131,17 @@ class EmbedManifest:
                 "rows": {k: self.rows(k) for k in KINDS},
                 "shards": {k: [vars(s) for s in v] for k, v in self.shards.items()},
                 "rejects": self.rejects, "versions": self.versions}
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run was made with (``RUN/embed/config.json``): what must not change within it."""
+
+    spec: dict[str, Any]  # dataset, encoder names and types, dtype, shard size, pixel limit
+    columns: dict[str, Column]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec, "columns": {n: c.to_dict() for n, c in self.columns.items()}}
 
 
 def rows_of(kind: str, records: Sequence[Any]) -> dict[str, list[Any]]:
@@ -163,7 +178,10 @@ def shard_bytes(kind: str, rows: Mapping[str, Sequence[Any]], vectors: Mapping[s
     meta = {"block": info.block, "inputs": info.inputs, "rejects": info.rejects}
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
+    # Dictionary encoding only pays on the metadata columns: on vectors it made reading
+    # 3x slower (0.56 s vs 0.19 s for 20,000 x 512 float16) for no size gain.
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True,
+                   use_dictionary=[f.name for f in FIELDS[kind]])
     return buf.getvalue()
 
 
@@ -188,13 +206,19 @@ class EmbedFiles:
         return ShardRecord(name, block, n_rows, len(info.inputs), len(info.rejects), len(data),
                            digest_file(path))
 
-    def read_spec(self) -> dict[str, Any] | None:
+    def read_identity(self) -> RunIdentity | None:
         if not self.spec_path.exists():
             return None
-        return read_json(self.spec_path, "run lock file", f"delete {self.dir} to start over")
+        remedy = f"delete {self.dir} to start over"
+        d = read_json(self.spec_path, "run identity file", remedy)
+        try:
+            return RunIdentity(dict(d["spec"]), {
+                n: Column.from_dict(n, c, str(self.spec_path)) for n, c in d["columns"].items()})
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise FormatError(f"run identity file {self.spec_path} is corrupt: {remedy}") from None
 
-    def write_spec(self, spec: dict[str, Any]) -> None:
-        atomic_write_json(self.spec_path, spec)
+    def write_identity(self, identity: RunIdentity) -> None:
+        atomic_write_json(self.spec_path, identity.to_dict())
 
     def write_manifest(self, manifest: EmbedManifest, rejects: Iterable[dict[str, Any]]) -> None:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
@@ -278,7 +302,8 @@ class EmbedFiles:
     def _read(self, record: ShardRecord, columns: Sequence[str], verify: bool) -> pa.Table:
         path = self.check_shard(record, full=verify)
         try:
-            return pq.read_table(path, columns=list(columns), page_checksum_verification=True)
+            return pq.read_table(path, columns=list(columns),
+                                 page_checksum_verification=verify)
         except (OSError, pa.ArrowException) as e:
             raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
 
