@@ -10,11 +10,11 @@ from collections.abc import Sequence
 from embeddings.encoders import WeightsUnavailable
 from embeddings.errors import FormatError
 
-from . import embed_cli, heads_cli, index_cli
+from . import embed_cli, heads_cli, index_cli, serve_cli
 from .embed import RunMismatch
 
 # Each module registers its sub-commands with ``register(subparsers)``.
-COMMAND_MODULES = (embed_cli, index_cli, heads_cli)
+COMMAND_MODULES = (embed_cli, index_cli, heads_cli, serve_cli)
 USER_ERRORS = (FileNotFoundError, ValueError, WeightsUnavailable, FormatError, RunMismatch)
 
 
