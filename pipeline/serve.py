@@ -304,9 +304,7 @@ class Service:
         if key not in self._picked:
             try:
                 self._picked[key] = pick_column(self.run, modality, query, column)
-            except FormatError:
-                raise
-            except ValueError as e:
+            except ValueError as e:  # an unknown --column is a FormatError there
                 raise InputError(str(e)) from None
         return self._picked[key]
 
