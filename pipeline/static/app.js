@@ -6,6 +6,7 @@ const $ = (id) => document.getElementById(id);
 let run = { columns: {}, limits: {} };
 let last = null; // the last query, re-run when a control changes
 let previewUrl = null;
+let latest = 0; // answers to older queries that arrive late are dropped
 
 async function api(url, options) {
   const res = await fetch(url, options);
@@ -46,8 +47,16 @@ function describe(query) {
   return `more like ${query.id}`;
 }
 
+function preview(src) {
+  const img = $("query-preview");
+  img.hidden = !src;
+  if (src) img.src = src;
+}
+
 async function search(query) {
+  const mine = ++latest;
   last = query;
+  preview(query.preview);
   say("");
   document.body.classList.add("busy");
   $("status").textContent = `searching ${describe(query)}…`;
@@ -62,13 +71,14 @@ async function search(query) {
     } else {
       result = await api(`/api/similar?${params({ id: query.id, source: query.source })}`);
     }
-    show(result, query);
+    if (mine === latest) show(result, query);
   } catch (err) {
+    if (mine !== latest) return;
     $("results").replaceChildren();
     $("status").textContent = "";
     say(err.message);
   } finally {
-    document.body.classList.remove("busy");
+    if (mine === latest) document.body.classList.remove("busy");
   }
 }
 
@@ -103,6 +113,7 @@ function show(result, query) {
       field("id", hit.id));
     card.addEventListener("click", () => search({
       kind: "similar", id: hit.id, source: kind === "images" ? "image" : "text",
+      preview: (card.querySelector("img") || {}).src || null,
     }));
     return card;
   });
@@ -118,9 +129,7 @@ function searchFile(file) {
   if (!file) return;
   if (previewUrl) URL.revokeObjectURL(previewUrl);
   previewUrl = URL.createObjectURL(file);
-  $("query-preview").src = previewUrl;
-  $("query-preview").hidden = false;
-  search({ kind: "image", file });
+  search({ kind: "image", file, preview: previewUrl });
 }
 
 function fill(select, values) {
