@@ -193,3 +193,12 @@ def test_missing_index_message(browser: object, demo_run: Path, tmp_path: Path) 
         _until(pg, "() => document.getElementById('message').textContent"
                ".startsWith('no index for column clip_image')")
         context.close()
+
+
+def test_api_docs_render_offline(page: tuple) -> None:
+    pg, url, requests = page
+    pg.goto(url + "/docs")
+    pg.wait_for_selector(".opblock")
+    assert pg.locator(".opblock").count() >= 5
+    assert "/api/search/image" in pg.inner_text("body").replace("\u200b", "")
+    assert all(r.startswith(url) for r in requests), requests
