@@ -28,6 +28,8 @@ def register(sub: Any) -> None:
                    "from other machines)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--device", default="auto", help="device for the query encoders")
+    p.add_argument("--threads", type=int, help="torch threads per query encoding (default: "
+                   "torch's, one per core; 1 is faster on a machine busy with other work)")
     p.add_argument("--max-upload-mb", type=float, default=8.0,
                    help="largest image upload in MiB (default: %(default)s)")
     p.set_defaults(func=_serve)
@@ -45,6 +47,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be between 1 and 65535, not {args.port}")
     if args.max_upload_mb <= 0:
         raise ValueError(f"--max-upload-mb must be positive, not {args.max_upload_mb}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, not {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not is_loopback(args.host):
         log.warning("warning: binding to %s, not loopback: anyone who can reach this "
                     "machine can search this run and see its images", args.host)
