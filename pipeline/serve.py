@@ -148,6 +148,7 @@ class Service:
         self._picked: dict[tuple[str, str, str | None], str] = {}
         self._ids: dict[str, dict[str, int]] = {}
         self._image_paths: dict[str, str] | None = None
+        self._filters: dict[str, Any] | None = None
         self.problems: dict[str, str] = {}
         for column in _index_entries(self.run):  # open every index once, memory-mapped
             try:
@@ -177,11 +178,13 @@ class Service:
         models = {info["encoder"]: {"type": info["type"], "model": info["model"],
                                     "pretrained": info.get("pretrained")}
                   for info in self.columns.values()}
-        meta = _rows(self.run, "images", ["split", "label"])
+        if self._filters is None:  # read once: a large run has many rows
+            meta = _rows(self.run, "images", ["split", "label"])
+            self._filters = {"images": len(meta["split"]),
+                             "splits": sorted({s for s in meta["split"] if s}),
+                             "labels": sorted({lb for lb in meta["label"] if lb})}
         return {"status": "ok" if self._searchers else "no index", "run": str(self.run),
-                "images": len(meta["split"]), "columns": columns, "models": models,
-                "splits": sorted({s for s in meta["split"] if s}),
-                "labels": sorted({lb for lb in meta["label"] if lb}),
+                "columns": columns, "models": models, **self._filters,
                 "limits": self.cfg.limits()}
 
     def search_text(self, text: str, modality: str = "image", k: int = 10,
@@ -241,7 +244,7 @@ class Service:
     def thumbnail(self, image_id: str) -> Path:
         """The cached JPEG thumbnail of image row ``image_id``, made on first request."""
         rel = self._paths().get(image_id)
-        if rel is None:
+        if not rel:
             raise MissingError(f"no image row with id {image_id[:200]!r} in this run")
         src = self.image_path(rel)
         size = self.cfg.thumb_size

@@ -41,15 +41,21 @@ def served(demo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return served_copy(demo_run, tmp_path_factory.mktemp("page"))
 
 
-@pytest.fixture
-def page(browser: object, served: tuple[Path, str]) -> Iterator[tuple[object, str, list[str]]]:
+@pytest.fixture(scope="module")
+def server(served: tuple[Path, str]) -> Iterator[str]:
     with serving(served[0]) as url:
-        context = browser.new_context(viewport={"width": 1100, "height": 900})  # type: ignore[attr-defined]
-        pg = context.new_page()
-        requests: list[str] = []
-        pg.on("request", lambda r: requests.append(r.url))
-        yield pg, url, requests
-        context.close()
+        yield url
+
+
+@pytest.fixture
+def page(browser: object, server: str) -> Iterator[tuple[object, str, list[str]]]:
+    """A fresh browser context on the module's server, and every URL it requests."""
+    context = browser.new_context(viewport={"width": 1100, "height": 900})  # type: ignore[attr-defined]
+    pg = context.new_page()
+    requests: list[str] = []
+    pg.on("request", lambda r: requests.append(r.url))
+    yield pg, server, requests
+    context.close()
 
 
 def _cards(pg: object) -> list[str]:
