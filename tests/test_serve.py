@@ -250,7 +250,13 @@ def test_cli_serves_and_refuses_bad_runs(served: tuple[Path, str], tmp_path: Pat
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--run", str(tmp_path / "nothing")]) == 2
     assert "no embeddings in" in capsys.readouterr().err
-    assert main(["serve", "--run", str(served[0]), "--port", "0"]) == 2
+    assert main(["serve", "--run", str(served[0]), "--port", "70000"]) == 2
+    assert "--port must be between 0 and 65535" in capsys.readouterr().err
+    # TEST-NET-1 is never assigned to this machine: warned about, then refused to bind
+    assert main(["serve", "--run", str(served[0]), "--host", "192.0.2.1", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: binding to 192.0.2.1, not loopback" in err
+    assert "error: cannot listen on 192.0.2.1:0" in err
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
