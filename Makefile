@@ -24,7 +24,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray
+.PHONY: setup demo embed tiny-model test lint bench bench-embed clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve
 
 setup: $(VENV)/.installed
 
@@ -106,3 +106,15 @@ predict: setup
 # Every head on 50,000 x (512 + 512)-d synthetic features, vs scikit-learn defaults.
 bench-heads: setup
 	$(PY) benchmarks/bench_heads.py $(ARGS)
+
+# Search page + JSON API on http://127.0.0.1:8000/ (docs at /docs):
+#   make serve CONFIG=configs/offline.toml   |   make serve RUN=runs/demo PORT=8080
+# HOST=0.0.0.0 exposes the run to the network (a warning is printed).
+serve: setup
+	$(PY) -m pipeline serve --config $(CONFIG) $(RUN_ARGS) $(if $(HOST),--host $(HOST)) \
+		$(if $(PORT),--port $(PORT)) $(ARGS)
+
+# 2,000 queries from 8 concurrent clients against a loopback server on the demo run
+# (make demo first): q/s, p50/p99 latency, errors; vs the same queries in-process.
+bench-serve: setup
+	$(PY) benchmarks/bench_serve.py --run $(or $(RUN),runs/demo) $(ARGS)

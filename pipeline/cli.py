@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 from embeddings.errors import UserError
 
-from . import embed_cli, heads_cli, index_cli
+from . import embed_cli, heads_cli, index_cli, serve_cli
 
 # Each module registers its sub-commands with ``register(subparsers)``.
-COMMAND_MODULES = (embed_cli, index_cli, heads_cli)
+COMMAND_MODULES = (embed_cli, index_cli, heads_cli, serve_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ directory is the top-level ``run``::
     [data]    path, root, format                     [embed]  device, batch_size, ...
     [[encoders]] name, type, model, pretrained       [index]  memory_budget_gb, ...
     [search]  k, modality, ...   [heads] label, inputs, heads, ...   [eval] split, ...
+    [serve]   host, port, ...
 
 Precedence: dataclass default < TOML < command line.  A knob's field carries its help
 text and CLI flag (:func:`knob`); :func:`add_options` derives the argparse options from
@@ -133,8 +134,21 @@ class HeadsConfig:
         {}, "per-head parameter overrides", cli=False)
 
 
+@dataclass(frozen=True)
+class ServerConfig:
+    run: str = DEFAULT_RUN
+    host: str = knob("127.0.0.1", "address to bind (anything but loopback is reachable from "
+                     "other machines)")
+    port: int = knob(8000, "port (0: any free port)")
+    device: str = knob("auto", "device for the query encoders")
+    threads: int | None = knob(None, "torch threads per query encoding (default: one per "
+                               "core; 1 is faster on a machine busy with other work)")
+    max_upload_mb: float = knob(8.0, "largest image upload in MiB")
+
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "embed": EmbedConfig, "index": IndexConfig,
-                             "search": SearchConfig, "eval": EvalConfig, "heads": HeadsConfig}
+                             "search": SearchConfig, "eval": EvalConfig, "heads": HeadsConfig,
+                             "serve": ServerConfig}
 NOT_IN_TOML = {"run", "data", "encoders"}  # top-level keys / own tables, not section keys
 
 
@@ -162,7 +176,7 @@ def load_toml(path: str | Path | None) -> dict[str, Any]:
 
 
 def _check_top(raw: Mapping[str, Any], path: Path) -> None:
-    allowed = {"run", "encoders", "serve", *SECTIONS}
+    allowed = {"run", "encoders", *SECTIONS}
     for key in raw:
         if key == "out":
             raise InputError(f"{path}: top-level key 'out' is now 'run' (the run directory)")

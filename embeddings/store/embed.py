@@ -112,6 +112,15 @@ class EmbedManifest:
     versions: dict[str, str]
     updated: str
 
+    @property
+    def root(self) -> Path:
+        """The dataset root the image paths of the rows are relative to."""
+        return Path(self.dataset["root"])
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.config.get("max_pixels", 64_000_000))
+
     def column(self, name: str) -> Column:
         if name not in self.columns:
             raise FormatError(f"no embedding column {name!r}; this run has {sorted(self.columns)}")
@@ -324,6 +333,17 @@ class EmbedFiles:
             out[pos:pos + n] = arr.values.to_numpy(zero_copy_only=False).reshape(n, col.dim)
             pos += n
         return out
+
+    def read_row(self, column: str, row: int) -> np.ndarray:
+        """One stored vector (float32), read from the one shard that holds it."""
+        m = self.manifest()
+        col = m.column(column)
+        for rec in m.shards[col.kind]:
+            if 0 <= row < rec.rows:
+                values = self._read(rec, [column], True).column(0)[row].values
+                return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
+            row -= rec.rows
+        raise FormatError(f"row {row} is past the end of column {column}")
 
     def read_table(self, kind: str, columns: Iterable[str] | None = None,
                    verify: bool = True) -> pa.Table:

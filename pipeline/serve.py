@@ -1,0 +1,309 @@
+"""What the search page and its JSON API serve: one run's indexes, rows and thumbnails.
+
+:class:`Service` holds one :class:`~pipeline.search.Searcher` per indexed column (index
+memory-mapped once, at start), loads query encoders on first use (shared by the columns
+of one encoder) and makes thumbnails.  It imports no web framework: the HTTP layer is
+:mod:`pipeline.serve_app`, so everything here is callable (and tested) in-process too.
+
+Security policy, enforced here rather than in the routes:
+
+- an image is served only as the thumbnail of a row of the run, looked up by the row's
+  id; its path comes from the embed shards, is resolved (symlinks followed) and refused
+  unless it lies inside the dataset root;
+- uploads are capped in bytes and in pixels and decoded by the embed stage's defensive
+  :func:`embeddings.images.load_image` from a temporary file under ``RUN/serve/tmp``;
+- query text and filter values are capped in length, ``k`` in size;
+- nothing is written outside ``RUN/serve`` (thumbnails, upload temp files), never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from embeddings.encoders import Encoder, encoder_for_column, resolve_device
+from embeddings.errors import FormatError, InputError, MissingError
+from embeddings.images import ImageError, load_image
+from embeddings.store import Run, atomic_write_bytes, column_name
+
+from .index import IndexMismatch
+from .search import MODALITIES, Searcher, SearchResult, pick_column
+
+log = logging.getLogger(__name__)
+
+
+# Run directory: every path and manifest field comes from the store.
+
+def _rows(run: Path, kind: str, names: list[str]) -> dict[str, list[Any]]:
+    return Run(run).embed.read_table(kind, names).to_pydict()
+
+
+class Refused(InputError):
+    """A request for something the server never hands out (e.g. a file outside the root)."""
+
+
+class TooLarge(InputError):
+    """An upload over the byte or pixel cap."""
+
+
+class NotReady(FormatError):
+    """The run lacks what the query needs (no index, a stale one): the remedy is a command."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    run: str
+    device: str = "auto"
+    thumb_size: int = 256  # px, longest side
+    max_upload_bytes: int = 8 * 2**20
+    max_upload_pixels: int = 40_000_000
+    max_query_chars: int = 500
+    max_k: int = 200
+    max_filter_chars: int = 200
+
+    def limits(self) -> dict[str, int]:
+        return {"max_upload_bytes": self.max_upload_bytes, "max_k": self.max_k,
+                "max_upload_pixels": self.max_upload_pixels,
+                "max_query_chars": self.max_query_chars, "thumb_size": self.thumb_size}
+
+
+class Service:
+    """One run, ready to answer queries from many threads."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.run = Path(cfg.run)
+        self.files = Run(self.run)
+        manifest = self.files.embed.manifest()  # FormatError with a remedy if no embed stage
+        self.columns = manifest.columns
+        self.root = manifest.root.resolve()
+        self.max_pixels = manifest.max_pixels
+        self._lock = threading.Lock()
+        self._searchers: dict[str, Searcher] = {}
+        self._encoders: dict[str, Encoder] = {}
+        self._encode_lock = threading.Lock()
+        self._picked: dict[tuple[str, str, str | None], str] = {}
+        self._ids: dict[str, dict[str, int]] = {}
+        self._image_paths: dict[str, str] | None = None
+        self._filters: dict[str, Any] | None = None
+        self.problems: dict[str, str] = {}
+        for column in self.files.index.entries():  # open every index once, memory-mapped
+            try:
+                self.searcher(column)
+            except (NotReady, FormatError) as e:
+                self.problems[column] = str(e)
+        for column in self.columns:
+            if column not in self._searchers and column not in self.problems:
+                self.problems[column] = (f"no index for column {column}: run `make index` "
+                                         "(python -m pipeline index)")
+        self._clean_tmp()
+
+    # ------------------------------------------------------------------ queries
+
+    def health(self) -> dict[str, Any]:
+        """The run, its columns (indexed or not) and models, filter values and limits."""
+        entries = self.files.index.entries()
+        columns = {}
+        for name, info in self.columns.items():
+            entry = entries.get(name) if name in self._searchers else None
+            columns[name] = {"kind": info.kind, "modality": info.modality,
+                             "encoder": info.encoder, "dim": info.dim,
+                             "indexed": entry is not None,
+                             "index": entry and {"factory": entry.factory,
+                                                 "ntotal": entry.ntotal},
+                             "problem": self.problems.get(name)}
+        models = {info.encoder: {"type": info.provenance.type, "model": info.provenance.model,
+                                 "pretrained": info.provenance.pretrained}
+                  for info in self.columns.values()}
+        if self._filters is None:  # read once: a large run has many rows
+            meta = _rows(self.run, "images", ["split", "label"])
+            self._filters = {"images": len(meta["split"]),
+                             "splits": sorted({s for s in meta["split"] if s}),
+                             "labels": sorted({lb for lb in meta["label"] if lb})}
+        return {"status": "ok" if self._searchers else "no index", "run": str(self.run),
+                "columns": columns, "models": models, **self._filters,
+                "limits": self.cfg.limits()}
+
+    def search_text(self, text: str, modality: str = "image", k: int = 10,
+                    split: str | None = None, label: str | None = None,
+                    column: str | None = None) -> SearchResult:
+        text = (text or "").strip()
+        if not text:
+            raise InputError("empty query: type some text, or upload an image")
+        if len(text) > self.cfg.max_query_chars:
+            raise InputError(f"query too long: {len(text)} characters "
+                             f"(limit {self.cfg.max_query_chars})")
+        k, split, label = self._check(modality, k, split, label)
+        searcher = self.searcher(self._pick(modality, "text", column))
+        with self._encoding(searcher) as enc:
+            vector = enc.encode_texts([text])
+        return searcher.search_vector(vector, text, k, split, label)
+
+    def search_upload(self, data: bytes, filename: str = "upload", modality: str = "image",
+                      k: int = 10, split: str | None = None, label: str | None = None,
+                      column: str | None = None) -> SearchResult:
+        """Search by an uploaded image file's bytes (decoded like the embed stage does)."""
+        if len(data) > self.cfg.max_upload_bytes:
+            raise TooLarge(f"upload too large: {len(data)} bytes "
+                           f"(limit {self.cfg.max_upload_bytes})")
+        if not data:
+            raise InputError("empty upload: choose an image file")
+        k, split, label = self._check(modality, k, split, label)
+        searcher = self.searcher(self._pick(modality, "image", column))
+        image = self._decode_upload(data)
+        with self._encoding(searcher) as enc:
+            if "image" not in enc.modalities or enc.image_transform is None:
+                raise InputError(f"{searcher.info.provenance.model} cannot embed images")
+            vector = enc.encode_images(enc.image_transform(image).unsqueeze(0))
+        name = Path(filename or "upload").name[:100]
+        return searcher.search_vector(vector, f"image:{name}", k, split, label)
+
+    def similar(self, row_id: str, source: str = "image", modality: str = "image",
+                k: int = 10, split: str | None = None,
+                label: str | None = None) -> SearchResult:
+        """"More like this": the stored vector of row ``row_id`` (an image row when
+        ``source`` is image, a caption row when text) is the query; no encoder needed."""
+        if source not in MODALITIES:
+            raise InputError(f"source must be one of {MODALITIES}, not {source!r}")
+        k, split, label = self._check(modality, k, split, label)
+        col = self._pick(modality, source, None)
+        query_column = column_name(self.columns[col].encoder, source)
+        kind = self.columns[query_column].kind
+        row = self._id_map(kind).get(row_id)
+        if row is None:
+            what = "image" if kind == "images" else "caption"
+            raise MissingError(f"no {what} row with id {row_id[:200]!r} in this run")
+        vector = self.files.embed.read_row(query_column, row)
+        return self.searcher(col).search_vector(vector[None], f"like:{row_id}", k, split, label)
+
+    # ------------------------------------------------------------------ thumbnails
+
+    def thumbnail(self, image_id: str) -> Path:
+        """The cached JPEG thumbnail of image row ``image_id``, made on first request."""
+        rel = self._paths().get(image_id)
+        if not rel:
+            raise MissingError(f"no image row with id {image_id[:200]!r} in this run")
+        src = self.image_path(rel)
+        size = self.cfg.thumb_size
+        key = hashlib.sha256(f"{image_id}\0{rel}\0{size}".encode()).hexdigest()[:32]
+        out = self.files.serve.thumbnail(key)
+        if out.is_file():
+            return out
+        try:
+            image = load_image(src, max_pixels=self.max_pixels)
+        except ImageError as e:
+            raise MissingError(f"cannot read the image of row {image_id!r}: {e}") from None
+        image.thumbnail((size, size), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=85)
+        # unique temp name + os.replace: concurrent first requests never see half a file
+        atomic_write_bytes(out, buf.getvalue())
+        return out
+
+    def image_path(self, rel: str) -> Path:
+        """``rel`` under the dataset root, symlinks resolved; refused if it leaves the root."""
+        path = (self.root / rel).resolve()
+        if not path.is_relative_to(self.root):
+            raise Refused(f"refused: the image of this row lies outside the dataset root "
+                          f"{self.root}")
+        return path
+
+    # ------------------------------------------------------------------ state
+
+    def searcher(self, column: str) -> Searcher:
+        """The column's searcher, opened once (index memory-mapped, rows read)."""
+        found = self._searchers.get(column)
+        if found is not None:
+            return found
+        with self._lock:
+            if column not in self._searchers:
+                try:
+                    s = Searcher(self.run, column, device=self.cfg.device)
+                    s.rows  # noqa: B018 - read once here, not racily on first hit
+                except IndexMismatch as e:
+                    raise NotReady(str(e)) from None
+                self._searchers[column] = s
+                self.problems.pop(column, None)
+            return self._searchers[column]
+
+    @contextmanager
+    def _encoding(self, searcher: Searcher) -> Iterator[Encoder]:
+        """The searcher's encoder, loaded once per encoder.  One query encodes at a time,
+        whatever its encoder: tokenizers are not thread-safe, torch already spreads one
+        query over the cores, and concurrent encodes contend for the GIL (bench_serve on
+        2 cores: 35 q/s with a lock per encoder, 75 q/s with this single lock)."""
+        name = searcher.info.encoder
+        with self._lock:
+            if name not in self._encoders:
+                self._encoders[name] = encoder_for_column(searcher.info,
+                                                          resolve_device(self.cfg.device))
+        with self._encode_lock:
+            yield self._encoders[name]
+
+    def _pick(self, modality: str, query: str, column: str | None) -> str:
+        key = (modality, query, column)
+        if key not in self._picked:
+            try:
+                self._picked[key] = pick_column(self.run, modality, query, column)
+            except ValueError as e:  # an unknown --column is a FormatError there
+                raise InputError(str(e)) from None
+        return self._picked[key]
+
+    def _check(self, modality: str, k: int, split: str | None,
+               label: str | None) -> tuple[int, str | None, str | None]:
+        if modality not in MODALITIES:
+            raise InputError(f"modality must be one of {MODALITIES}, not {modality!r}")
+        if not 1 <= k <= self.cfg.max_k:
+            raise InputError(f"k must be between 1 and {self.cfg.max_k}, not {k}")
+        for name, value in (("split", split), ("label", label)):
+            if value and len(value) > self.cfg.max_filter_chars:
+                raise InputError(f"{name} too long (limit {self.cfg.max_filter_chars})")
+        return k, split or None, label or None
+
+    def _id_map(self, kind: str) -> dict[str, int]:
+        if kind not in self._ids:
+            ids = _rows(self.run, kind, ["id"])["id"]
+            self._ids[kind] = {v: i for i, v in enumerate(ids)}
+        return self._ids[kind]
+
+    def _paths(self) -> dict[str, str]:
+        if self._image_paths is None:
+            rows = _rows(self.run, "images", ["id", "image"])
+            self._image_paths = dict(zip(rows["id"], rows["image"]))
+        return self._image_paths
+
+    def _decode_upload(self, data: bytes) -> Image.Image:
+        tmp_dir = self.files.serve.scratch()
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".img")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return load_image(tmp, max_pixels=self.cfg.max_upload_pixels)
+        except ImageError as e:
+            error = TooLarge if str(e).startswith("image too large") else InputError
+            raise error(f"cannot use the uploaded image: {e}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _clean_tmp(self, older_than_s: float = 3600.0) -> None:
+        """Upload temp files a killed server left behind (not a live server's)."""
+        tmp_dir = self.files.serve.scratch()
+        if not tmp_dir.is_dir():
+            return
+        for path in tmp_dir.glob("upload-*"):
+            if time.time() - path.stat().st_mtime > older_than_s:
+                path.unlink(missing_ok=True)
+
