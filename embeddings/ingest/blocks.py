@@ -1,0 +1,355 @@
+"""Canonical chunks -> blocks of image and caption records, with every reject rule.
+
+Rules, in the order they apply to a row: a reader error (`invalid JSON`, `not a JSON
+object`, `malformed CSV row`); `no image path in row`; `image path contains a NUL byte`;
+`image path escapes the dataset root` (lexically, or through a symlinked directory or file);
+then grouping.  Contiguous rows with the same id (the ``id`` column, else the normalised
+image path) are one image; a later repeat of a seen id with the same image, split, label and
+labels only adds captions (ids continue the image's ``<id>#k`` counter), and one with other
+fields is a `duplicate id` reject.  Caption entries are then checked: `empty caption`,
+`caption too long`, `duplicate caption id` (explicit COCO / Karpathy ids).
+
+Memory: the current chunk plus, per id seen, one dict entry holding a 40-bit digest of
+its fields and its caption count (about 150 bytes an id); never the dataset.  Everything
+per row is an Arrow or numpy operation except the id dict, which is updated with C-level
+set / dict calls; a Python loop over images runs only in chunks where some id repeats.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Container, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import InputError
+from .records import CAPTION_SCHEMA, IMAGE_SCHEMA, MAX_CAPTION_CHARS, Block, IngestStats, Reject
+
+_COUNT_BITS = 24  # low bits of an id's dict value: its caption count; high bits: digest
+_LOW = (1 << _COUNT_BITS) - 1
+_HIGH = ~_LOW
+_NEEDS_NORMPATH = r"(^|/)\.\.?(/|$)|//|^/|/$"  # paths os.path.normpath would change
+_DIR_CACHE = 4096
+
+
+@dataclass
+class _Parts:
+    images: list[pa.Table] = field(default_factory=list)
+    captions: list[pa.Table] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def _np(arr: pa.Array) -> np.ndarray:
+    return np.asarray(pc.fill_null(arr, False)) if pa.types.is_boolean(arr.type) \
+        else arr.to_numpy(zero_copy_only=False)
+
+
+class Grouper:
+    """Turns a stream of canonical chunks into blocks of ``size`` images."""
+
+    def __init__(self, root: Path, size: int, skip: Container[int], stats: IngestStats) -> None:
+        if size < 1:
+            raise InputError(f"block size must be at least 1, got {size}")
+        self.root, self.size, self.skip, self.stats = root, size, skip, stats
+        self._root = str(root)
+        self.seen: dict[str, int] = {}
+        self.caption_ids: set[str] = set()
+        self.n_images = 0  # images before the current chunk
+        self.next_block = 0  # the first block not yet yielded or skipped
+        self.parts: dict[int, _Parts] = {}
+        self._dirs: OrderedDict[str, tuple[str | None, frozenset[str]]] = OrderedDict()
+
+    def run(self, chunks: Iterable[pa.Table]) -> Iterator[Block]:
+        it = iter(chunks)
+        chunk, carry = next(it, None), None
+        while chunk is not None:
+            table = chunk if carry is None else pa.concat_tables([carry, chunk])
+            chunk = next(it, None)
+            carry = self._process(table.combine_chunks(), final=chunk is None)
+            yield from self._emit(self._open_block())
+        yield from self._emit(self._open_block() + 1)
+
+    def _open_block(self) -> int:
+        return max(self.n_images - 1, 0) // self.size
+
+    def _emit(self, upto: int) -> Iterator[Block]:
+        while self.next_block < upto and self.stats.rows:
+            b, parts = self.next_block, self.parts.pop(self.next_block, _Parts())
+            self.next_block += 1
+            self.stats.blocks += 1
+            if b in self.skip:
+                continue
+            yield Block(b, _concat(parts.images, IMAGE_SCHEMA),
+                        _concat(parts.captions, CAPTION_SCHEMA), tuple(parts.rejects))
+
+    # ---------------------------------------------------------------------- one chunk
+
+    def _process(self, t: pa.Table, final: bool) -> pa.Table | None:
+        n = t.num_rows
+        col = {name: t.column(name).combine_chunks() for name in t.column_names}
+        image = pc.replace_substring_regex(col["image"], r"^(\./)+", "")
+        err = np.asarray(col["error"].is_valid())
+        noimg = ~err & np.asarray(image.is_null())
+        nul = ~err & ~noimg & _np(pc.match_substring(image, "\x00"))
+        cand = ~(err | noimg | nul)
+        rel, rid_img, escape = self._paths(image, cand)
+        valid_rows = np.flatnonzero(cand & ~escape)
+        rid = pc.coalesce(col["id"], rid_img)
+        rid_v = _np(rid.take(pa.array(valid_rows)))
+        start = np.ones(len(rid_v), bool)
+        start[1:] = rid_v[1:] != rid_v[:-1]
+        starts = np.flatnonzero(start)
+        cut, m, carry = n, len(valid_rows), None
+        if not final and len(starts):  # the last run may go on in the next chunk
+            m = starts[-1]
+            cut = int(valid_rows[m])
+            carry, starts = t.slice(cut), starts[:-1]
+        V, rid_v, start = valid_rows[:m], rid_v[:m], start[:m]
+        run = np.cumsum(start) - 1
+
+        labels_key = pc.fill_null(pc.binary_join(col["labels"], "\x1e"), "")
+        key = pc.binary_join_element_wise(rel, pc.fill_null(col["split"], ""),
+                                          pc.fill_null(col["label"], ""), labels_key, "\x1f")
+        digest = np.fromiter(map(hash, _np(key.take(pa.array(V)))), np.int64, m) & _HIGH
+        entries = np.asarray(pc.fill_null(pc.list_value_length(col["captions"]), 0))[V]
+        accepted, is_new, base = self._dedupe(rid_v[starts], digest, starts, entries)
+
+        new_pos = V[starts[is_new]]
+        positions = np.arange(cut)
+        row_block = self._block_of(positions, new_pos)
+        self.n_images += len(new_pos)
+        self.stats.rows += cut
+        self.stats.images += len(new_pos)
+        live = np.array([b not in self.skip for b in range(row_block[0], row_block[-1] + 1)]) \
+            if cut else np.zeros(0, bool)
+        row_live = live[row_block - row_block[0]] if cut else np.zeros(0, bool)
+
+        rejects = self._row_rejects(col, image, rid_img, err[:cut], noimg[:cut], nul[:cut],
+                                    escape[:cut], row_live)
+        rejects += [(int(p), Reject("images", str(r),
+                                    f"duplicate id: row {int(col['row'][int(p)].as_py())} "
+                                    "disagrees with an earlier row"))
+                    for p, r in zip(V[~accepted], rid_v[~accepted]) if row_live[p]]
+        caption_parts = self._captions(col, rid, V[accepted], run[accepted], is_new, base,
+                                       row_live)
+        rejects += caption_parts.pop()
+        self._collect(col, rid, rel, new_pos, row_block, caption_parts, rejects)
+        return carry
+
+    def _block_of(self, positions: np.ndarray, new_pos: np.ndarray) -> np.ndarray:
+        ordinal = self.n_images + np.searchsorted(new_pos, positions, side="right") - 1
+        return np.maximum(ordinal, 0) // self.size
+
+    def _dedupe(self, ids: np.ndarray, digest: np.ndarray, starts: np.ndarray,
+                entries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which rows are accepted, which runs are new images, and their caption counters."""
+        runs = len(starts)
+        bounds = np.append(starts, len(digest))
+        is_new = np.ones(runs, bool)
+        base = np.zeros(runs, np.int64)
+        if len(set(ids)) == runs and self.seen.keys().isdisjoint(ids):  # no repeats: bulk
+            ref = np.repeat(digest[starts], np.diff(bounds))
+            accepted = digest == ref
+            counts = np.add.reduceat(entries * accepted, starts) if runs else base
+            if runs and counts.max() > _LOW:
+                raise InputError(f"more than {_LOW} captions for one image")
+            self.seen.update(zip(ids, (digest[starts] | counts).tolist()))
+            return accepted, is_new, base
+        accepted = np.zeros(len(digest), bool)
+        for j, rid in enumerate(ids):
+            lo, hi = bounds[j], bounds[j + 1]
+            old = self.seen.get(rid)
+            ref = int(digest[lo]) if old is None else old & _HIGH
+            if old is not None:
+                is_new[j], base[j] = False, old & _LOW
+            ok = digest[lo:hi] == ref
+            accepted[lo:hi] = ok
+            total = int(base[j] + entries[lo:hi][ok].sum())
+            if total > _LOW:
+                raise InputError(f"more than {_LOW} captions for image {rid}")
+            self.seen[rid] = ref | total
+        return accepted, is_new, base
+
+    # ------------------------------------------------------------------------ paths
+
+    def _paths(self, image: pa.Array, cand: np.ndarray
+               ) -> tuple[pa.Array, pa.Array, np.ndarray]:
+        """Image paths relative to the root, the image part of default ids, and escapes."""
+        escape = np.zeros(len(image), bool)
+        rel, rid_img = image, image
+        odd = cand & _np(pc.match_substring_regex(image, _NEEDS_NORMPATH))
+        if odd.any():
+            idx = np.flatnonzero(odd)
+            fixed, ids = [], []
+            for i, p in zip(idx, image.take(pa.array(idx)).to_pylist()):
+                ids.append(os.path.normpath(p))
+                r = self._inside(os.path.normpath(os.path.join(self._root, p)))
+                escape[i] = r is None
+                fixed.append(r or "")
+            mask = pa.array(odd)
+            rel = pc.replace_with_mask(image, mask, pa.array(fixed, pa.string()))
+            rid_img = pc.replace_with_mask(image, mask, pa.array(ids, pa.string()))
+        rel, escape = self._symlinks(rel, cand & ~escape, escape)
+        return rel, rid_img, escape
+
+    def _inside(self, target: str) -> str | None:
+        """``target`` (absolute, normalised) relative to the root, or None outside it."""
+        if target.startswith(self._root + os.sep):
+            return target[len(self._root) + 1:]
+        return None
+
+    def _dir(self, d: str) -> tuple[str | None, frozenset[str]]:
+        """A directory's real path relative to the root (None: outside), and its symlinks."""
+        if d in self._dirs:
+            self._dirs.move_to_end(d)
+            return self._dirs[d]
+        real = os.path.realpath(os.path.join(self._root, d))
+        inside = "" if real == self._root else self._inside(real)
+        links: frozenset[str] = frozenset()
+        if inside is not None:
+            try:
+                with os.scandir(real) as it:
+                    links = frozenset(e.name for e in it if e.is_symlink())
+            except OSError:
+                pass
+        self._dirs[d] = (inside, links)
+        if len(self._dirs) > _DIR_CACHE:
+            self._dirs.popitem(last=False)
+        return inside, links
+
+    def _symlinks(self, rel: pa.Array, ok: np.ndarray, escape: np.ndarray
+                  ) -> tuple[pa.Array, np.ndarray]:
+        """Resolve symlinked directories and files, so a link cannot lead out of the root."""
+        dirs = pc.replace_substring_regex(rel, r"(^|/)[^/]*$", "")
+        odd_dirs = set()
+        for d in pc.unique(dirs.filter(pa.array(ok))).to_pylist():
+            inside, links = self._dir(d)
+            if inside != d or links:
+                odd_dirs.add(d)
+        if not odd_dirs:
+            return rel, escape
+        idx = np.flatnonzero(ok & _np(pc.is_in(dirs, pa.array(sorted(odd_dirs)))))
+        fixed = []
+        for i, path in zip(idx, rel.take(pa.array(idx)).to_pylist()):
+            d, _, name = path.rpartition("/")
+            inside, links = self._dir(d)
+            r = None
+            if inside is not None:
+                r = f"{inside}/{name}" if inside else name
+                if name in links:
+                    r = self._inside(os.path.realpath(os.path.join(self._root, r)))
+            escape[i] = r is None
+            fixed.append(r or "")
+        return pc.replace_with_mask(rel, pa.array(np.isin(np.arange(len(rel)), idx)),
+                                    pa.array(fixed, pa.string())), escape
+
+    # ---------------------------------------------------------------------- rejects
+
+    def _row_rejects(self, col: dict[str, pa.Array], image: pa.Array, rid_img: pa.Array,
+                     err: np.ndarray, noimg: np.ndarray, nul: np.ndarray, escape: np.ndarray,
+                     live: np.ndarray) -> list[tuple[int, Reject]]:
+        self.stats.rejects += int(err.sum() + noimg.sum() + nul.sum() + escape.sum())
+        out: list[tuple[int, Reject]] = []
+        for mask, why in ((err, None), (noimg, "no image path in row"),
+                          (nul, "image path contains a NUL byte"),
+                          (escape, "image path escapes the dataset root")):
+            idx = np.flatnonzero(mask & live)
+            if not len(idx):
+                continue
+            take = pa.array(idx)
+            ids = col["id"].take(take).to_pylist()
+            rows = col["row"].take(take).to_pylist()
+            errors = col["error"].take(take).to_pylist()
+            paths = image.take(take).to_pylist()
+            norm = rid_img.take(take).to_pylist()
+            for i, rid, row, error, path, default in zip(idx, ids, rows, errors, paths, norm):
+                if why is None:
+                    out.append((int(i), Reject("images", rid or f"row:{row}", error)))
+                elif "escapes" in why:
+                    out.append((int(i), Reject("images", rid or default, f"{why}: {path}")))
+                else:
+                    out.append((int(i), Reject("images", rid or f"row:{row}", why)))
+        return out
+
+    # ---------------------------------------------------------------------- captions
+
+    def _captions(self, col: dict[str, pa.Array], rid: pa.Array, rows: np.ndarray,
+                  row_run: np.ndarray, is_new: np.ndarray, base: np.ndarray,
+                  live: np.ndarray) -> list:
+        """Caption entries of the accepted rows: [kept table, per-image lists, rejects]."""
+        lists = col["captions"].take(pa.array(rows))
+        parent = np.asarray(pc.list_parent_indices(lists), np.int64)
+        text = pc.utf8_trim_whitespace(pc.list_flatten(lists))
+        pos, run = rows[parent], row_run[parent]
+        first = np.searchsorted(run, run, side="left")
+        k = base[run] + np.arange(len(run)) - first
+        length = np.asarray(pc.utf8_length(text))
+        blank, long = length == 0, length > MAX_CAPTION_CHARS
+        explicit = None
+        dup = np.zeros(len(run), bool)
+        if col["caption_ids"].null_count < len(col["caption_ids"]):
+            explicit = []
+            for ids, caps in zip(col["caption_ids"].take(pa.array(rows)).to_pylist(),
+                                 lists.to_pylist()):
+                explicit += ids if ids is not None else [None] * len(caps)
+            for i, cid in enumerate(explicit):
+                if cid is not None and not blank[i] and not long[i]:
+                    dup[i] = cid in self.caption_ids
+                    self.caption_ids.add(cid)
+        kept = ~(blank | long | dup)
+        self.stats.captions += int(kept.sum())
+        self.stats.rejects += int((~kept).sum())
+        on = live[pos]
+        owner = rid.take(pa.array(pos[on]))
+        cid = pc.binary_join_element_wise(owner, pc.cast(pa.array(k[on]), pa.string()), "#")
+        if explicit is not None:
+            cid = pc.coalesce(pa.array([c for c, o in zip(explicit, on) if o], pa.string()), cid)
+        rejects = []
+        bad = np.flatnonzero(~kept[on])
+        if len(bad):
+            lengths, ids = length[on], cid.take(pa.array(bad)).to_pylist()
+            for i, c in zip(bad, ids):
+                why = ("empty caption" if lengths[i] == 0 else
+                       f"caption too long: {lengths[i]} characters (limit {MAX_CAPTION_CHARS})"
+                       if lengths[i] > MAX_CAPTION_CHARS else "duplicate caption id")
+                rejects.append((int(pos[on][i]), Reject("captions", c, why)))
+        keep = pa.array(kept[on])
+        at = pa.array(pos[on][kept[on]])
+        table = pa.Table.from_arrays(
+            [cid.filter(keep), owner.filter(keep), text.filter(pa.array(on)).filter(keep),
+             *(col[c].take(at) for c in ("split", "label", "labels"))], schema=CAPTION_SCHEMA)
+        # Per new image: the texts of its own run, for the image table's `captions` list.
+        mine = kept & is_new[run] & on
+        counts = np.bincount(run[mine], minlength=len(is_new))[is_new]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        per_image = pa.ListArray.from_arrays(pa.array(offsets), text.filter(pa.array(mine)))
+        return [table, pos[on][kept[on]], per_image, rejects]
+
+    def _collect(self, col: dict[str, pa.Array], rid: pa.Array, rel: pa.Array,
+                 new_pos: np.ndarray, row_block: np.ndarray, caption_parts: list,
+                 rejects: list[tuple[int, Reject]]) -> None:
+        """Cut this chunk's images, captions and rejects into the blocks they belong to."""
+        captions, caption_pos, per_image = caption_parts
+        at = pa.array(new_pos)
+        images = pa.Table.from_arrays(
+            [rid.take(at), rel.take(at), col["split"].take(at), col["label"].take(at),
+             col["labels"].take(at), per_image], schema=IMAGE_SCHEMA)
+        for table, pos, attr in ((images, new_pos, "images"), (captions, caption_pos, "captions")):
+            blocks = row_block[pos]
+            for b in np.unique(blocks):
+                if b in self.skip:
+                    continue
+                lo, hi = np.searchsorted(blocks, [b, b + 1])
+                getattr(self.parts.setdefault(int(b), _Parts()), attr).append(
+                    table.slice(lo, hi - lo))
+        for p, r in sorted(rejects, key=lambda pr: pr[0]):
+            self.parts.setdefault(int(row_block[p]), _Parts()).rejects.append(r)
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    return pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
