@@ -9,10 +9,10 @@ labels only adds captions (ids continue the image's ``<id>#k`` counter), and one
 fields is a `duplicate id` reject.  Caption entries are then checked: `empty caption`,
 `caption too long`, `duplicate caption id` (explicit COCO / Karpathy ids).
 
-Memory: the current chunk plus, per id seen, one dict entry holding a 40-bit digest of
-its fields and its caption count (about 150 bytes an id); never the dataset.  Everything
-per row is an Arrow or numpy operation except the id dict, which is updated with C-level
-set / dict calls; a Python loop over images runs only in chunks where some id repeats.
+Memory: the current chunk plus the id index (`idindex`: about 40 bytes + the id per id),
+never the dataset.  Everything per row is an Arrow or numpy operation (plus Python's C-level
+string hash); a Python loop over images runs only in chunks where some id repeats, and over
+rows only for odd paths (``..``, ``//``, absolute, NUL) and symlinked directories.
 """
 
 from __future__ import annotations
@@ -28,12 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
+from .idindex import IdIndex, hashes
 from .records import CAPTION_SCHEMA, IMAGE_SCHEMA, MAX_CAPTION_CHARS, Block, IngestStats, Reject
 
-_COUNT_BITS = 24  # low bits of an id's dict value: its caption count; high bits: digest
-_LOW = (1 << _COUNT_BITS) - 1
-_HIGH = ~_LOW
-_NEEDS_NORMPATH = r"(^|/)\.\.?(/|$)|//|^/|/$"  # paths os.path.normpath would change
+# NUL bytes, and paths os.path.normpath would change: these rows take the Python path.
+_ODD = r"\x00|(^|/)\.\.?(/|$)|//|^/|/$"
 _DIR_CACHE = 4096
 
 
@@ -57,7 +56,7 @@ class Grouper:
             raise InputError(f"block size must be at least 1, got {size}")
         self.root, self.size, self.skip, self.stats = root, size, skip, stats
         self._root = str(root)
-        self.seen: dict[str, int] = {}
+        self.index = IdIndex()
         self.caption_ids: set[str] = set()
         self.n_images = 0  # images before the current chunk
         self.next_block = 0  # the first block not yet yielded or skipped
@@ -92,17 +91,21 @@ class Grouper:
     def _process(self, t: pa.Table, final: bool) -> pa.Table | None:
         n = t.num_rows
         col = {name: t.column(name).combine_chunks() for name in t.column_names}
-        image = pc.replace_substring_regex(col["image"], r"^(\./)+", "")
+        image = col["image"]
+        if _np(pc.starts_with(image, "./")).any():
+            image = pc.replace_substring_regex(image, r"^(\./)+", "")
         err = np.asarray(col["error"].is_valid())
         noimg = ~err & np.asarray(image.is_null())
-        nul = ~err & ~noimg & _np(pc.match_substring(image, "\x00"))
+        odd = ~err & ~noimg & _np(pc.match_substring_regex(image, _ODD))  # one pass, usually
+        nul = odd & _np(pc.match_substring(image, "\x00")) if odd.any() else odd
         cand = ~(err | noimg | nul)
-        rel, rid_img, escape = self._paths(image, cand)
+        rel, rid_img, escape = self._paths(image, cand, odd & cand)
         valid_rows = np.flatnonzero(cand & ~escape)
         rid = pc.coalesce(col["id"], rid_img)
-        rid_v = _np(rid.take(pa.array(valid_rows)))
+        rid_v = rid.take(pa.array(valid_rows))
         start = np.ones(len(rid_v), bool)
-        start[1:] = rid_v[1:] != rid_v[:-1]
+        if len(rid_v) > 1:
+            start[1:] = _np(pc.not_equal(rid_v[1:], rid_v[:-1]))
         starts = np.flatnonzero(start)
         cut, m, carry = n, len(valid_rows), None
         if not final and len(starts):  # the last run may go on in the next chunk
@@ -115,9 +118,10 @@ class Grouper:
         labels_key = pc.fill_null(pc.binary_join(col["labels"], "\x1e"), "")
         key = pc.binary_join_element_wise(rel, pc.fill_null(col["split"], ""),
                                           pc.fill_null(col["label"], ""), labels_key, "\x1f")
-        digest = np.fromiter(map(hash, _np(key.take(pa.array(V)))), np.int64, m) & _HIGH
+        digest = np.fromiter(map(hash, _np(key.take(pa.array(V)))), np.int64, m)
         entries = np.asarray(pc.fill_null(pc.list_value_length(col["captions"]), 0))[V]
-        accepted, is_new, base = self._dedupe(rid_v[starts], digest, starts, entries)
+        accepted, is_new, base = self._dedupe(rid_v.take(pa.array(starts)), digest, starts,
+                                              entries)
 
         new_pos = V[starts[is_new]]
         positions = np.arange(cut)
@@ -134,7 +138,8 @@ class Grouper:
         rejects += [(int(p), Reject("images", str(r),
                                     f"duplicate id: row {int(col['row'][int(p)].as_py())} "
                                     "disagrees with an earlier row"))
-                    for p, r in zip(V[~accepted], rid_v[~accepted]) if row_live[p]]
+                    for p, r in zip(V[~accepted], _np(rid_v.filter(pa.array(~accepted))))
+                    if row_live[p]]
         caption_parts = self._captions(col, rid, V[accepted], run[accepted], is_new, base,
                                        row_live)
         rejects += caption_parts.pop()
@@ -145,44 +150,51 @@ class Grouper:
         ordinal = self.n_images + np.searchsorted(new_pos, positions, side="right") - 1
         return np.maximum(ordinal, 0) // self.size
 
-    def _dedupe(self, ids: np.ndarray, digest: np.ndarray, starts: np.ndarray,
+    def _dedupe(self, ids: pa.Array, digest: np.ndarray, starts: np.ndarray,
                 entries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Which rows are accepted, which runs are new images, and their caption counters."""
         runs = len(starts)
         bounds = np.append(starts, len(digest))
         is_new = np.ones(runs, bool)
         base = np.zeros(runs, np.int64)
-        if len(set(ids)) == runs and self.seen.keys().isdisjoint(ids):  # no repeats: bulk
+        names = _np(ids)
+        h = hashes(names)
+        level, pos = self.index.find(h, names)
+        if (level < 0).all() and _distinct(h):  # no repeats: all in bulk
             ref = np.repeat(digest[starts], np.diff(bounds))
             accepted = digest == ref
             counts = np.add.reduceat(entries * accepted, starts) if runs else base
-            if runs and counts.max() > _LOW:
-                raise InputError(f"more than {_LOW} captions for one image")
-            self.seen.update(zip(ids, (digest[starts] | counts).tolist()))
+            self.index.add(h, ids.cast(pa.large_string()), digest[starts], counts)
             return accepted, is_new, base
         accepted = np.zeros(len(digest), bool)
-        for j, rid in enumerate(ids):
+        seen: dict[str, list[int]] = {}  # this chunk's ids: [digest, count]
+        for j, rid in enumerate(names):
             lo, hi = bounds[j], bounds[j + 1]
-            old = self.seen.get(rid)
-            ref = int(digest[lo]) if old is None else old & _HIGH
-            if old is not None:
-                is_new[j], base[j] = False, old & _LOW
+            if rid in seen:
+                ref, base[j] = seen[rid]
+            elif level[j] >= 0:
+                ref, base[j] = self.index.get(level[j], pos[j])
+            else:
+                ref = int(digest[lo])
+            is_new[j] = rid not in seen and level[j] < 0
             ok = digest[lo:hi] == ref
             accepted[lo:hi] = ok
-            total = int(base[j] + entries[lo:hi][ok].sum())
-            if total > _LOW:
-                raise InputError(f"more than {_LOW} captions for image {rid}")
-            self.seen[rid] = ref | total
+            seen[rid] = [ref, int(base[j] + entries[lo:hi][ok].sum())]
+        first = np.flatnonzero(is_new)
+        for j in np.flatnonzero(~is_new & (level >= 0)):
+            self.index.set_count(level[j], pos[j], seen[names[j]][1])
+        self.index.add(h[first], ids.take(pa.array(first)).cast(pa.large_string()),
+                       np.array([seen[names[j]][0] for j in first], np.int64),
+                       np.array([seen[names[j]][1] for j in first], np.int64))
         return accepted, is_new, base
 
     # ------------------------------------------------------------------------ paths
 
-    def _paths(self, image: pa.Array, cand: np.ndarray
+    def _paths(self, image: pa.Array, cand: np.ndarray, odd: np.ndarray
                ) -> tuple[pa.Array, pa.Array, np.ndarray]:
         """Image paths relative to the root, the image part of default ids, and escapes."""
         escape = np.zeros(len(image), bool)
         rel, rid_img = image, image
-        odd = cand & _np(pc.match_substring_regex(image, _NEEDS_NORMPATH))
         if odd.any():
             idx = np.flatnonzero(odd)
             fixed, ids = [], []
@@ -225,9 +237,13 @@ class Grouper:
     def _symlinks(self, rel: pa.Array, ok: np.ndarray, escape: np.ndarray
                   ) -> tuple[pa.Array, np.ndarray]:
         """Resolve symlinked directories and files, so a link cannot lead out of the root."""
-        dirs = pc.replace_substring_regex(rel, r"(^|/)[^/]*$", "")
+        parts = pc.split_pattern(rel, "/", max_splits=1, reverse=True)
+        dirs = pc.if_else(pc.equal(pc.list_value_length(parts), 2), pc.list_element(parts, 0), "")
         odd_dirs = set()
-        for d in pc.unique(dirs.filter(pa.array(ok))).to_pylist():
+        kept = dirs.filter(pa.array(ok))
+        if len(kept) > 1:  # manifests list a directory's files together: drop repeats first
+            kept = kept.filter(pa.array(np.append(True, _np(pc.not_equal(kept[1:], kept[:-1])))))
+        for d in pc.unique(kept).to_pylist():
             inside, links = self._dir(d)
             if inside != d or links:
                 odd_dirs.add(d)
@@ -341,7 +357,7 @@ class Grouper:
              col["labels"].take(at), per_image], schema=IMAGE_SCHEMA)
         for table, pos, attr in ((images, new_pos, "images"), (captions, caption_pos, "captions")):
             blocks = row_block[pos]
-            for b in np.unique(blocks):
+            for b in blocks[np.append(True, blocks[1:] != blocks[:-1])] if len(blocks) else ():
                 if b in self.skip:
                     continue
                 lo, hi = np.searchsorted(blocks, [b, b + 1])
@@ -349,6 +365,11 @@ class Grouper:
                     table.slice(lo, hi - lo))
         for p, r in sorted(rejects, key=lambda pr: pr[0]):
             self.parts.setdefault(int(row_block[p]), _Parts()).rejects.append(r)
+
+
+def _distinct(values: np.ndarray) -> bool:
+    ordered = np.sort(values)
+    return not (ordered[1:] == ordered[:-1]).any()
 
 
 def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:

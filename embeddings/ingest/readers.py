@@ -26,7 +26,7 @@ from .normalise import IMAGE_KEYS, KNOWN_COLUMNS, error_rows, from_columns, from
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 SPLITS = {"train", "val", "valid", "validation", "test", "restval"}
 ROWS_PER_CHUNK = 16_384  # row formats: rows per canonical chunk
-CSV_BLOCK_BYTES = 8 << 20  # CSV read unit; also the longest row the reader accepts
+CSV_BLOCK_BYTES = 4 << 20  # CSV read unit (Arrow reads a few ahead); the longest row allowed
 FORMATS = ("csv", "jsonl", "parquet", "imagefolder", "coco", "karpathy")
 
 
