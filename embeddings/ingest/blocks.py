@@ -135,6 +135,7 @@ class Grouper:
 
         rejects = self._row_rejects(col, image, rid_img, err[:cut], noimg[:cut], nul[:cut],
                                     escape[:cut], row_live)
+        self.stats.rejects += int((~accepted).sum())
         rejects += [(int(p), Reject("images", str(r),
                                     f"duplicate id: row {int(col['row'][int(p)].as_py())} "
                                     "disagrees with an earlier row"))

@@ -56,7 +56,7 @@ def check_utf8(path: Path) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     line = 1
     with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
+        while chunk := f.read(1 << 20):
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as e:

@@ -69,15 +69,17 @@ class Block:
 
     @cached_property
     def images(self) -> tuple[ImageRecord, ...]:
-        return tuple(ImageRecord(r["id"], r["image"], r["split"], r["label"],
-                                 tuple(r["labels"]), tuple(r["captions"]))
-                     for r in self.image_table.to_pylist())
+        return tuple(ImageRecord(i, im, s, lb, tuple(ls), tuple(cs))
+                     for i, im, s, lb, ls, cs in _columns(self.image_table))
 
     @cached_property
     def captions(self) -> tuple[CaptionRecord, ...]:
-        return tuple(CaptionRecord(r["id"], r["image_id"], r["caption"], r["split"], r["label"],
-                                   tuple(r["labels"]))
-                     for r in self.caption_table.to_pylist())
+        return tuple(CaptionRecord(i, im, c, s, lb, tuple(ls))
+                     for i, im, c, s, lb, ls in _columns(self.caption_table))
+
+
+def _columns(table: pa.Table) -> zip:
+    return zip(*(table.column(i).to_pylist() for i in range(table.num_columns)))
 
 
 @dataclass
