@@ -153,40 +153,36 @@ class Grouper:
 
     def _dedupe(self, ids: pa.Array, digest: np.ndarray, starts: np.ndarray,
                 entries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Which rows are accepted, which runs are new images, and their caption counters."""
+        """Which rows are accepted, which runs are new images, and their caption counters.
+
+        Runs of one id (earlier in this chunk or in the index) form a group: its reference
+        digest is the first occurrence's; a run's counter starts after the captions of the
+        earlier runs of its group."""
         runs = len(starts)
-        bounds = np.append(starts, len(digest))
-        is_new = np.ones(runs, bool)
-        base = np.zeros(runs, np.int64)
-        names = _np(ids)
-        h = hashes(names)
-        level, pos = self.index.find(h, names)
-        if (level < 0).all() and _distinct(h):  # no repeats: all in bulk
-            ref = np.repeat(digest[starts], np.diff(bounds))
-            accepted = digest == ref
-            counts = np.add.reduceat(entries * accepted, starts) if runs else base
-            self.index.add(h, ids.cast(pa.large_string()), digest[starts], counts)
-            return accepted, is_new, base
-        accepted = np.zeros(len(digest), bool)
-        seen: dict[str, list[int]] = {}  # this chunk's ids: [digest, count]
-        for j, rid in enumerate(names):
-            lo, hi = bounds[j], bounds[j + 1]
-            if rid in seen:
-                ref, base[j] = seen[rid]
-            elif level[j] >= 0:
-                ref, base[j] = self.index.get(level[j], pos[j])
-            else:
-                ref = int(digest[lo])
-            is_new[j] = rid not in seen and level[j] < 0
-            ok = digest[lo:hi] == ref
-            accepted[lo:hi] = ok
-            seen[rid] = [ref, int(base[j] + entries[lo:hi][ok].sum())]
-        first = np.flatnonzero(is_new)
-        for j in np.flatnonzero(~is_new & (level >= 0)):
-            self.index.set_count(level[j], pos[j], seen[names[j]][1])
-        self.index.add(h[first], ids.take(pa.array(first)).cast(pa.large_string()),
-                       np.array([seen[names[j]][0] for j in first], np.int64),
-                       np.array([seen[names[j]][1] for j in first], np.int64))
+        group = np.asarray(pc.dictionary_encode(ids).indices, np.int64)  # by first appearance
+        order = np.argsort(group, kind="stable")
+        group_sorted = group[order]
+        first = np.ones(runs, bool)  # in group order: the first run of each group
+        first[1:] = group_sorted[1:] != group_sorted[:-1]
+        lead = order[first]  # lead[g]: the first run of group g
+        lead_ids = ids.take(pa.array(lead)).cast(pa.large_string())
+        h = hashes(_np(lead_ids))
+        level, pos = self.index.find(h, lead_ids)
+        found = level >= 0
+        ref, prior = digest[starts[lead]], np.zeros(len(lead), np.int64)
+        ref[found], prior[found] = self.index.values(level[found], pos[found])
+        lengths = np.diff(np.append(starts, len(digest)))
+        accepted = digest == np.repeat(ref[group], lengths)
+        counts = np.add.reduceat(entries * accepted, starts) if runs else prior
+        in_order = counts[order]
+        before = np.cumsum(in_order) - in_order  # captions of the runs before, all groups
+        base = np.empty(runs, np.int64)
+        base[order] = prior[group_sorted] + before - before[first][group_sorted]
+        totals = prior + (np.add.reduceat(in_order, np.flatnonzero(first)) if runs else 0)
+        self.index.set_counts(level[found], pos[found], totals[found])
+        self.index.add(h[~found], lead_ids.filter(pa.array(~found)), ref[~found], totals[~found])
+        is_new = np.zeros(runs, bool)
+        is_new[lead[~found]] = True
         return accepted, is_new, base
 
     # ------------------------------------------------------------------------ paths

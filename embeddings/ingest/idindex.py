@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 @dataclass
@@ -37,8 +38,8 @@ class IdIndex:
         self.levels: list[_Level] = []
         self.size = 0
 
-    def find(self, h: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(level, position) of each id, level -1 where the id is new."""
+    def find(self, h: np.ndarray, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(level, position) of each id (``ids``: large_string), level -1 where it is new."""
         level = np.full(len(h), -1, np.int64)
         pos = np.zeros(len(h), np.int64)
         order = np.argsort(h)
@@ -48,21 +49,33 @@ class IdIndex:
             p = np.searchsorted(lv.hashes, h[order])[inverse]  # sorted queries: cache friendly
             hit = (p < len(lv.hashes)) & (level < 0)
             hit[hit] = lv.hashes[p[hit]] == h[hit]
-            for i in np.flatnonzero(hit):  # repeats (rare) and hash collisions: compare ids
-                j = int(p[i])
+            idx = np.flatnonzero(hit)
+            if not len(idx):
+                continue
+            same = np.asarray(pc.equal(lv.ids.take(pa.array(p[idx])), ids.take(pa.array(idx))))
+            level[idx[same]], pos[idx[same]] = li, p[idx[same]]
+            for i in idx[~same]:  # a hash collision: look through the ids with that hash
+                j = int(p[i]) + 1
                 while j < len(lv.hashes) and lv.hashes[j] == h[i]:
-                    if lv.ids[j].as_py() == ids[i]:
+                    if lv.ids[j] == ids[i]:
                         level[i], pos[i] = li, j
                         break
                     j += 1
         return level, pos
 
-    def get(self, level: int, pos: int) -> tuple[int, int]:
-        lv = self.levels[level]
-        return int(lv.digest[pos]), int(lv.count[pos])
+    def values(self, level: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Digests and caption counts of found ids."""
+        digest, count = np.zeros(len(level), np.int64), np.zeros(len(level), np.int64)
+        for li in np.unique(level):
+            sel = level == li
+            digest[sel] = self.levels[li].digest[pos[sel]]
+            count[sel] = self.levels[li].count[pos[sel]]
+        return digest, count
 
-    def set_count(self, level: int, pos: int, count: int) -> None:
-        self.levels[level].count[pos] = count
+    def set_counts(self, level: np.ndarray, pos: np.ndarray, count: np.ndarray) -> None:
+        for li in np.unique(level):
+            sel = level == li
+            self.levels[li].count[pos[sel]] = count[sel]
 
     def add(self, h: np.ndarray, ids: pa.Array, digest: np.ndarray, count: np.ndarray) -> None:
         """Add new, distinct ids."""

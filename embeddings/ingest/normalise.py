@@ -135,6 +135,10 @@ def _rebuild(n: int, parents: pa.Array, values: pa.Array, keep: Any) -> pa.ListA
     return pa.ListArray.from_arrays(pa.array(offsets), pc.cast(values, pa.string()))
 
 
+def _empty_lists(n: int) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()))
+
+
 def _nonblank(text: pa.Array) -> pa.Array:
     return pc.if_else(pc.not_equal(pc.utf8_trim_whitespace(text), ""), text, None)
 
@@ -147,6 +151,10 @@ def _cleaned(text: pa.Array) -> pa.Array:
 def _labels(label: pa.Array, labels: pa.ListArray) -> tuple[pa.Array, pa.ListArray]:
     """``label`` defaults to a single ``labels`` entry and is put first in ``labels``."""
     n = len(label)
+    if not len(pc.list_flatten(labels)):  # no `labels` values: [label] or []
+        valid = np.asarray(label.is_valid())
+        offsets = np.concatenate([[0], np.cumsum(valid)]).astype(np.int32)
+        return label, pa.ListArray.from_arrays(pa.array(offsets), label.filter(pa.array(valid)))
     flat = pc.utf8_trim_whitespace(pc.list_flatten(labels))
     labels = _rebuild(n, pc.list_parent_indices(labels), flat, pc.not_equal(flat, ""))
     lengths = np.asarray(pc.list_value_length(labels))
@@ -179,7 +187,9 @@ def _captions(cols: Mapping[str, pa.Array], n: int) -> pa.Array | None:
     entry when no column has text, so they are reported as ``empty caption``."""
     present = [k for k in CAPTION_KEYS if k in cols]
     if not present:
-        return pa.array([[]] * n, _LIST)
+        return _empty_lists(n)
+    if len(present) == 1:
+        return _as_list(cols[present[0]], None)
     result, chosen = None, np.zeros(n, bool)
     fallback: list[tuple[pa.Array, np.ndarray]] = []
     for k in present:
@@ -216,8 +226,7 @@ def from_columns(batch: pa.RecordBatch, first_row: int) -> pa.Table:
 
     images = [_as_string(cols[k]) for k in IMAGE_KEYS if k in cols]
     simple = [text(k) for k in ("id", "split", "label")]
-    labels = _as_list(cols["labels"], LABEL_SEP) if "labels" in cols \
-        else pa.array([[]] * n, _LIST)
+    labels = _as_list(cols["labels"], LABEL_SEP) if "labels" in cols else _empty_lists(n)
     captions = _captions(cols, n)
     if any(a is None for a in (*images, *simple, labels, captions)):
         return from_rows(batch.to_pylist(), first_row)  # nested or odd types
