@@ -106,7 +106,7 @@ def _as_string(col: pa.Array) -> pa.Array | None:
 
 def _as_list(col: pa.Array, sep: str | None) -> pa.Array | None:
     """A string column split by ``sep`` (or as one entry), or a list column, as list<string>;
-    null rows and null items are dropped (empty lists)."""
+    null rows and null items are dropped (empty lists), except null rows when split."""
     t = col.type
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         values = _as_string(pc.list_flatten(col))
@@ -116,9 +116,8 @@ def _as_list(col: pa.Array, sep: str | None) -> pa.Array | None:
     text = _as_string(col)
     if text is None:
         return None
-    if sep is not None:
-        parts = pc.split_pattern(text, sep)
-        return _rebuild(len(col), pc.list_parent_indices(parts), pc.list_flatten(parts), None)
+    if sep is not None:  # null rows stay null here; `_labels` rebuilds the lists anyway
+        return pc.split_pattern(text, sep)
     valid = np.asarray(text.is_valid())
     offsets = np.concatenate([[0], np.cumsum(valid)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), text.filter(pa.array(valid)))
