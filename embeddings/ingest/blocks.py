@@ -159,18 +159,20 @@ class Grouper:
         digest is the first occurrence's; a run's counter starts after the captions of the
         earlier runs of its group."""
         runs = len(starts)
-        group = np.asarray(pc.dictionary_encode(ids).indices, np.int64)  # by first appearance
-        order = np.argsort(group, kind="stable")
+        encoded = pc.dictionary_encode(ids)
+        group = np.asarray(encoded.indices, np.int64)  # numbered by first appearance
+        order = np.arange(runs) if len(encoded.dictionary) == runs \
+            else np.argsort(group, kind="stable")
         group_sorted = group[order]
         first = np.ones(runs, bool)  # in group order: the first run of each group
         first[1:] = group_sorted[1:] != group_sorted[:-1]
         lead = order[first]  # lead[g]: the first run of group g
         lead_ids = ids.take(pa.array(lead)).cast(pa.large_string())
         h = hashes(_np(lead_ids))
-        level, pos = self.index.find(h, lead_ids)
-        found = level >= 0
+        number = self.index.find(h, lead_ids)
+        found = number >= 0
         ref, prior = digest[starts[lead]], np.zeros(len(lead), np.int64)
-        ref[found], prior[found] = self.index.values(level[found], pos[found])
+        ref[found], prior[found] = self.index.values(number[found])
         lengths = np.diff(np.append(starts, len(digest)))
         accepted = digest == np.repeat(ref[group], lengths)
         counts = np.add.reduceat(entries * accepted, starts) if runs else prior
@@ -179,7 +181,7 @@ class Grouper:
         base = np.empty(runs, np.int64)
         base[order] = prior[group_sorted] + before - before[first][group_sorted]
         totals = prior + (np.add.reduceat(in_order, np.flatnonzero(first)) if runs else 0)
-        self.index.set_counts(level[found], pos[found], totals[found])
+        self.index.set_counts(number[found], totals[found])
         self.index.add(h[~found], lead_ids.filter(pa.array(~found)), ref[~found], totals[~found])
         is_new = np.zeros(runs, bool)
         is_new[lead[~found]] = True

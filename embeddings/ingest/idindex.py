@@ -1,31 +1,18 @@
-"""The ids seen so far, exact, in a few bytes more than the ids themselves.
+"""The ids seen so far, exact, in about 32 bytes an id plus the ids themselves.
 
-A dict of a million str keys costs about 150 bytes an id and, on a large dict, a cache miss
-per lookup; here ids live in sorted levels of 64-bit hashes (merged like a binary counter,
-so each id is re-sorted O(log n) times), with the id strings in an Arrow array beside the
-hashes to confirm every hash match, so a hash collision never merges two ids.  Per id:
-its digest (of image, split, label, labels) and its caption count.
+A dict of a million str keys costs about 150 bytes an id and Python work per id; here the
+ids are kept once, in the Arrow arrays they arrived in, and found through sorted levels of
+their 64-bit hashes (merged like a binary counter, each merge linear, numpy only), probed
+for a whole chunk at once.  Every hash match is confirmed against the id string, so a hash
+collision never merges two ids.  Per id, by insertion number: its digest (of image, split,
+label, labels) and its caption count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-
-@dataclass
-class _Level:
-    hashes: np.ndarray  # int64, sorted
-    ids: pa.Array  # string, same order
-    digest: np.ndarray  # int64
-    count: np.ndarray  # int64
-
-    def take(self, order: np.ndarray) -> _Level:
-        return _Level(self.hashes[order], self.ids.take(pa.array(order)), self.digest[order],
-                      self.count[order])
 
 
 def hashes(ids: np.ndarray) -> np.ndarray:
@@ -35,60 +22,83 @@ def hashes(ids: np.ndarray) -> np.ndarray:
 
 class IdIndex:
     def __init__(self) -> None:
-        self.levels: list[_Level] = []
-        self.size = 0
+        self.levels: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes, numbers)
+        self.digest = np.zeros(0, np.int64)  # by insertion number
+        self.count = np.zeros(0, np.int64)
+        self.chunks: list[pa.Array] = []  # the ids, in insertion order
+        self.offsets: list[int] = [0]
 
-    def find(self, h: np.ndarray, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """(level, position) of each id (``ids``: large_string), level -1 where it is new."""
-        level = np.full(len(h), -1, np.int64)
-        pos = np.zeros(len(h), np.int64)
+    @property
+    def size(self) -> int:
+        return self.offsets[-1]
+
+    def id_strings(self, number: np.ndarray) -> pa.Array:
+        """The ids with these insertion numbers."""
+        chunk = np.searchsorted(self.offsets, number, side="right") - 1
+        if len(chunk) and (chunk == chunk[0]).all():
+            return self.chunks[chunk[0]].take(pa.array(number - self.offsets[chunk[0]]))
+        return pa.array([self.chunks[c][int(n) - self.offsets[c]].as_py()
+                         for c, n in zip(chunk, number)], pa.large_string())
+
+    def find(self, h: np.ndarray, ids: pa.Array) -> np.ndarray:
+        """The insertion number of each id (``ids``: large_string), -1 where it is new."""
+        found = np.full(len(h), -1, np.int64)
         order = np.argsort(h)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(h))
-        for li, lv in enumerate(self.levels):
-            p = np.searchsorted(lv.hashes, h[order])[inverse]  # sorted queries: cache friendly
-            hit = (p < len(lv.hashes)) & (level < 0)
-            hit[hit] = lv.hashes[p[hit]] == h[hit]
+        for keys, numbers in self.levels:
+            p = np.searchsorted(keys, h[order])[inverse]  # sorted queries: cache friendly
+            hit = (p < len(keys)) & (found < 0)
+            hit[hit] = keys[p[hit]] == h[hit]
             idx = np.flatnonzero(hit)
             if not len(idx):
                 continue
-            same = np.asarray(pc.equal(lv.ids.take(pa.array(p[idx])), ids.take(pa.array(idx))))
-            level[idx[same]], pos[idx[same]] = li, p[idx[same]]
+            same = np.asarray(pc.equal(self.id_strings(numbers[p[idx]]),
+                                       ids.take(pa.array(idx))))
+            found[idx[same]] = numbers[p[idx[same]]]
             for i in idx[~same]:  # a hash collision: look through the ids with that hash
                 j = int(p[i]) + 1
-                while j < len(lv.hashes) and lv.hashes[j] == h[i]:
-                    if lv.ids[j] == ids[i]:
-                        level[i], pos[i] = li, j
+                while j < len(keys) and keys[j] == h[i]:
+                    if self.id_strings(numbers[j:j + 1])[0] == ids[i]:
+                        found[i] = numbers[j]
                         break
                     j += 1
-        return level, pos
+        return found
 
-    def values(self, level: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def values(self, number: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Digests and caption counts of found ids."""
-        digest, count = np.zeros(len(level), np.int64), np.zeros(len(level), np.int64)
-        for li in np.unique(level):
-            sel = level == li
-            digest[sel] = self.levels[li].digest[pos[sel]]
-            count[sel] = self.levels[li].count[pos[sel]]
-        return digest, count
+        return self.digest[number], self.count[number]
 
-    def set_counts(self, level: np.ndarray, pos: np.ndarray, count: np.ndarray) -> None:
-        for li in np.unique(level):
-            sel = level == li
-            self.levels[li].count[pos[sel]] = count[sel]
+    def set_counts(self, number: np.ndarray, count: np.ndarray) -> None:
+        self.count[number] = count
 
     def add(self, h: np.ndarray, ids: pa.Array, digest: np.ndarray, count: np.ndarray) -> None:
-        """Add new, distinct ids."""
+        """Add new, distinct ids (not found by :meth:`find`)."""
         if not len(h):
             return
-        order = np.argsort(h, kind="stable")
-        self.levels.append(_Level(h, ids, digest, count).take(order))
-        self.size += len(h)
-        while len(self.levels) > 1 and len(self.levels[-2].hashes) <= 2 * len(
-                self.levels[-1].hashes):
+        number = np.arange(self.size, self.size + len(h))
+        self.chunks.append(ids)
+        self.offsets.append(self.size + len(h))
+        if self.size > len(self.digest):  # grow by doubling: amortised O(1) an id
+            grow = np.zeros(max(self.size, 2 * len(self.digest)) - len(self.digest), np.int64)
+            self.digest = np.concatenate([self.digest, grow])
+            self.count = np.concatenate([self.count, grow])
+        self.digest[number], self.count[number] = digest, count
+        order = np.argsort(h)
+        self.levels.append((h[order], number[order]))
+        while len(self.levels) > 1 and len(self.levels[-2][0]) <= 2 * len(self.levels[-1][0]):
             b, a = self.levels.pop(), self.levels.pop()
-            merged = _Level(np.concatenate([a.hashes, b.hashes]),
-                            pa.concat_arrays([a.ids, b.ids]),
-                            np.concatenate([a.digest, b.digest]),
-                            np.concatenate([a.count, b.count]))
-            self.levels.append(merged.take(np.argsort(merged.hashes, kind="stable")))
+            self.levels.append(_merge(a, b))
+
+
+def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted levels as one, in linear time (plus a binary search per item of ``b``)."""
+    n = len(a[0]) + len(b[0])
+    at_b = np.searchsorted(a[0], b[0], side="right") + np.arange(len(b[0]))
+    at_a = np.ones(n, bool)
+    at_a[at_b] = False
+    keys, numbers = np.empty(n, np.int64), np.empty(n, np.int64)
+    keys[at_a], keys[at_b] = a[0], b[0]
+    numbers[at_a], numbers[at_b] = a[1], b[1]
+    return keys, numbers

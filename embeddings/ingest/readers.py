@@ -12,6 +12,8 @@ import codecs
 import csv
 import json
 import os
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -221,8 +223,46 @@ READERS: dict[str, Callable[[Path], Iterator[pa.Table]]] = {
 
 
 def chunks(path: Path, fmt: str) -> Iterator[pa.Table]:
+    """Canonical chunks of ``path``, read and normalised one or two chunks ahead in a thread
+    (Arrow kernels release the GIL, so reading overlaps the grouping)."""
     if fmt not in READERS:
         raise InputError(f"unknown dataset format {fmt!r}: use {', '.join(FORMATS)}")
     if not os.path.exists(path):
         raise InputError(f"dataset not found: {path}")
-    return READERS[fmt](path)
+    return prefetch(READERS[fmt](path))
+
+
+def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``items``, produced in a background thread at most ``depth`` ahead; its exceptions
+    are raised here, and stopping early stops the thread."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((done, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((done, e))
+
+    thread = threading.Thread(target=produce, name="ingest-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
