@@ -2,23 +2,21 @@
 
 Rules, in the order they apply to a row: a reader error (`invalid JSON`, `not a JSON
 object`, `malformed CSV row`); `no image path in row`; `image path contains a NUL byte`;
-`image path escapes the dataset root` (lexically, or through a symlinked directory or file);
-then grouping.  Contiguous rows with the same id (the ``id`` column, else the normalised
+`image path escapes the dataset root` (lexically, or through a symlinked directory or file)
+(these in ``rows``, ahead in the reader thread); then grouping, here.  Contiguous rows with the same id (the ``id`` column, else the normalised
 image path) are one image; a later repeat of a seen id with the same image, split, label and
 labels only adds captions (ids continue the image's ``<id>#k`` counter), and one with other
 fields is a `duplicate id` reject.  Caption entries are then checked: `empty caption`,
 `caption too long`, `duplicate caption id` (explicit COCO / Karpathy ids).
 
-Memory: the current chunk plus the id index (`idindex`: about 40 bytes + the id per id),
+Memory: a few chunks plus the id index (``idindex``: about 32 bytes + the id per id),
 never the dataset.  Everything per row is an Arrow or numpy operation (plus Python's C-level
-string hash); a Python loop over images runs only in chunks where some id repeats, and over
-rows only for odd paths (``..``, ``//``, absolute, NUL) and symlinked directories.
+string hash); Python loops over rows only for rejects, odd paths (``..``, ``//``, absolute)
+and symlinked directories.
 """
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +28,7 @@ import pyarrow.compute as pc
 from ..errors import InputError
 from .idindex import IdIndex, hashes
 from .records import CAPTION_SCHEMA, IMAGE_SCHEMA, MAX_CAPTION_CHARS, Block, IngestStats, Reject
-
-# NUL bytes, and paths os.path.normpath would change: these rows take the Python path.
-_ODD = r"\x00|(^|/)\.\.?(/|$)|//|^/|/$"
-_DIR_CACHE = 4096
+from .rows import ESCAPE, NO_IMAGE, NUL, READ_ERROR, VALID, np_values
 
 
 @dataclass
@@ -43,11 +38,6 @@ class _Parts:
     rejects: list[Reject] = field(default_factory=list)
 
 
-def _np(arr: pa.Array) -> np.ndarray:
-    return np.asarray(pc.fill_null(arr, False)) if pa.types.is_boolean(arr.type) \
-        else arr.to_numpy(zero_copy_only=False)
-
-
 class Grouper:
     """Turns a stream of canonical chunks into blocks of ``size`` images."""
 
@@ -55,13 +45,11 @@ class Grouper:
         if size < 1:
             raise InputError(f"block size must be at least 1, got {size}")
         self.root, self.size, self.skip, self.stats = root, size, skip, stats
-        self._root = str(root)
         self.index = IdIndex()
         self.caption_ids: set[str] = set()
         self.n_images = 0  # images before the current chunk
         self.next_block = 0  # the first block not yet yielded or skipped
         self.parts: dict[int, _Parts] = {}
-        self._dirs: OrderedDict[str, tuple[str | None, frozenset[str]]] = OrderedDict()
 
     def run(self, chunks: Iterable[pa.Table]) -> Iterator[Block]:
         it = iter(chunks)
@@ -91,21 +79,13 @@ class Grouper:
     def _process(self, t: pa.Table, final: bool) -> pa.Table | None:
         n = t.num_rows
         col = {name: t.column(name).combine_chunks() for name in t.column_names}
-        image = col["image"]
-        if _np(pc.starts_with(image, "./")).any():
-            image = pc.replace_substring_regex(image, r"^(\./)+", "")
-        err = np.asarray(col["error"].is_valid())
-        noimg = ~err & np.asarray(image.is_null())
-        odd = ~err & ~noimg & _np(pc.match_substring_regex(image, _ODD))  # one pass, usually
-        nul = odd & _np(pc.match_substring(image, "\x00")) if odd.any() else odd
-        cand = ~(err | noimg | nul)
-        rel, rid_img, escape = self._paths(image, cand, odd & cand)
-        valid_rows = np.flatnonzero(cand & ~escape)
-        rid = pc.coalesce(col["id"], rid_img)
+        status = np.asarray(col["status"])
+        valid_rows = np.flatnonzero(status == VALID)
+        rid = col["rid"]
         rid_v = rid.take(pa.array(valid_rows))
         start = np.ones(len(rid_v), bool)
         if len(rid_v) > 1:
-            start[1:] = _np(pc.not_equal(rid_v[1:], rid_v[:-1]))
+            start[1:] = np_values(pc.not_equal(rid_v[1:], rid_v[:-1]))
         starts = np.flatnonzero(start)
         cut, m, carry = n, len(valid_rows), None
         if not final and len(starts):  # the last run may go on in the next chunk
@@ -114,18 +94,13 @@ class Grouper:
             carry, starts = t.slice(cut), starts[:-1]
         V, rid_v, start = valid_rows[:m], rid_v[:m], start[:m]
         run = np.cumsum(start) - 1
-
-        labels_key = pc.fill_null(pc.binary_join(col["labels"], "\x1e"), "")
-        key = pc.binary_join_element_wise(rel, pc.fill_null(col["split"], ""),
-                                          pc.fill_null(col["label"], ""), labels_key, "\x1f")
-        digest = np.fromiter(map(hash, _np(key.take(pa.array(V)))), np.int64, m)
+        digest = np.asarray(col["digest"])[V]
         entries = np.asarray(pc.fill_null(pc.list_value_length(col["captions"]), 0))[V]
         accepted, is_new, base = self._dedupe(rid_v.take(pa.array(starts)), digest, starts,
                                               entries)
 
         new_pos = V[starts[is_new]]
-        positions = np.arange(cut)
-        row_block = self._block_of(positions, new_pos)
+        row_block = self._block_of(np.arange(cut), new_pos)
         self.n_images += len(new_pos)
         self.stats.rows += cut
         self.stats.images += len(new_pos)
@@ -133,18 +108,17 @@ class Grouper:
             if cut else np.zeros(0, bool)
         row_live = live[row_block - row_block[0]] if cut else np.zeros(0, bool)
 
-        rejects = self._row_rejects(col, image, rid_img, err[:cut], noimg[:cut], nul[:cut],
-                                    escape[:cut], row_live)
+        rejects = self._row_rejects(col, status[:cut], row_live)
         self.stats.rejects += int((~accepted).sum())
         rejects += [(int(p), Reject("images", str(r),
                                     f"duplicate id: row {int(col['row'][int(p)].as_py())} "
                                     "disagrees with an earlier row"))
-                    for p, r in zip(V[~accepted], _np(rid_v.filter(pa.array(~accepted))))
+                    for p, r in zip(V[~accepted], np_values(rid_v.filter(pa.array(~accepted))))
                     if row_live[p]]
         caption_parts = self._captions(col, rid, V[accepted], run[accepted], is_new, base,
                                        row_live)
         rejects += caption_parts.pop()
-        self._collect(col, rid, rel, new_pos, row_block, caption_parts, rejects)
+        self._collect(col, rid, col["rel"], new_pos, row_block, caption_parts, rejects)
         return carry
 
     def _block_of(self, positions: np.ndarray, new_pos: np.ndarray) -> np.ndarray:
@@ -168,7 +142,7 @@ class Grouper:
         first[1:] = group_sorted[1:] != group_sorted[:-1]
         lead = order[first]  # lead[g]: the first run of group g
         lead_ids = ids.take(pa.array(lead)).cast(pa.large_string())
-        h = hashes(_np(lead_ids))
+        h = hashes(np_values(lead_ids))
         number = self.index.find(h, lead_ids)
         found = number >= 0
         ref, prior = digest[starts[lead]], np.zeros(len(lead), np.int64)
@@ -187,108 +161,24 @@ class Grouper:
         is_new[lead[~found]] = True
         return accepted, is_new, base
 
-    # ------------------------------------------------------------------------ paths
-
-    def _paths(self, image: pa.Array, cand: np.ndarray, odd: np.ndarray
-               ) -> tuple[pa.Array, pa.Array, np.ndarray]:
-        """Image paths relative to the root, the image part of default ids, and escapes."""
-        escape = np.zeros(len(image), bool)
-        rel, rid_img = image, image
-        if odd.any():
-            idx = np.flatnonzero(odd)
-            fixed, ids = [], []
-            for i, p in zip(idx, image.take(pa.array(idx)).to_pylist()):
-                ids.append(os.path.normpath(p))
-                r = self._inside(os.path.normpath(os.path.join(self._root, p)))
-                escape[i] = r is None
-                fixed.append(r or "")
-            mask = pa.array(odd)
-            rel = pc.replace_with_mask(image, mask, pa.array(fixed, pa.string()))
-            rid_img = pc.replace_with_mask(image, mask, pa.array(ids, pa.string()))
-        rel, escape = self._symlinks(rel, cand & ~escape, escape)
-        return rel, rid_img, escape
-
-    def _inside(self, target: str) -> str | None:
-        """``target`` (absolute, normalised) relative to the root, or None outside it."""
-        if target.startswith(self._root + os.sep):
-            return target[len(self._root) + 1:]
-        return None
-
-    def _dir(self, d: str) -> tuple[str | None, frozenset[str]]:
-        """A directory's real path relative to the root (None: outside), and its symlinks."""
-        if d in self._dirs:
-            self._dirs.move_to_end(d)
-            return self._dirs[d]
-        real = os.path.realpath(os.path.join(self._root, d))
-        inside = "" if real == self._root else self._inside(real)
-        links: frozenset[str] = frozenset()
-        if inside is not None:
-            try:
-                with os.scandir(real) as it:
-                    links = frozenset(e.name for e in it if e.is_symlink())
-            except OSError:
-                pass
-        self._dirs[d] = (inside, links)
-        if len(self._dirs) > _DIR_CACHE:
-            self._dirs.popitem(last=False)
-        return inside, links
-
-    def _symlinks(self, rel: pa.Array, ok: np.ndarray, escape: np.ndarray
-                  ) -> tuple[pa.Array, np.ndarray]:
-        """Resolve symlinked directories and files, so a link cannot lead out of the root."""
-        parts = pc.split_pattern(rel, "/", max_splits=1, reverse=True)
-        dirs = pc.if_else(pc.equal(pc.list_value_length(parts), 2), pc.list_element(parts, 0), "")
-        odd_dirs = set()
-        kept = dirs.filter(pa.array(ok))
-        if len(kept) > 1:  # manifests list a directory's files together: drop repeats first
-            kept = kept.filter(pa.array(np.append(True, _np(pc.not_equal(kept[1:], kept[:-1])))))
-        for d in pc.unique(kept).to_pylist():
-            inside, links = self._dir(d)
-            if inside != d or links:
-                odd_dirs.add(d)
-        if not odd_dirs:
-            return rel, escape
-        idx = np.flatnonzero(ok & _np(pc.is_in(dirs, pa.array(sorted(odd_dirs)))))
-        fixed = []
-        for i, path in zip(idx, rel.take(pa.array(idx)).to_pylist()):
-            d, _, name = path.rpartition("/")
-            inside, links = self._dir(d)
-            r = None
-            if inside is not None:
-                r = f"{inside}/{name}" if inside else name
-                if name in links:
-                    r = self._inside(os.path.realpath(os.path.join(self._root, r)))
-            escape[i] = r is None
-            fixed.append(r or "")
-        return pc.replace_with_mask(rel, pa.array(np.isin(np.arange(len(rel)), idx)),
-                                    pa.array(fixed, pa.string())), escape
-
     # ---------------------------------------------------------------------- rejects
 
-    def _row_rejects(self, col: dict[str, pa.Array], image: pa.Array, rid_img: pa.Array,
-                     err: np.ndarray, noimg: np.ndarray, nul: np.ndarray, escape: np.ndarray,
-                     live: np.ndarray) -> list[tuple[int, Reject]]:
-        self.stats.rejects += int(err.sum() + noimg.sum() + nul.sum() + escape.sum())
-        out: list[tuple[int, Reject]] = []
-        for mask, why in ((err, None), (noimg, "no image path in row"),
-                          (nul, "image path contains a NUL byte"),
-                          (escape, "image path escapes the dataset root")):
-            idx = np.flatnonzero(mask & live)
-            if not len(idx):
-                continue
-            take = pa.array(idx)
-            ids = col["id"].take(take).to_pylist()
-            rows = col["row"].take(take).to_pylist()
-            errors = col["error"].take(take).to_pylist()
-            paths = image.take(take).to_pylist()
-            norm = rid_img.take(take).to_pylist()
-            for i, rid, row, error, path, default in zip(idx, ids, rows, errors, paths, norm):
-                if why is None:
-                    out.append((int(i), Reject("images", rid or f"row:{row}", error)))
-                elif "escapes" in why:
-                    out.append((int(i), Reject("images", rid or default, f"{why}: {path}")))
-                else:
-                    out.append((int(i), Reject("images", rid or f"row:{row}", why)))
+    def _row_rejects(self, col: dict[str, pa.Array], status: np.ndarray, live: np.ndarray
+                     ) -> list[tuple[int, Reject]]:
+        bad = np.flatnonzero((status != VALID) & live)
+        self.stats.rejects += int((status != VALID).sum())
+        if not len(bad):
+            return []
+        take = pa.array(bad)
+        fields = zip(bad, status[bad], *(col[c].take(take).to_pylist()
+                                         for c in ("id", "row", "error", "image", "norm")))
+        out = []
+        for i, why, rid, row, error, image, norm in fields:
+            reason = {READ_ERROR: error, NO_IMAGE: "no image path in row",
+                      NUL: "image path contains a NUL byte",
+                      ESCAPE: f"image path escapes the dataset root: {image}"}[why]
+            out.append((int(i), Reject("images", rid or (norm if why == ESCAPE else f"row:{row}"),
+                                       reason)))
         return out
 
     # ---------------------------------------------------------------------- captions
@@ -299,7 +189,7 @@ class Grouper:
         """Caption entries of the accepted rows: [kept table, per-image lists, rejects]."""
         lists = col["captions"].take(pa.array(rows))
         parent = np.asarray(pc.list_parent_indices(lists), np.int64)
-        text = pc.utf8_trim_whitespace(pc.list_flatten(lists))
+        text = pc.list_flatten(lists)  # stripped by the row pass
         pos, run = rows[parent], row_run[parent]
         first = np.searchsorted(run, run, side="left")
         k = base[run] + np.arange(len(run)) - first

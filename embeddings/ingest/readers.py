@@ -223,13 +223,12 @@ READERS: dict[str, Callable[[Path], Iterator[pa.Table]]] = {
 
 
 def chunks(path: Path, fmt: str) -> Iterator[pa.Table]:
-    """Canonical chunks of ``path``, read and normalised one or two chunks ahead in a thread
-    (Arrow kernels release the GIL, so reading overlaps the grouping)."""
+    """Canonical chunks of ``path``."""
     if fmt not in READERS:
         raise InputError(f"unknown dataset format {fmt!r}: use {', '.join(FORMATS)}")
     if not os.path.exists(path):
         raise InputError(f"dataset not found: {path}")
-    return prefetch(READERS[fmt](path))
+    return READERS[fmt](path)
 
 
 def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:

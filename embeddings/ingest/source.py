@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..errors import InputError, MissingError
 from .blocks import Grouper
-from .readers import chunks, detect_format
+from .readers import chunks, detect_format, prefetch
 from .records import Block, Dataset, IngestStats
+from .rows import RowChecker
 
 LOAD_BLOCK = 65_536  # block size load_dataset materialises with (any size gives the same)
 
@@ -28,7 +29,10 @@ class Source:
         through the same vectorised pass (ids and boundaries depend on them) but are neither
         built nor yielded.  :attr:`stats` counts every block of the pass, skipped included."""
         self.stats = IngestStats()
-        yield from Grouper(self.root, size, skip, self.stats).run(chunks(self.path, self.format))
+        # Reading, normalising and the per-row checks run a chunk or two ahead in a thread
+        # (Arrow kernels release the GIL), the grouping here.
+        rows = prefetch(map(RowChecker(self.root), chunks(self.path, self.format)))
+        yield from Grouper(self.root, size, skip, self.stats).run(rows)
         if not self.stats.rows:
             what = "no images" if self.format == "imagefolder" else "no data rows"
             raise InputError(f"{self.path} has {what}: there is nothing to ingest")
