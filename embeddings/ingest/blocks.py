@@ -3,7 +3,8 @@
 Rules, in the order they apply to a row: a reader error (`invalid JSON`, `not a JSON
 object`, `malformed CSV row`); `no image path in row`; `image path contains a NUL byte`;
 `image path escapes the dataset root` (lexically, or through a symlinked directory or file)
-(these in ``rows``, ahead in the reader thread); then grouping, here.  Contiguous rows with the same id (the ``id`` column, else the normalised
+(these in ``rows``, ahead in the reader thread); then grouping, here.  Contiguous rows with
+the same id (the ``id`` column, else the normalised
 image path) are one image; a later repeat of a seen id with the same image, split, label and
 labels only adds captions (ids continue the image's ``<id>#k`` counter), and one with other
 fields is a `duplicate id` reject.  Caption entries are then checked: `empty caption`,
