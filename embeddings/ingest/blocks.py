@@ -246,20 +246,15 @@ class Grouper:
             [rid.take(at), rel.take(at), col["split"].take(at), col["label"].take(at),
              col["labels"].take(at), per_image], schema=IMAGE_SCHEMA)
         for table, pos, attr in ((images, new_pos, "images"), (captions, caption_pos, "captions")):
-            blocks = row_block[pos]
-            for b in blocks[np.append(True, blocks[1:] != blocks[:-1])] if len(blocks) else ():
-                if b in self.skip:
-                    continue
-                lo, hi = np.searchsorted(blocks, [b, b + 1])
-                getattr(self.parts.setdefault(int(b), _Parts()), attr).append(
-                    table.slice(lo, hi - lo))
+            blocks = row_block[pos]  # non-decreasing
+            bounds = np.concatenate([[0], np.flatnonzero(np.diff(blocks)) + 1, [len(blocks)]])
+            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+                b = int(blocks[lo])
+                if hi > lo and b not in self.skip:
+                    getattr(self.parts.setdefault(b, _Parts()), attr).append(
+                        table.slice(lo, hi - lo))
         for p, r in sorted(rejects, key=lambda pr: pr[0]):
             self.parts.setdefault(int(row_block[p]), _Parts()).rejects.append(r)
-
-
-def _distinct(values: np.ndarray) -> bool:
-    ordered = np.sort(values)
-    return not (ordered[1:] == ordered[:-1]).any()
 
 
 def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
