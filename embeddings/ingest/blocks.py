@@ -249,8 +249,8 @@ class Grouper:
             blocks = row_block[pos]  # non-decreasing
             bounds = np.concatenate([[0], np.flatnonzero(np.diff(blocks)) + 1, [len(blocks)]])
             for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-                b = int(blocks[lo])
-                if hi > lo and b not in self.skip:
+                b = int(blocks[lo]) if hi > lo else -1
+                if b >= 0 and b not in self.skip:
                     getattr(self.parts.setdefault(b, _Parts()), attr).append(
                         table.slice(lo, hi - lo))
         for p, r in sorted(rejects, key=lambda pr: pr[0]):
