@@ -331,6 +331,9 @@ def test_bad_files_are_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "noimage.csv").write_text("id,caption\n1,c\n")
     with pytest.raises(InputError, match="no image column"):
         load_dataset(tmp_path / "noimage.csv")
+    (tmp_path / "c.json").write_text('{"images": []}')
+    with pytest.raises(InputError, match="annotations"):
+        load_dataset(tmp_path / "c.json", format="coco")
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match="bad.parquet"):
         load_dataset(tmp_path / "bad.parquet")

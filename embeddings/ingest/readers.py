@@ -195,8 +195,15 @@ def _imagefolder_rows(root: Path) -> Iterator[dict[str, Any]]:
                     yield {"image": f.relative_to(root).as_posix(), "label": d.name, "split": split}
 
 
-def coco_chunks(path: Path) -> Iterator[pa.Table]:
+def _json_with(path: Path, *keys: str) -> dict[str, Any]:
     data = read_json(path)
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in keys):
+        raise InputError(f"{path}: expected a JSON object with the list(s) {', '.join(keys)}")
+    return data
+
+
+def coco_chunks(path: Path) -> Iterator[pa.Table]:
+    data = _json_with(path, "images", "annotations")
     caps: dict[Any, list[tuple[str, str]]] = {}
     for a in data["annotations"]:
         caps.setdefault(a.get("image_id"), []).append((str(a.get("id")), a.get("caption") or ""))
@@ -207,7 +214,7 @@ def coco_chunks(path: Path) -> Iterator[pa.Table]:
 
 def karpathy_chunks(path: Path) -> Iterator[pa.Table]:
     def rows() -> Iterator[dict[str, Any]]:
-        for img in read_json(path)["images"]:
+        for img in _json_with(path, "images")["images"]:
             rel = "/".join(p for p in (img.get("filepath"), img.get("filename")) if p)
             sents = [(str(s.get("sentid")), s.get("raw") or " ".join(s.get("tokens", [])))
                      for s in img.get("sentences", [])]
