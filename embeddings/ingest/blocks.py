@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -42,10 +41,10 @@ class _Parts:
 class Grouper:
     """Turns a stream of canonical chunks into blocks of ``size`` images."""
 
-    def __init__(self, root: Path, size: int, skip: Container[int], stats: IngestStats) -> None:
+    def __init__(self, size: int, skip: Container[int], stats: IngestStats) -> None:
         if size < 1:
             raise InputError(f"block size must be at least 1, got {size}")
-        self.root, self.size, self.skip, self.stats = root, size, skip, stats
+        self.size, self.skip, self.stats = size, skip, stats
         self.index = IdIndex()
         self.caption_ids: set[str] = set()
         self.n_images = 0  # images before the current chunk

@@ -32,7 +32,7 @@ class Source:
         # Reading, normalising and the per-row checks run a chunk or two ahead in a thread
         # (Arrow kernels release the GIL), the grouping here.
         rows = prefetch(map(RowChecker(self.root), chunks(self.path, self.format)))
-        yield from Grouper(self.root, size, skip, self.stats).run(rows)
+        yield from Grouper(size, skip, self.stats).run(rows)
         if not self.stats.rows:
             what = "no images" if self.format == "imagefolder" else "no data rows"
             raise InputError(f"{self.path} has {what}: there is nothing to ingest")
