@@ -1,4 +1,4 @@
-"""The ids seen so far, exact, in about 32 bytes an id plus the ids themselves.
+"""The ids seen so far, exact, in about 50 bytes an id plus the ids themselves.
 
 A dict of a million str keys costs about 150 bytes an id and Python work per id; here the
 ids are kept once, in the Arrow arrays they arrived in, and found through sorted levels of
@@ -27,6 +27,9 @@ class IdIndex:
         self.count = np.zeros(0, np.int64)
         self.chunks: list[pa.Array] = []  # the ids, in insertion order
         self.offsets: list[int] = [0]
+        # A one-hash Bloom filter (8 to 16 one-byte slots an id): most lookups are of new ids,
+        # and it answers "new" for about 9 in 10 of them without touching the levels.
+        self.seen = np.zeros(1 << 16, bool)
 
     @property
     def size(self) -> int:
@@ -43,6 +46,10 @@ class IdIndex:
     def find(self, h: np.ndarray, ids: pa.Array) -> np.ndarray:
         """The insertion number of each id (``ids``: large_string), -1 where it is new."""
         found = np.full(len(h), -1, np.int64)
+        maybe = np.flatnonzero(self.seen[h & (len(self.seen) - 1)])
+        if len(maybe) < len(h):
+            found[maybe] = self.find(h[maybe], ids.take(pa.array(maybe))) if len(maybe) else []
+            return found
         order = np.argsort(h)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(h))
@@ -86,6 +93,12 @@ class IdIndex:
         self.digest[number], self.count[number] = digest, count
         order = np.argsort(h)
         self.levels.append((h[order], number[order]))
+        if 8 * self.size > len(self.seen):  # rebuild larger from every hash
+            self.seen = np.zeros(1 << int(np.ceil(np.log2(16 * self.size))), bool)
+            for keys, _ in self.levels:
+                self.seen[keys & (len(self.seen) - 1)] = True
+        else:
+            self.seen[h & (len(self.seen) - 1)] = True
         while len(self.levels) > 1 and len(self.levels[-2][0]) <= 2 * len(self.levels[-1][0]):
             b, a = self.levels.pop(), self.levels.pop()
             self.levels.append(_merge(a, b))
