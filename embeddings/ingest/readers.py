@@ -56,18 +56,20 @@ def detect_format(path: Path) -> str:
 def check_utf8(path: Path) -> None:
     """Fail before any work when a text manifest is not UTF-8, naming the line and the fix."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    line = 1
+    offset = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as e:
-                line += chunk.count(b"\n", 0, e.start)
+                at = offset + e.start
+                f.seek(0)
+                line = 1 + f.read(at).count(b"\n")
                 raise InputError(
                     f"{path} is not UTF-8 text (line {line}: byte {chunk[e.start]:#04x}); "
                     f"manifests must be UTF-8: convert it, e.g. `iconv -f latin1 -t utf-8 "
                     f"{path} > {path.with_suffix('.utf8' + path.suffix)}`") from None
-            line += chunk.count(b"\n")
+            offset += len(chunk)
         try:
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
@@ -123,7 +125,7 @@ def csv_chunks(path: Path) -> Iterator[pa.Table]:
                                             invalid_row_handler=skip_row),
             convert_options=pcsv.ConvertOptions(
                 column_types={c: pa.string() for c in columns}, include_columns=columns,
-                strings_can_be_null=False))
+                strings_can_be_null=False, check_utf8=False))  # checked above
         n = 0
         for batch in reader:
             yield from_columns(batch, n)
