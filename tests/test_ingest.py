@@ -337,3 +337,19 @@ def test_bad_files_are_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(InputError, match="bad.parquet"):
         load_dataset(tmp_path / "bad.parquet")
+
+
+def test_id_index_is_exact_when_hashes_collide() -> None:
+    import numpy as np
+
+    from embeddings.ingest.idindex import IdIndex
+    index = IdIndex()
+    ids = pa.array([f"id{i}" for i in range(40)], pa.large_string())
+    h = np.full(40, 7, np.int64)  # every id shares one hash
+    for lo in range(0, 40, 5):  # several levels, merged in tiers
+        part = slice(lo, lo + 5)
+        assert (index.find(h[part], ids[part]) == -1).all()
+        index.add(h[part], ids[part], np.arange(lo, lo + 5), np.zeros(5, np.int64))
+    found = index.find(h, ids)
+    assert sorted(found) == list(range(40))
+    assert (index.values(found)[0] == found).all()  # each id kept its own digest

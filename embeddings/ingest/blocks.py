@@ -257,4 +257,6 @@ class Grouper:
 
 
 def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    if len(tables) == 1:
+        return tables[0]
     return pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()

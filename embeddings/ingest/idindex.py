@@ -2,7 +2,7 @@
 
 A dict of a million str keys costs about 150 bytes an id and Python work per id; here the
 ids are kept once, in the Arrow arrays they arrived in, and found through sorted levels of
-their 64-bit hashes (merged like a binary counter, each merge linear, numpy only), probed
+their 64-bit hashes (merged in tiers of four, each merge linear, numpy only), probed
 for a whole chunk at once.  Every hash match is confirmed against the id string, so a hash
 collision never merges two ids.  Per id, by insertion number: its digest (of image, split,
 label, labels) and its caption count.
@@ -99,9 +99,10 @@ class IdIndex:
                 self.seen[keys & (len(self.seen) - 1)] = True
         else:
             self.seen[h & (len(self.seen) - 1)] = True
-        while len(self.levels) > 1 and len(self.levels[-2][0]) <= 2 * len(self.levels[-1][0]):
-            b, a = self.levels.pop(), self.levels.pop()
-            self.levels.append(_merge(a, b))
+        # Tiered: four levels of a size become one, so a hash is re-sorted log4(n) times.
+        while len(self.levels) >= 4 and len(self.levels[-4][0]) <= 2 * len(self.levels[-1][0]):
+            d, c, b, a = (self.levels.pop() for _ in range(4))
+            self.levels.append(_merge(_merge(a, b), _merge(c, d)))
 
 
 def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
