@@ -55,7 +55,7 @@ print(json.dumps(out))
 
 
 def make_manifest(path: Path, rows: int, per_image: int) -> None:
-    """``rows`` rows, ``per_image`` contiguous captions per image, a few hostile rows."""
+    """``rows`` rows, ``per_image`` contiguous captions per image, every column filled."""
     with open(path, "w", encoding="utf-8", newline="") as f:
         f.write("id,image,caption,label,labels,split\n")
         for i in range(rows):
