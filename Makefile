@@ -76,10 +76,12 @@ lint: setup
 
 bench: bench-embed bench-search bench-heads
 
-# Embed stage vs a naive loop: tiny model (decode-bound), then full-size ViT-B-32.
+# Embed stage vs a naive loop: tiny model (decode-bound), then full-size ViT-B-32; then the
+# streaming ingest of a 1M-row CSV vs a bare pyarrow.csv.read_csv of it.
 bench-embed: setup
 	$(PY) benchmarks/bench_embed.py --arch tiny
 	$(PY) benchmarks/bench_embed.py --arch ViT-B-32 --repeat 1
+	$(PY) benchmarks/bench_ingest.py
 
 # Local engine vs Ray engine (local Ray cluster), same demo images and models, one run.
 bench-ray: setup

@@ -35,7 +35,7 @@ from embeddings.encode import (
 )
 from embeddings.encoders import Encoder, load_encoder, resolve_device
 from embeddings.errors import FormatError, InputError, RunMismatch
-from embeddings.records import Block, Source, open_dataset
+from embeddings.ingest import Block, Source, open_dataset
 from embeddings.store import (
     KINDS,
     MODALITY_KIND,
@@ -47,7 +47,6 @@ from embeddings.store import (
     ShardRecord,
     check_same_model,
     column_name,
-    rows_of,
     shard_bytes,
 )
 
@@ -169,9 +168,9 @@ def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig,
     failed: list[tuple[int, str]] = []
     parts: dict[str, list[np.ndarray]] = {}
     image_encoders = [e for e in encoders if "image" in e.modalities]
-    if block.images and image_encoders:
+    if block.image_table.num_rows and image_encoders:
         batches = iter_image_embeddings(
-            root, [r.image for r in block.images], encoders, device=models.device,
+            root, block.image_column("image"), encoders, device=models.device,
             batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels,
         ) if decoded is None else iter_decoded_embeddings(decoded, encoders,
                                                            batch_size=cfg.batch_size)
@@ -184,7 +183,7 @@ def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig,
         parts.get(column_name(e.spec.name, "image"), []) or [np.zeros((0, e.dim), np.float32)])
         for e in image_encoders}
     # A whole block per call: text models may reorder it by length to save padding.
-    texts = embed_texts([c.caption for c in block.captions], encoders, cfg.batch_size)
+    texts = embed_texts(block.caption_column("caption"), encoders, cfg.batch_size)
     caption_vectors = {column_name(n, "text"): v for n, v in texts.items()}
     return BlockResult(kept, image_vectors, failed, caption_vectors)
 
@@ -193,7 +192,7 @@ def decode_block(block: Block, root: Path, transforms: Sequence[Callable[[Any], 
                  max_pixels: int) -> list[Decoded]:
     """The CPU half of :func:`embed_block`: read, decode and preprocess the block's images
     with the image encoders' transforms (:func:`image_transforms`), in input order."""
-    files = ImageFiles(root, [r.image for r in block.images], transforms, max_pixels)
+    files = ImageFiles(root, block.image_column("image"), transforms, max_pixels)
     return [files[i] for i in range(len(files))]
 
 
@@ -205,19 +204,19 @@ def image_transforms(models: Models) -> list[Callable[[Any], torch.Tensor]]:
 def write_block(run: Run, block: Block, result: BlockResult,
                 dtype: str) -> tuple[ShardRecord, ShardRecord]:
     """Write the image shard then the caption shard of ``block``; their records."""
-    images = [block.images[i] for i in result.image_rows]
+    ids = block.image_column("id")
     ingest = [r.to_dict() for r in block.rejects]
-    embed_rejects = [{"kind": "images", "id": block.images[i].id, "reason": why}
+    embed_rejects = [{"kind": "images", "id": ids[i], "reason": why}
                      for i, why in result.image_rejects]
-    img_info = ShardInfo(block.index, [r.id for r in block.images],
+    img_info = ShardInfo(block.index, ids,
                          [r for r in ingest if r["kind"] == "images"] + embed_rejects)
-    cap_info = ShardInfo(block.index, [c.id for c in block.captions],
+    cap_info = ShardInfo(block.index, block.caption_column("id"),
                          [r for r in ingest if r["kind"] != "images"])
+    kept = block.image_table.take(result.image_rows)
     img = run.embed.write_shard("images", block.index, shard_bytes(
-        "images", rows_of("images", images), result.image_vectors, dtype, img_info))
+        "images", kept, result.image_vectors, dtype, img_info))
     cap = run.embed.write_shard("captions", block.index, shard_bytes(
-        "captions", rows_of("captions", block.captions), result.caption_vectors, dtype,
-        cap_info))
+        "captions", block.caption_table, result.caption_vectors, dtype, cap_info))
     return img, cap
 
 
@@ -306,7 +305,7 @@ def _finished(run: Run, cfg: EmbedConfig) -> dict[int, tuple[ShardRecord, ShardR
 def _same_inputs(run: Run, records: tuple[ShardRecord, ShardRecord], block: Block) -> bool:
     """A re-read partial block is done only if the dataset did not grow into it."""
     info = run.embed.shard_info(run.embed.shard_path(records[0]))
-    return info.inputs == [r.id for r in block.images]
+    return info.inputs == block.image_column("id")
 
 
 def _listed(run: Run, done: dict[int, tuple[ShardRecord, ShardRecord]]) -> bool:
@@ -329,8 +328,9 @@ class _Progress:
 
     def block_done(self, block: Block) -> None:
         self.blocks += 1
-        self.items.update(images=len(block.images), captions=len(block.captions))
-        self.bar.update(len(block.images))
+        n = block.image_table.num_rows
+        self.items.update(images=n, captions=block.caption_table.num_rows)
+        self.bar.update(n)
         self.bar.set_postfix(captions=self.items["captions"], blocks=self.blocks, refresh=False)
 
     def rates(self) -> dict[str, float]:

@@ -33,7 +33,7 @@ from ray.exceptions import RayError
 from embeddings.encode import Decoded
 from embeddings.encoders import resolve_device
 from embeddings.errors import InputError, UserError
-from embeddings.records import Block
+from embeddings.ingest import Block
 from embeddings.store import Run
 
 from .config import EmbedConfig
@@ -113,7 +113,7 @@ def _run(job: EngineJob, blocks: list[Block]) -> Done:
         _raise_user_error(e)
         raise
     seconds = time.perf_counter() - t0
-    images = sum(len(by_index[k].images) for k in done)
+    images = sum(by_index[k].image_table.num_rows for k in done)
     log.info("ray: %d blocks, %d images in %.1f s (%.1f images/s)", len(done), images,
              seconds, images / max(seconds, 1e-9))
     return done

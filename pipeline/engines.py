@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from embeddings.errors import InputError
-from embeddings.records import Block
+from embeddings.ingest import Block
 from embeddings.store import Run, ShardRecord
 
 from .config import EmbedConfig

@@ -43,7 +43,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 def test_embeddings_imports_without_pipeline() -> None:
     code = ("import sys, embeddings, embeddings.store, embeddings.heads, embeddings.encoders, "
-            "embeddings.encode, embeddings.index, embeddings.records\n"
+            "embeddings.encode, embeddings.index, embeddings.ingest\n"
             "bad = [m for m in sys.modules if m == 'pipeline' or m.startswith('pipeline.')]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embeddings.records import load_dataset
+from embeddings.ingest import load_dataset
 
 
 def _touch(root: Path, *names: str) -> None:
@@ -60,7 +60,7 @@ def test_bad_rows_are_rejected_not_raised(tmp_path: Path) -> None:
     assert reasons == {("up", "image path escapes the dataset root"),
                        ("abs", "image path escapes the dataset root"),
                        ("ok", "duplicate id"), ("blank#0", "empty caption"),
-                       ("noimg", "no image path in row"), ("line:7", "line 7")}
+                       ("noimg", "no image path in row"), ("line:7", "invalid JSON")}
     assert [i.id for i in ds.images] == ["ok", "blank"]
     assert [c.id for c in ds.captions] == ["ok#0"]
 

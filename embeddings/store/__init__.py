@@ -46,7 +46,6 @@ from .embed import (
     ShardInfo,
     ShardRecord,
     column_name,
-    rows_of,
     shard_bytes,
 )
 from .files import (
@@ -120,6 +119,6 @@ __all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "SCHEMA_VERSION", "Column", "Disk
            "ShardSpan",
            "StageLock", "atomic_write_bytes", "atomic_write_json", "check_name",
            "check_same_model", "column_name", "confined", "digest_file", "disk_errors",
-           "load_head_files", "read_json", "read_table", "read_vectors", "rows_of",
+           "load_head_files", "read_json", "read_table", "read_vectors",
            "save_head_files",
            "shard_bytes"]

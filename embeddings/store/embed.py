@@ -1,6 +1,6 @@
 """The embed stage's files: Parquet shards, their manifest, the rejects and the run lock.
 
-Block ``k`` of the input (see :mod:`embeddings.records`) becomes ``images/part-k`` and
+Block ``k`` of the input (see :mod:`embeddings.ingest`) becomes ``images/part-k`` and
 ``captions/part-k``; each shard lists in its Parquet key-value metadata the input ids it
 covers and the items it rejected, so it is self-contained and appears by one atomic
 rename.  The manifest, written last, records every shard with its size and digest.
@@ -153,15 +153,6 @@ class RunIdentity:
         return {"spec": self.spec, "columns": {n: c.to_dict() for n, c in self.columns.items()}}
 
 
-def rows_of(kind: str, records: Sequence[Any]) -> dict[str, list[Any]]:
-    """The metadata columns of ``kind`` from records whose attributes carry those names."""
-    return {name: [_plain(getattr(r, name)) for r in records] for name in FIELDS[kind].names}
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 def shard_file(kind: str, block: int) -> str:
     return f"{kind}/part-{block:05d}.parquet"
 
@@ -173,10 +164,15 @@ def vectors_to_arrow(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa_type), vectors.shape[1])
 
 
-def shard_bytes(kind: str, rows: Mapping[str, Sequence[Any]], vectors: Mapping[str, np.ndarray],
-                dtype: str, info: ShardInfo) -> bytes:
-    """One shard as Parquet bytes (page checksums on: readers verify every page they read)."""
-    arrays = [pa.array(rows[f.name], type=f.type) for f in FIELDS[kind]]
+def shard_bytes(kind: str, rows: pa.Table | Mapping[str, Sequence[Any]],
+                vectors: Mapping[str, np.ndarray], dtype: str, info: ShardInfo) -> bytes:
+    """One shard as Parquet bytes (page checksums on: readers verify every page they read).
+
+    ``rows``: the metadata columns of ``kind`` (a table, or lists by column name)."""
+    if isinstance(rows, pa.Table):
+        arrays = [rows.column(f.name).combine_chunks().cast(f.type) for f in FIELDS[kind]]
+    else:
+        arrays = [pa.array(rows[f.name], type=f.type) for f in FIELDS[kind]]
     names = [f.name for f in FIELDS[kind]]
     for name, vec in vectors.items():
         if len(vec) != len(arrays[0]):
