@@ -209,10 +209,12 @@ def _hnsw(index: faiss.Index) -> Any:
 
 
 def tune(index: faiss.Index, tune_queries: np.ndarray, truth: np.ndarray, k: int,
-         target: float) -> dict[str, int]:
+         target: float, vectors: np.ndarray | None = None,
+         truth_scores: np.ndarray | None = None) -> dict[str, int]:
     """Smallest ``nprobe``/``efSearch`` reaching ``target`` recall@k on ``tune_queries``.
 
-    ``truth`` holds the exact top-k ids.  Falls back to the largest value tried.  The
+    ``truth`` holds the exact top-k ids (with ``vectors`` and ``truth_scores``: ties
+    counted as in :func:`recall_at_k`).  Falls back to the largest value tried.  The
     chosen value is left set on ``index`` and returned.
     """
     params = search_params(index)
@@ -227,7 +229,9 @@ def tune(index: faiss.Index, tune_queries: np.ndarray, truth: np.ndarray, k: int
     for v in values:
         set_search_params(index, {name: v})
         _, ids = search(index, tune_queries, k)
-        if recall_at_k(ids, truth) >= target:
+        got = (recall_at_k(ids, truth) if vectors is None or truth_scores is None else
+               tie_recall(ids, truth_scores, truth, vectors, tune_queries))
+        if got >= target:
             break
     return {name: v}
 
@@ -282,18 +286,53 @@ def search_filtered(index: faiss.Index, queries: np.ndarray, k: int,
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-``k`` ids by inner product (FAISS brute force, no index kept)."""
-    _, ids = faiss.knn(_as_f32(queries), _as_f32(vectors), min(k, len(vectors)),
-                       metric=faiss.METRIC_INNER_PRODUCT)
-    return ids
+    return exact_knn(vectors, queries, k)[1]
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fraction of each query's exact top-k ids that ``found`` contains (k-recall@k)."""
+def exact_knn(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores, ids) by inner product."""
+    return faiss.knn(_as_f32(queries), _as_f32(vectors), min(k, len(vectors)),
+                     metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def exact_scores(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Exact inner products of each query with its ``ids`` (-inf where an id is -1)."""
+    q = _as_f32(queries)
+    out = np.einsum("qd,qkd->qk", q, _as_f32(vectors)[np.maximum(ids, 0)].reshape(
+        *ids.shape, q.shape[1]))
+    return np.where(ids >= 0, out, -np.inf).astype(np.float32)
+
+
+TIE_EPS = 1e-6  # cosine scores closer than this are a tie (float32 rounding)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, found_scores: np.ndarray | None = None,
+                kth_scores: np.ndarray | None = None) -> float:
+    """Mean fraction of each query's exact top-k that ``found`` contains (k-recall@k).
+
+    Tie rule (the same as eval-retrieval's: a tie at rank k counts as a hit): given the
+    exact scores of the found ids and each query's exact k-th score, a found id scoring
+    at least the k-th score (within ``TIE_EPS``) is a true neighbour even if the exact
+    search listed an equally scored other row.  Without scores: ids only.
+    """
     if len(truth) == 0:
         return float("nan")
-    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist()))
-               for f, t in zip(found, truth))
+    hits = 0
+    for q, (f, t) in enumerate(zip(found, truth)):
+        t_set = set(t[t >= 0].tolist())
+        ok = set(f[f >= 0].tolist()) & t_set
+        if found_scores is not None and kth_scores is not None:
+            ok |= {int(i) for i, s in zip(f, found_scores[q])
+                   if i >= 0 and s >= kth_scores[q] - TIE_EPS}
+        hits += min(len(ok), len(t_set))
     return hits / max(1, int((truth >= 0).sum()))
+
+
+def tie_recall(index_ids: np.ndarray, truth_scores: np.ndarray, truth: np.ndarray,
+               vectors: np.ndarray, queries: np.ndarray) -> float:
+    """:func:`recall_at_k` with the tie rule, scoring the found ids exactly."""
+    kth = truth_scores[np.arange(len(truth)), (truth >= 0).sum(1) - 1]
+    return recall_at_k(index_ids, truth, exact_scores(vectors, queries, index_ids), kth)
 
 
 @dataclass(frozen=True)
@@ -326,18 +365,20 @@ def build_and_measure(vectors: np.ndarray, factory: str, k: int = 10,
 def measure(index: faiss.Index, vectors: np.ndarray, k: int = 10, target_recall: float = 0.95,
             n_queries: int = 500, seed: int = 0,
             tune_params: bool = True) -> tuple[dict[str, int], float, int]:
-    """(search params, recall@k vs exact, number of measuring queries) for ``index``."""
+    """(search params, recall@k vs exact, number of measuring queries) for ``index``;
+    ties at rank k count as hits (:func:`recall_at_k`)."""
     n = len(vectors)
     k = min(k, n)
     pick = np.random.default_rng(seed + 1).choice(n, min(n, 2 * n_queries), replace=False)
     queries = _as_f32(vectors[pick])
-    truth = exact_search(vectors, queries, k)
+    scores, truth = exact_knn(vectors, queries, k)
     half = len(queries) // 2 if len(queries) > 1 else 1
     if tune_params:
-        tune(index, queries[:half], truth[:half], k, target_recall)
-    measure_q, measure_t = (queries[half:], truth[half:]) if len(queries) > 1 else (queries, truth)
-    _, ids = search(index, measure_q, k)
-    return search_params(index), recall_at_k(ids, measure_t), len(measure_q)
+        tune(index, queries[:half], truth[:half], k, target_recall, vectors, scores[:half])
+    rest = slice(half, None) if len(queries) > 1 else slice(None)
+    _, ids = search(index, queries[rest], k)
+    recall = tie_recall(ids, scores[rest], truth[rest], vectors, queries[rest])
+    return search_params(index), recall, len(queries[rest])
 
 
 # ------------------------------------------------------------------------ save / load
