@@ -26,6 +26,8 @@ Choosing ``lam`` (CLIP linear-probe protocol, made to carry over):
    ends, ``lam_m * (m/n)**a`` for ``a`` in ``carry``, are fitted on all train rows
    (warm-started, converged) and the better on validation is kept.
 
+The sweep runs on ``threads`` (1: on a shared machine two threads on small matrices ran
+6x slower than one); the fits on all rows on ``full_threads`` (None: torch's default).
 Refit on train only (validation stays clean).  ``solver="torch"`` (default) is full-batch
 float32 L-BFGS; ``solver="sklearn"`` runs scikit-learn's L-BFGS on the same objective.
 """
@@ -243,12 +245,13 @@ class LogisticHead(Head):
             return SOLVERS[p["solver"]](zz, yy, k, lam, init, cw, p["max_iter"], p["tol"],
                                         p["ftol"])
 
-        with torch_threads(p["threads"]):
+        with torch_threads(p["threads"]):  # small matrices: threads only contend
             sweep = _sweep(lambda lam, init: solve(zs, ys_, lam, init), vz, vy, lambdas,
                            p["refine"], p["patience"])
-            best = _best(sweep)
-            sweep_lambda = best[1].lam
-            full: dict[float, Scored] = {}
+        best = _best(sweep)
+        sweep_lambda = best[1].lam
+        full: dict[float, Scored] = {}
+        with torch_threads(p["full_threads"]):
             if len(sub) < len(z):  # carry the choice over to all train rows
                 init = best[1].w
                 for a in sorted(set(p["carry"])):  # small a first: strong to weak
@@ -343,4 +346,4 @@ def _val_score(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, floa
 DEFAULTS: dict[str, Any] = dict(
     solver="torch", lambdas=list(LAMBDAS), refine=1, patience=1, sweep_rows=4096,
     sweep_fraction=0.125, carry=[0.5, 1.0], tol=1e-3, ftol=1e-7, max_iter=500,
-    standardise=True, class_weights=True, threads=None, seed=0)
+    standardise=True, class_weights=True, threads=1, full_threads=None, seed=0)
