@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--tiers", nargs="*", metavar="DATA:N",
                    help="compare Flat / HNSW32 / IVF instead, e.g. words:100000 "
-                        "synthetic:300000 (words: MiniLM of /usr/share/dict words)")
+                        "synthetic:300000 (words: MiniLM of /usr/share/dict words; "
+                        "debian: MiniLM of package descriptions)")
     args = p.parse_args(argv)
     if args.tiers is not None:
         rows = []

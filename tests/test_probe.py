@@ -86,7 +86,8 @@ def test_one_lambda_is_a_valid_grid(digits) -> None:
 
 def test_sweep_on_a_subsample_carries_over_to_all_rows(digits) -> None:
     x, y, vx, vy = digits
-    head = make_head("logistic", task(), [64], sweep_rows=300, sweep_fraction=0.0)
+    head = make_head("logistic", task(), [64], sweep_rows=300, sweep_fraction=0.0,
+                     carry=[0.5, 1.0])
     head.fit([x], [y], [vx], [vy])
     info = head.info
     assert info["sweep_rows"] == 300
