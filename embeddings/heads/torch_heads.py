@@ -15,11 +15,16 @@ gated       per-sample modality weights g(x) = softmax(W [x_1..x_m]) over GELU(P
 
 Fusions that add or multiply (sum, sum_mlp, product, gated) only combine comparable
 coordinates: each input is first mapped by its own learned projection P_i into a shared
-``hidden``-wide space.  Coordinate i of one encoder and coordinate i of another mean
-unrelated things even when the widths agree (two 392-d inputs: identity ``sum`` 0.805 vs
-``concat`` 0.832, projected 0.834).  ``shared_space=True`` says the inputs already live
-in one space (CLIP image and text of one model) and uses the identity instead (the
-widths must agree); ``head.info["shared_space"]`` records which was used.
+``hidden``-wide space: coordinate i of one encoder and coordinate i of another mean
+unrelated things even when the widths agree.  ``shared_space=True`` says the inputs
+already live in one space (CLIP image and text of one model) and uses the identity
+instead (the widths must agree); ``head.info["shared_space"]`` records which was used.
+Measured (make bench-heads): with 16-d inputs in unrelated bases the identity ``sum``
+lost 6 points to the projected one (tests); with wide inputs it can still score higher
+(openclipart MiniLM + LSA, 384-d each: 0.958 identity vs 0.938 projected), because a sum
+of two unrelated wide embeddings acts like a random projection of their concatenation,
+which keeps a low-dimensional class signal.  It is kept opt-in: whether it works
+depends on the data, and identity maps were never asked for.
 
 Training: AdamW on mini-batches (one thread: see ``torch_threads``), early stopping on the
 validation loss (best epoch kept), balanced class weights, seeded init and shuffling so a
