@@ -152,6 +152,11 @@ def main() -> None:
     warm_up()
     rows: list[tuple[str, str, str, float, tuple[float, float], str]] = []
     names = ([] if args.no_synthetic else ["synthetic"]) + list(args.real)
+    if "openclipart" in names and not (real_data.CACHE / "openclipart.npz").exists() \
+            and not real_data.OPENCLIPART.exists():
+        print("openclipart: skipped, its features are not cached and the drawings are "
+              "missing (apt-get install openclipart-svg)")
+        names.remove("openclipart")
     for dname in names:
         t = time.perf_counter()
         d = load(dname, args)
