@@ -81,11 +81,14 @@ def timed(fn: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
         t = time.perf_counter()
         ids = fn(queries)
         batch = min(batch, time.perf_counter() - t)
+    if not lat:
+        lat = [float("nan")]
     return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
             "qps": len(queries) / batch, "ids": ids, "batch_queries": len(queries)}
 
 
 def recall(ids: np.ndarray, truth: np.ndarray) -> float:
+    """recall@k by ids (the synthetic vectors have no exact ties)."""
     return ix.recall_at_k(ids, truth[:len(ids)])
 
 
@@ -149,6 +152,63 @@ def bench_size(n: int, d: int, args: argparse.Namespace) -> list[dict[str, Any]]
     return rows
 
 
+def real_vectors(name: str, n: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """(database, held-out queries) from a real set of ``real_data`` (MiniLM of words)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import real_data
+
+    x = real_data.load(name)["minilm"]  # rows are in a seeded random order
+    if n + queries > len(x):
+        raise SystemExit(f"{name} has {len(x)} vectors, fewer than {n} + {queries} queries")
+    return np.ascontiguousarray(x[queries:queries + n]), np.ascontiguousarray(x[:queries])
+
+
+def bench_tiers(data: str, n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Flat vs HNSW32 vs IVF on one dataset, each tuned to ``target_recall`` on separate
+    queries: build time, memory, batch q/s and recall@10 (ties count as hits)."""
+    k, nq = args.k, args.queries + args.tune_queries
+    if data == "synthetic":
+        rng = np.random.default_rng(args.seed)
+        centers = rng.standard_normal((args.clusters, args.dim), dtype=np.float32)
+        centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+        xb = clustered(n, args.dim, centers, args.spread, args.seed + 1)
+        xq = clustered(nq, args.dim, centers, args.spread, args.seed + 2)
+    else:
+        xb, xq = real_vectors(data, n, nq)
+    xq, xt = xq[:args.queries], xq[args.queries:]
+    t_scores, truth = ix.exact_knn(xb, xq, k)
+    tune_scores, tune_truth = ix.exact_knn(xb, xt, k)
+    rows = []
+    for factory in ["Flat", "HNSW32", f"IVF{ix.ivf_lists(n)},Flat"]:
+        t = time.perf_counter()
+        index = ix.build_index(xb, factory, seed=args.seed)
+        build = time.perf_counter() - t
+        params = ix.tune(index, xt, tune_truth, k, args.target_recall, xb, tune_scores)
+        r = timed(lambda q, index=index: ix.search(index, q, k)[1], xq, 0)
+        ids = r.pop("ids")
+        row = {"data": data, "n": n, "d": xb.shape[1], "factory": factory, "params": params,
+               "build_s": build, "memory_mb": ix.index_bytes(index) / 2**20, "qps": r["qps"],
+               "recall_at_10": ix.tie_recall(ids, t_scores, truth, xb, xq)}
+        rows.append(row)
+        print(f"  {data} n={n:,} {factory} {params}: build {build:.1f} s, "
+              f"{row['memory_mb']:.0f} MB, {row['qps']:,.0f} q/s, recall@10 "
+              f"{row['recall_at_10']:.3f}", flush=True)
+        del index
+    return rows
+
+
+def tier_table(rows: list[dict[str, Any]]) -> str:
+    head = ["data", "n x d", "index", "search param", "build s", "memory MB", "batch q/s",
+            "recall@10"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        param = ", ".join(f"{a}={v}" for a, v in r["params"].items()) or "-"
+        out.append("| " + " | ".join([
+            r["data"], f"{r['n']:,} x {r['d']}", r["factory"], param, f"{r['build_s']:.1f}",
+            f"{r['memory_mb']:.0f}", f"{r['qps']:,.0f}", f"{r['recall_at_10']:.3f}"]) + " |")
+    return "\n".join(out)
+
+
 def open_times(index: faiss.Index, factory: str) -> dict[str, float]:
     """Seconds to open the saved index memory-mapped and read into memory."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-recall", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--tiers", nargs="*", metavar="DATA:N",
+                   help="compare Flat / HNSW32 / IVF instead, e.g. words:100000 "
+                        "synthetic:300000 (words: MiniLM of /usr/share/dict words; "
+                        "debian: MiniLM of package descriptions)")
     args = p.parse_args(argv)
+    if args.tiers is not None:
+        rows = []
+        for spec in args.tiers or ["words:100000", "words:160000", "synthetic:300000"]:
+            data, n = spec.split(":")
+            rows += bench_tiers(data, int(n), args)
+        print()
+        print(tier_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return 0
     if args.quick:
         args.sizes, args.queries, args.single = [20_000, 100_000], 500, 50
     threads = faiss.omp_get_max_threads()

@@ -1,10 +1,9 @@
-"""FAISS indexes over L2-normalised vectors: choose, build, tune, search, save, load.
+"""FAISS indexes over L2-normalised vectors: build, tune, search, measure, save, load.
 
 Arrays in, arrays out; no knowledge of run directories (that is ``pipeline.index``).
 Vectors are unit length, so inner product is cosine similarity and every index uses
-``METRIC_INNER_PRODUCT``.  The choice follows autofaiss: exact search while it is small
-enough, else an inverted file (IVF), compressed (SQ8, then PQ) when the memory
-budget demands it; search parameters (``nprobe``, ``efSearch``) are tuned on held-out
+``METRIC_INNER_PRODUCT``.  Which index to build is policy, in :mod:`.index_choice`; search
+parameters (``nprobe``, ``efSearch``) are tuned on held-out
 queries to a target recall and recorded, so a reloaded index answers the same way.
 
 A GPU build of FAISS is used when one is installed and a GPU is present; indexes are
@@ -15,9 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,75 +23,17 @@ import faiss
 import numpy as np
 
 from .errors import InputError
+from .index_choice import FLAT_MAX, HNSW_MAX, IndexChoice, choose_index, ivf_lists
+from .store.files import atomic_path
 
-log = logging.getLogger(__name__)
+# The choice is re-exported: callers ask one module for indexes (ix.choose_index(...)).
+__all__ = ["FLAT_MAX", "HNSW_MAX", "IndexChoice", "choose_index", "ivf_lists"]
 
-FLAT_MAX = 100_000  # exact search up to here: ~10-20 ms per query at d=512 on one core
-HNSW_MAX = 300_000  # beyond this an HNSW build takes too long on a few cores
 TRAIN_PER_LIST = 64  # k-means points per inverted list (FAISS wants at least 39)
 SEARCH_BATCH = 4096
 GPU_MAX_K = 2048  # FAISS GPU indexes answer at most this many neighbours per query
 
-
-@dataclass(frozen=True)
-class IndexChoice:
-    """A FAISS factory string with the search parameters to start from, and why."""
-
-    factory: str
-    params: dict[str, int] = field(default_factory=dict)
-    reason: str = ""
-    bytes_estimate: int = 0
-
-
-def choose_index(n: int, d: int, memory_budget: int, flat_max: int = FLAT_MAX,
-                 hnsw_max: int = HNSW_MAX) -> IndexChoice:
-    """Pick an index for ``n`` vectors of dimension ``d`` within ``memory_budget`` bytes.
-
-    Flat (exact) while ``n <= flat_max`` and the raw vectors fit; HNSW32 up to
-    ``hnsw_max`` vectors when its graph fits too; else IVF with ``~sqrt(n)`` lists,
-    storing full vectors, 8-bit scalars, or PQ codes, the first that fits the budget.
-    """
-    if n < 1 or d < 1:
-        raise ValueError(f"cannot index {n} vectors of dimension {d}")
-    raw = n * d * 4
-    if n <= flat_max and raw <= memory_budget:
-        return IndexChoice("Flat", {}, f"{n} <= {flat_max} vectors: exact search", raw)
-    hnsw = raw + n * 32 * 2 * 4  # M=32 links per vector at level 0, 4-byte ids
-    if n <= hnsw_max and hnsw <= memory_budget:
-        return IndexChoice("HNSW32", {"efSearch": 64},
-                           f"{n} <= {hnsw_max} vectors, graph fits in memory", hnsw)
-    nlist = ivf_lists(n)
-    overhead = n * 8 + nlist * d * 4  # ids + centroids
-    for storage, per_vector in (("Flat", d * 4), ("SQ8", d)):
-        total = n * per_vector + overhead
-        if total <= memory_budget:
-            return IndexChoice(f"IVF{nlist},{storage}", {"nprobe": min(16, nlist)},
-                               f"{n} vectors: inverted file, {storage} codes fit the budget",
-                               total)
-    # Plain PQ, not OPQ: OPQ training took minutes on 2 cores even for small sets (force
-    # it with --factory "OPQ{m},IVF{nlist},PQ{m}" where the cores are there).
-    m = _pq_bytes(d, (memory_budget - overhead) // n)
-    if m == 0:
-        raise InputError(
-            f"memory budget {memory_budget / 2**30:.3g} GiB is too small for {n} vectors of "
-            f"dimension {d} (even 4-byte PQ codes need {(n * 4 + overhead) / 2**30:.3g} GiB)")
-    return IndexChoice(f"IVF{nlist},PQ{m}", {"nprobe": min(32, nlist)},
-                       f"{n} vectors: full vectors exceed the budget, {m}-byte PQ codes",
-                       n * m + overhead)
-
-
-def ivf_lists(n: int) -> int:
-    """About sqrt(n) inverted lists, a power of two, so each list holds ~sqrt(n) vectors."""
-    return max(16, 2 ** round(math.log2(math.sqrt(n))))
-
-
-def _pq_bytes(d: int, budget_per_vector: int) -> int:
-    """The largest PQ code size (bytes) that divides ``d`` and fits, 0 if none does."""
-    best = 0
-    for m in (4, 8, 16, 32, 48, 64, 96, 128, 192, 256):
-        if m <= budget_per_vector and d % m == 0 and m <= d // 2:
-            best = m
-    return best
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ build
@@ -211,10 +151,12 @@ def _hnsw(index: faiss.Index) -> Any:
 
 
 def tune(index: faiss.Index, tune_queries: np.ndarray, truth: np.ndarray, k: int,
-         target: float) -> dict[str, int]:
+         target: float, vectors: np.ndarray | None = None,
+         truth_scores: np.ndarray | None = None) -> dict[str, int]:
     """Smallest ``nprobe``/``efSearch`` reaching ``target`` recall@k on ``tune_queries``.
 
-    ``truth`` holds the exact top-k ids.  Falls back to the largest value tried.  The
+    ``truth`` holds the exact top-k ids (with ``vectors`` and ``truth_scores``: ties
+    counted as in :func:`recall_at_k`).  Falls back to the largest value tried.  The
     chosen value is left set on ``index`` and returned.
     """
     params = search_params(index)
@@ -229,7 +171,9 @@ def tune(index: faiss.Index, tune_queries: np.ndarray, truth: np.ndarray, k: int
     for v in values:
         set_search_params(index, {name: v})
         _, ids = search(index, tune_queries, k)
-        if recall_at_k(ids, truth) >= target:
+        got = (recall_at_k(ids, truth) if vectors is None or truth_scores is None else
+               tie_recall(ids, truth_scores, truth, vectors, tune_queries))
+        if got >= target:
             break
     return {name: v}
 
@@ -284,18 +228,53 @@ def search_filtered(index: faiss.Index, queries: np.ndarray, k: int,
 
 def exact_search(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Exact top-``k`` ids by inner product (FAISS brute force, no index kept)."""
-    _, ids = faiss.knn(_as_f32(queries), _as_f32(vectors), min(k, len(vectors)),
-                       metric=faiss.METRIC_INNER_PRODUCT)
-    return ids
+    return exact_knn(vectors, queries, k)[1]
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean fraction of each query's exact top-k ids that ``found`` contains (k-recall@k)."""
+def exact_knn(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores, ids) by inner product."""
+    return faiss.knn(_as_f32(queries), _as_f32(vectors), min(k, len(vectors)),
+                     metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def exact_scores(vectors: np.ndarray, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Exact inner products of each query with its ``ids`` (-inf where an id is -1)."""
+    q = _as_f32(queries)
+    out = np.einsum("qd,qkd->qk", q, _as_f32(vectors)[np.maximum(ids, 0)].reshape(
+        *ids.shape, q.shape[1]))
+    return np.where(ids >= 0, out, -np.inf).astype(np.float32)
+
+
+TIE_EPS = 1e-6  # cosine scores closer than this are a tie (float32 rounding)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, found_scores: np.ndarray | None = None,
+                kth_scores: np.ndarray | None = None) -> float:
+    """Mean fraction of each query's exact top-k that ``found`` contains (k-recall@k).
+
+    Tie rule (the same as eval-retrieval's: a tie at rank k counts as a hit): given the
+    exact scores of the found ids and each query's exact k-th score, a found id scoring
+    at least the k-th score (within ``TIE_EPS``) is a true neighbour even if the exact
+    search listed an equally scored other row.  Without scores: ids only.
+    """
     if len(truth) == 0:
         return float("nan")
-    hits = sum(len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist()))
-               for f, t in zip(found, truth))
+    hits = 0
+    for q, (f, t) in enumerate(zip(found, truth)):
+        t_set = set(t[t >= 0].tolist())
+        ok = set(f[f >= 0].tolist()) & t_set
+        if found_scores is not None and kth_scores is not None:
+            ok |= {int(i) for i, s in zip(f, found_scores[q])
+                   if i >= 0 and s >= kth_scores[q] - TIE_EPS}
+        hits += min(len(ok), len(t_set))
     return hits / max(1, int((truth >= 0).sum()))
+
+
+def tie_recall(index_ids: np.ndarray, truth_scores: np.ndarray, truth: np.ndarray,
+               vectors: np.ndarray, queries: np.ndarray) -> float:
+    """:func:`recall_at_k` with the tie rule, scoring the found ids exactly."""
+    kth = truth_scores[np.arange(len(truth)), (truth >= 0).sum(1) - 1]
+    return recall_at_k(index_ids, truth, exact_scores(vectors, queries, index_ids), kth)
 
 
 @dataclass(frozen=True)
@@ -328,32 +307,28 @@ def build_and_measure(vectors: np.ndarray, factory: str, k: int = 10,
 def measure(index: faiss.Index, vectors: np.ndarray, k: int = 10, target_recall: float = 0.95,
             n_queries: int = 500, seed: int = 0,
             tune_params: bool = True) -> tuple[dict[str, int], float, int]:
-    """(search params, recall@k vs exact, number of measuring queries) for ``index``."""
+    """(search params, recall@k vs exact, number of measuring queries) for ``index``;
+    ties at rank k count as hits (:func:`recall_at_k`)."""
     n = len(vectors)
     k = min(k, n)
     pick = np.random.default_rng(seed + 1).choice(n, min(n, 2 * n_queries), replace=False)
     queries = _as_f32(vectors[pick])
-    truth = exact_search(vectors, queries, k)
+    scores, truth = exact_knn(vectors, queries, k)
     half = len(queries) // 2 if len(queries) > 1 else 1
     if tune_params:
-        tune(index, queries[:half], truth[:half], k, target_recall)
-    measure_q, measure_t = (queries[half:], truth[half:]) if len(queries) > 1 else (queries, truth)
-    _, ids = search(index, measure_q, k)
-    return search_params(index), recall_at_k(ids, measure_t), len(measure_q)
+        tune(index, queries[:half], truth[:half], k, target_recall, vectors, scores[:half])
+    rest = slice(half, None) if len(queries) > 1 else slice(None)
+    _, ids = search(index, queries[rest], k)
+    recall = tie_recall(ids, scores[rest], truth[rest], vectors, queries[rest])
+    return search_params(index), recall, len(queries[rest])
 
 
 # ------------------------------------------------------------------------ save / load
 
 def save_index(index: faiss.Index, path: Path) -> None:
-    """Write ``index`` atomically (temporary file in the same folder, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Write ``index`` atomically (a uniquely named temporary file, then a rename)."""
+    with atomic_path(Path(path)) as tmp:
         faiss.write_index(index, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_index(path: Path, mmap: bool = True, params: dict[str, int] | None = None,

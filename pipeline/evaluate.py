@@ -7,6 +7,14 @@ embed stage have no right answer and are left out (counted), as are images left 
 caption.  Every number is computed twice: through the built indexes (what users get) and
 exactly (numpy brute force), so the cost of approximate search is visible.
 
+Ties (duplicate captions, duplicate images: common in COCO) are counted by one rule,
+the same in every recall figure here and in the index stage: **a tie at rank k counts as
+a hit**.  A query's rank is the number of candidates scoring strictly more than its best
+right item, so a right item whose score equals the k-th score is within the top k, and
+the result does not depend on row order.  Scores within ``TIE_EPS`` count as equal (the
+same cosine can differ in its last float32 bit between two matrix products).  Through an
+index, ``TIE_FETCH`` extra neighbours are fetched so that ties just past rank k are seen.
+
 Output: ``RUN/eval/retrieval.json`` and ``RUN/eval/retrieval.md``.
 """
 
@@ -30,6 +38,8 @@ from .index import open_index
 log = logging.getLogger(__name__)
 KS = (1, 5, 10)
 BLOCK = 1024  # queries per exact-search block (bounds the score matrix in memory)
+TIE_EPS = 1e-6  # cosine scores closer than this are a tie
+TIE_FETCH = 10  # extra index neighbours fetched to see ties just past rank k
 
 
 @dataclass(frozen=True)
@@ -67,15 +77,20 @@ def protocol(run: str | Path, split: str | None = None) -> Protocol:
                     np.asarray(cap_image, dtype=np.int64), excluded)
 
 
-def first_right_rank(hits: np.ndarray, right: Sequence[set[int]] | np.ndarray) -> np.ndarray:
-    """0-based rank of the first right hit per query (len(hits[0]) when none is right)."""
+def first_right_rank(hits: np.ndarray, right: Sequence[set[int]] | np.ndarray,
+                     scores: np.ndarray | None = None) -> np.ndarray:
+    """0-based rank of the first right hit per query (len(hits[0]) when none is right).
+
+    With ``scores`` (aligned with ``hits``, best first) ties count as hits: the rank is
+    the number of hits scoring more than ``TIE_EPS`` above the best right one.
+    """
     k = hits.shape[1]
     out = np.full(len(hits), k, dtype=np.int64)
     for q, row in enumerate(hits):
         ok = right[q]
         for r, h in enumerate(row):
             if (h in ok) if isinstance(ok, set) else h == ok:
-                out[q] = r
+                out[q] = r if scores is None else int((scores[q] > scores[q, r] + TIE_EPS).sum())
                 break
     return out
 
@@ -85,14 +100,29 @@ def recalls(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
 
 
 def exact_topk(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-``k`` positions in ``gallery`` by inner product (numpy, in blocks)."""
+    """Exact top-``k`` positions in ``gallery`` by inner product (numpy, in blocks); equal
+    scores in row order."""
     k = min(k, len(gallery))
     out = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), BLOCK):
         s = queries[start:start + BLOCK] @ gallery.T
         part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(s, part, axis=1), axis=1, kind="stable")
+        order = np.lexsort((part, -np.take_along_axis(s, part, axis=1)), axis=1)
         out[start:start + BLOCK] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def exact_ranks(queries: np.ndarray, gallery: np.ndarray,
+                right: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """Rank of each query's best right item in ``gallery`` under the tie rule: the number
+    of gallery rows scoring more than ``TIE_EPS`` above it (``right``: one position per
+    query, or an array of positions per query)."""
+    out = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), BLOCK):
+        s = queries[start:start + BLOCK] @ gallery.T
+        for q, row in enumerate(s, start):
+            best = row[np.asarray(right[q])].max()
+            out[q] = int((row > best + TIE_EPS).sum())
     return out
 
 
@@ -110,18 +140,25 @@ def evaluate_encoder(run: str | Path, encoder: str, p: Protocol, use_index: bool
     right_caps = [caps_of[i] for i in p.image_rows.tolist()]
     rows = []
     t0 = time.perf_counter()
-    t2i = p.gallery[exact_topk(cap_q, img[p.gallery], k)]
-    i2t = p.caption_rows[exact_topk(img_q, txt[p.caption_rows], k)]
-    rows.append(_row(encoder, "exact", t2i, p.caption_image, i2t, right_caps, ks,
-                     time.perf_counter() - t0))
+    # Positions (in the gallery / caption list) of each query's right items.
+    at = np.full(img.shape[0], -1, np.int64)
+    at[p.gallery] = np.arange(len(p.gallery))
+    pos = {r: j for j, r in enumerate(p.caption_rows.tolist())}
+    t2i = exact_ranks(cap_q, img[p.gallery], at[p.caption_image])
+    i2t = exact_ranks(img_q, txt[p.caption_rows],
+                      [np.fromiter((pos[c] for c in cs), np.int64) for cs in right_caps])
+    rows.append(_row(encoder, "exact", t2i, i2t, ks, time.perf_counter() - t0))
     if use_index:
         t0 = time.perf_counter()
         image_index, ie = open_index(run, column_name(encoder, "image"))
         text_index, te = open_index(run, column_name(encoder, "text"))
-        _, t2i = ix.search_filtered(image_index, cap_q, k, _mask(img.shape[0], p.gallery))
-        _, i2t = ix.search_filtered(text_index, img_q, k, _mask(txt.shape[0], p.caption_rows))
-        row = _row(encoder, "index", t2i, p.caption_image, i2t, right_caps, ks,
-                   time.perf_counter() - t0)
+        fetch = k + TIE_FETCH
+        s, hits = ix.search_filtered(image_index, cap_q, fetch, _mask(img.shape[0], p.gallery))
+        t2i = first_right_rank(hits, p.caption_image, s)
+        s, hits = ix.search_filtered(text_index, img_q, fetch,
+                                     _mask(txt.shape[0], p.caption_rows))
+        i2t = first_right_rank(hits, right_caps, s)
+        row = _row(encoder, "index", t2i, i2t, ks, time.perf_counter() - t0)
         row["indexes"] = {"image": ie.factory, "text": te.factory}
         rows.append(row)
     return rows
@@ -135,12 +172,11 @@ def _mask(n: int, rows: np.ndarray) -> np.ndarray | None:
     return mask
 
 
-def _row(encoder: str, method: str, t2i: np.ndarray, right_image: np.ndarray,
-         i2t: np.ndarray, right_caps: list[set[int]], ks: Sequence[int],
+def _row(encoder: str, method: str, t2i: np.ndarray, i2t: np.ndarray, ks: Sequence[int],
          seconds: float) -> dict[str, Any]:
+    """A result row from the per-query ranks (tie rule applied)."""
     return {"encoder": encoder, "method": method,
-            "t2i": recalls(first_right_rank(t2i, right_image), ks),
-            "i2t": recalls(first_right_rank(i2t, right_caps), ks),
+            "t2i": recalls(t2i, ks), "i2t": recalls(i2t, ks),
             "queries": {"t2i": len(t2i), "i2t": len(i2t)}, "seconds": round(seconds, 3)}
 
 

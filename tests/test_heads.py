@@ -108,7 +108,8 @@ def test_logistic_sweeps_and_rebuilds_as_sklearn() -> None:
     for solver in ("torch", "sklearn"):
         head = make_head("logistic", [Task("label", CLASSES)], [16], solver=solver)
         head.fit(tr, ytr, va, yva)
-        assert len(head.info["sweep"]) == 4 + 2  # coarse grid + one refinement round
+        info = head.info
+        assert info["converged"] and f"{info['lambda']:.3g}" in info["sweep"]
         assert (head.predict(te)[0] == yte[0]).mean() >= 0.9
         np.testing.assert_allclose(head.to_sklearn().predict_proba(te[0]),
                                    head.predict_proba(te)[0], atol=1e-5)
@@ -328,3 +329,39 @@ def test_cli_heads_then_predict(demo_run: Path, tmp_path: Path,
     assert main(["predict", "--head", str(model), "--run", str(other)]) == 2
     assert "different model" in capsys.readouterr().err
     assert not (other / "heads").exists()
+
+
+def rotated(n: int = 800, d: int = 16, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """Two noisy views of the same class signal, the second in an unrelated basis (a
+    random orthogonal matrix): coordinate i of one has nothing to do with coordinate i
+    of the other, although the widths agree (two different encoders)."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 4
+    centres = rng.standard_normal((4, d))
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    x1 = centres[y] + 1.2 * rng.standard_normal((n, d))
+    x2 = (centres[y] + 1.2 * rng.standard_normal((n, d))) @ q.T
+    return [x1.astype(np.float32), x2.astype(np.float32)], y
+
+
+def _accuracy(name: str, xs: list[np.ndarray], y: np.ndarray, **params: object) -> float:
+    (tr, va, te), (ytr, yva, yte) = split3(xs), split3([y])
+    head = make_head(name, [Task("label", CLASSES)], [16, 16], **params).fit(tr, ytr, va, yva)
+    if name != "concat":
+        assert head.info["shared_space"] is bool(params.get("shared_space", False))
+    return float((head.predict(te)[0] == yte[0]).mean())
+
+
+@pytest.mark.parametrize("name", ["sum", "sum_mlp", "product", "gated"])
+def test_fusion_learns_inputs_in_unrelated_bases(name: str) -> None:
+    xs, y = rotated()
+    # Learned projections into one space: as good as concatenation (1.0 here).
+    assert _accuracy(name, xs, y) >= 0.97
+
+
+def test_identity_fusion_only_when_asked_and_it_hurts_unrelated_bases() -> None:
+    xs, y = rotated()
+    projected, identity = _accuracy("sum", xs, y), _accuracy("sum", xs, y, shared_space=True)
+    assert identity < projected - 0.03  # adding unrelated coordinates loses signal
+    with pytest.raises(ValueError, match="one width"):
+        make_head("product", [Task("label", CLASSES)], [16, 12], shared_space=True)

@@ -1,0 +1,101 @@
+"""The logistic probe converges: it reaches the optimum of its stated objective (checked
+against scikit-learn on the same objective and C, on real data: scikit-learn's bundled
+digits), records how it stopped, and its sweep handles any grid."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from embeddings.heads import Task, make_head
+from embeddings.heads.logistic import balanced_weights
+
+# The probe stops once |grad|^2 / (2 lam) <= tol * f, a bound on the relative
+# optimality gap (f - f*) / f; here f* is scikit-learn's optimum run to tol 1e-10.
+TOL = 1e-3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    return x[:1200], y[:1200], x[1200:], y[1200:]
+
+
+def task(k: int = 10) -> list[Task]:
+    return [Task("label", tuple(str(c) for c in range(k)))]
+
+
+def objective(z: np.ndarray, y: np.ndarray, coef: np.ndarray, icpt: np.ndarray,
+              lam: float) -> float:
+    """The probe's objective in float64, written independently: mean balanced-weighted
+    cross-entropy + lam/2 |coef|^2 (intercept not penalised)."""
+    logits = z.astype(np.float64) @ coef.T.astype(np.float64) + icpt
+    logits -= logits.max(1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    cw = balanced_weights(y, coef.shape[0]).astype(np.float64)
+    return float(-(cw[y] * logp[np.arange(len(y)), y]).mean() + lam / 2 * (coef**2).sum())
+
+
+@pytest.mark.parametrize("solver", ["torch", "sklearn"])
+@pytest.mark.parametrize("lam", [1e-2, 1e-4])
+def test_probe_reaches_the_optimum_of_its_objective(digits, solver: str, lam: float) -> None:
+    x, y, vx, vy = digits
+    head = make_head("logistic", task(), [64], lambdas=[lam], refine=0, solver=solver,
+                     tol=TOL)
+    head.fit([x], [y], [vx], [vy])
+    z = (x - head.mean) / head.scale
+    ours = objective(z, y, head.w[:-1].T, head.w[-1], lam)
+
+    cw = dict(enumerate(balanced_weights(y, 10).tolist()))
+    ref = LogisticRegression(C=1 / (lam * len(z)), class_weight=cw, tol=1e-10,
+                             max_iter=20_000).fit(z, y)
+    best = objective(z, y, ref.coef_, ref.intercept_, lam)
+    assert ours - best <= TOL * best, (ours, best)
+    info = head.info
+    assert info["converged"] and info["stop"] == "gap" and info["gap"] <= TOL
+    assert info["iterations"] > 0 and info["grad_max"] > 0
+    assert info["lambda"] == lam and info["C"] == pytest.approx(1 / (lam * len(z)))
+    same = (head.predict([vx])[0] == ref.predict((vx - head.mean) / head.scale)).mean()
+    assert same >= 0.99
+
+
+def test_one_lambda_is_a_valid_grid(digits) -> None:
+    x, y, vx, vy = digits
+    head = make_head("logistic", task(), [64], lambdas=[1e-3], refine=1)
+    head.fit([x], [y], [vx], [vy])
+    # The refinement walks half a decade each way around the single point.
+    assert sorted(head.info["sweep"]) == sorted(f"{v:.3g}" for v in
+                                                (1e-3, 1e-3 * 10**0.5, 1e-3 / 10**0.5))
+    with pytest.raises(ValueError, match="positive"):
+        make_head("logistic", task(), [64], lambdas=[]).fit([x], [y], [vx], [vy])
+
+
+def test_sweep_on_a_subsample_carries_over_to_all_rows(digits) -> None:
+    x, y, vx, vy = digits
+    head = make_head("logistic", task(), [64], sweep_rows=300, sweep_fraction=0.0,
+                     carry=[0.5, 1.0])
+    head.fit([x], [y], [vx], [vy])
+    info = head.info
+    assert info["sweep_rows"] == 300
+    best_sub = info["sweep_lambda"]
+    assert f"{best_sub:.3g}" in info["sweep"]
+    # Both ends of the carry-over (constant C, and sqrt scaling) were fitted on all rows,
+    # each to convergence, and the kept strength is one of them.
+    want = sorted(f"{best_sub * (300 / len(x)) ** a:.3g}" for a in (0.5, 1.0))
+    assert sorted(info["full"]) == want and f"{info['lambda']:.3g}" in want
+    assert all(f["converged"] for f in info["fits"][-2:])
+    assert (head.predict([vx])[0] == vy).mean() >= 0.9
