@@ -14,7 +14,8 @@ Real features are built once and cached in ``runs/bench-cache`` (``real_data.py`
 Baselines, on the same input as our ``logistic``: scikit-learn defaults, and scikit-learn
 converged (``max_iter=10000``; on openclipart, ``--converged`` adds it everywhere).  Our
 ``logistic`` uses balanced class weights by default (it optimises macro-F1 too); the row
-``logistic class_weights=False`` has scikit-learn's unweighted objective.
+``logistic class_weights=True`` is the probe with balanced class weights (the default,
+like scikit-learn's, is unweighted).
 
     python benchmarks/bench_heads.py [--rows N] [--heads logistic concat ...] [--real ...]
 """
@@ -178,9 +179,9 @@ def main() -> None:
             else:
                 runs += [(name, label, [x], {}) for label, x in d.single.items()
                          if label != "image+text" or name == "logistic"]
-            if name == "logistic" and dname != "synthetic":  # sklearn's unweighted loss
-                runs.append(("logistic class_weights=False", d.baseline, base,
-                             {"class_weights": False}))
+            if name == "logistic" and dname != "synthetic":  # balanced class weights
+                runs.append(("logistic class_weights=True", d.baseline, base,
+                             {"class_weights": True}))
         for name, label, xs, kw in runs:
             secs, acc, info = (timed_sklearn(xs[0], d, **kw) if name.startswith("sklearn")
                                else timed_head(name.split()[0], xs, d, **kw))

@@ -4,11 +4,13 @@ Objective (one per L2 strength ``lam``), on standardised features ``z``::
 
     f(W, b) = (1/n) sum_i c[y_i] * CE(z_i W + b, y_i) + lam/2 |W|^2
 
-``c`` are balanced class weights; the intercept is not penalised.  This is scikit-learn's
-``LogisticRegression(C=1 / (lam * n), class_weight=...)`` objective (same minimiser), so a
-converged fit can be checked against it and ``to_sklearn`` rebuilds it exactly.
-
-``class_weights=False`` drops ``c`` (scikit-learn's default objective).
+``c`` are 1 by default (scikit-learn's default objective and the CLIP protocol);
+``class_weights=True`` makes them balanced.  The intercept is not penalised.  This is
+scikit-learn's ``LogisticRegression(C=1 / (lam * n), class_weight=...)`` objective (same
+minimiser), so a converged fit can be checked against it and ``to_sklearn`` rebuilds it
+exactly.  Unweighted is the default because it is what the accuracy goal compares with:
+on the imbalanced Debian-packages set balanced weights cost 4.6 points of accuracy and
+2.9 of macro-F1 (0.663 vs 0.709; scikit-learn's defaults 0.692).
 
 Every fit stops on a tolerance, not a step count: once ``|grad|^2 / (2 lam)``, a bound on
 ``f - f*`` (f is lam-strongly convex in W; the free intercept makes it an estimate), is
@@ -356,4 +358,4 @@ def _val_score(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, floa
 DEFAULTS: dict[str, Any] = dict(
     solver="torch", lambdas=list(LAMBDAS), refine=1, patience=1, sweep_rows=4096,
     sweep_fraction=0.125, carry=[1.0], tol=1e-3, ftol=1e-7, max_iter=500,
-    standardise=True, class_weights=True, threads=1, full_threads=None, seed=0)
+    standardise=True, class_weights=False, threads=1, full_threads=None, seed=0)
