@@ -15,6 +15,7 @@ preprocess whole batches themselves, so the main process only runs the model.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ import torchvision.transforms.v2.functional as TF
 from open_clip.transform import center_crop_or_pad
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_jpeg as _decode_jpeg
 
 from .decode_base import PixelBatch, Transform, exact_item, loader, prefetch
 from .images import (
@@ -154,6 +156,14 @@ def exact(i: int, data: bytes, transforms: Sequence[Transform], max_pixels: int)
     return (i, "ready", tensors) if tensors is not None else (i, "reject", why)
 
 
+def decode_jpeg(data: Any, device: torch.device | str = "cpu") -> Any:
+    """``torchvision.io.decode_jpeg`` to RGB.  torchvision 0.29 deprecates its image codecs
+    in favour of TorchCodec and warns on every call; until we move, that is noise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
 def decode_cpu(data: bytes, head: ImageHeader, want: tuple[int, int]) -> torch.Tensor:
     """One JPEG -> uint8 (3, h, w); with draft mode when the file is >= 2x ``want`` (h, w)."""
     if head.width >= 2 * want[1] and head.height >= 2 * want[0]:
@@ -161,8 +171,7 @@ def decode_cpu(data: bytes, head: ImageHeader, want: tuple[int, int]) -> torch.T
             im.draft("RGB" if im.mode == "RGB" else im.mode, (want[1], want[0]))
             arr = np.array(im.convert("RGB"))
         return torch.from_numpy(arr).permute(2, 0, 1)
-    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                       mode=ImageReadMode.RGB)
+    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
 class FastCollate:
@@ -234,12 +243,12 @@ def _decode_gpu(packed: Any, collate: FastCollate, device: torch.device) -> Pixe
     datas = list(torch.split(buf[:sum(lengths)], lengths)) if lengths else []
     try:
         images: list[torch.Tensor | None] = list(
-            decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)) if datas else []
+            decode_jpeg(datas, device)) if datas else []
     except RuntimeError:  # one bad file fails the call: find it
         images = []
         for d in datas:
             try:
-                images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                images.append(decode_jpeg(d, device))
             except RuntimeError:
                 images.append(None)
     ready = list(zip(ready_idx, zip(*ready_px))) if ready_idx else []
