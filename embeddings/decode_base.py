@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from .images import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 Transform = Callable[[Any], torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass
@@ -107,11 +108,11 @@ class _Failed:
     error: BaseException
 
 
-def prefetch(items: Iterator[PixelBatch], device: torch.device,
-             depth: int = 3) -> Iterator[PixelBatch]:
+def prefetch(items: Iterator[T], device: torch.device, depth: int = 3) -> Iterator[T]:
     """Produce ``items`` in a thread (on a side CUDA stream) while the caller runs the model.
 
-    Decoding and the model overlap: PIL, torch ops and CUDA kernels release the GIL.
+    Decoding and the model overlap: PIL, torch ops and CUDA kernels release the GIL.  On
+    CUDA the items' ``pixels`` are made on the side stream and handed to the caller's.
     """
     q: queue.Queue[Any] = queue.Queue(depth)
     stop = threading.Event()
@@ -153,7 +154,7 @@ def prefetch(items: Iterator[PixelBatch], device: torch.device,
             if event is not None:
                 stream = torch.cuda.current_stream(device)
                 stream.wait_event(event)
-                for t in batch.pixels:
+                for t in getattr(batch, "pixels", ()):
                     t.record_stream(stream)  # made on the side stream, used on this one
             yield batch
     finally:

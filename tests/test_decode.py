@@ -182,3 +182,17 @@ def test_padding_after_the_end_marker_is_not_truncation(photos: Path, tiny) -> N
     (root / "b.jpg").write_bytes((photos / "coffee.jpg").read_bytes() + b"\0" * 16)
     idx, fast, fails = pixels(root, ["a.jpg", "b.jpg"], tiny, "fast")
     assert idx == [0, 1] and not fails and torch.allclose(fast[0], fast[1])
+
+
+def test_texts_sorted_trimmed_and_in_input_order(tiny) -> None:
+    """encode_texts (length-sorted, tokenised ahead, padding trimmed) vs a direct
+    open_clip call on the full 77-token context, batch by batch in input order."""
+    texts = ["a dog", corpus.LONG_CAPTION, "", corpus.CHINESE, "!", "a red bicycle in the rain",
+             *(f"caption {'word ' * (i % 13)}{i}" for i in range(40))]
+    got = tiny.encode_texts(texts, batch_size=8)
+    with torch.inference_mode():
+        want = torch.nn.functional.normalize(
+            tiny.model.encode_text(tiny.tokenizer(texts)), dim=-1).numpy()
+    assert got.shape == (len(texts), tiny.dim) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert tiny.encode_texts([], 8).shape == (0, tiny.dim)
