@@ -23,7 +23,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed clean index search eval-retrieval bench-search heads predict bench-heads
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads
 
 setup: $(VENV)/.installed
 
@@ -71,10 +71,14 @@ lint: setup
 
 bench: bench-embed bench-search bench-heads
 
-# Embed stage vs a naive loop: tiny model (decode-bound), then full-size ViT-B-32.
+# Decode paths (naive PIL loop, exact, fast) on generated 640x480 JPEGs, decode-only and
+# end to end with the tiny and ViT-B-32 architectures (random weights), CPU.
 bench-embed: setup
-	$(PY) benchmarks/bench_embed.py --arch tiny
-	$(PY) benchmarks/bench_embed.py --arch ViT-B-32 --repeat 1
+	$(PY) benchmarks/bench_embed.py $(ARGS)
+
+# The same on one GPU against the encoder-only limit (ViT-B-32, ViT-L-14; >= 20,000 JPEGs).
+bench-embed-gpu: setup
+	$(PY) benchmarks/bench_embed_gpu.py $(ARGS)
 
 # Brute force (numpy, torch, FAISS Flat) vs the chosen index at 100k and 1M x 512;
 # ARGS="--quick" for a short run, ARGS="--sizes 300000" for other sizes.
