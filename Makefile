@@ -24,7 +24,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve
 
 setup: $(VENV)/.installed
 
@@ -76,12 +76,16 @@ lint: setup
 
 bench: bench-embed bench-search bench-heads
 
-# Embed stage vs a naive loop: tiny model (decode-bound), then full-size ViT-B-32; then the
+# Decode paths (naive PIL loop, exact, fast) on generated 640x480 JPEGs, decode-only and
+# end to end with the tiny and ViT-B-32 architectures (random weights), CPU; then the
 # streaming ingest of a 1M-row CSV vs a bare pyarrow.csv.read_csv of it.
 bench-embed: setup
-	$(PY) benchmarks/bench_embed.py --arch tiny
-	$(PY) benchmarks/bench_embed.py --arch ViT-B-32 --repeat 1
+	$(PY) benchmarks/bench_embed.py $(ARGS)
 	$(PY) benchmarks/bench_ingest.py
+
+# On one GPU: encoder-only limit, naive 16-worker PIL loader, exact and fast paths.
+bench-embed-gpu: setup
+	$(PY) benchmarks/bench_embed_gpu.py $(ARGS)
 
 # Local engine vs Ray engine (local Ray cluster), same demo images and models, one run.
 bench-ray: setup

@@ -164,6 +164,8 @@ class OpenClipEncoder:
             spec.model, pretrained=None if _is_local(spec.model) else spec.pretrained,
             device=device)
         self.model.eval()
+        if device.type == "cuda":  # float16 weights: the fast path hands float16 pixels
+            self.model.half()
         if "weights_sha256" not in self.weights:  # hub weights: hash the cached file loaded
             repo = self.weights.get("weights_source", "")
             cached = _hub_file(repo, HUB_WEIGHTS) if repo else None
@@ -188,14 +190,21 @@ class OpenClipEncoder:
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        # Length-sorted batches, tokenised ahead of the model off the critical path, padding
+        # trimmed where that is exact (embeddings.decode_text); rows back in input order.
         # The tokenizer truncates to the context length (77 for CLIP); the full text is kept
         # in the shard.
-        out = [np.zeros((0, self.dim), np.float32)]
-        for i in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
+        from .decode_text import can_trim, encode_trimmed, tokenised_batches, trim_padding
+
+        out = np.zeros((len(texts), self.dim), np.float32)
+        trim = can_trim(self.model, self.tokenizer)
+        for idx, tokens in tokenised_batches(self.tokenizer, texts, batch_size, self.device):
+            tokens = tokens.to(self.device, non_blocking=True)
             with _autocast(self.device):
-                out.append(_normalised(self.model.encode_text(tokens)))
-        return np.concatenate(out)
+                x = (encode_trimmed(self.model, trim_padding(tokens)) if trim
+                     else self.model.encode_text(tokens))
+            out[idx] = _normalised(x)
+        return out
 
 
 def _is_local(model: str) -> bool:

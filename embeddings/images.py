@@ -3,41 +3,53 @@
 Handles EXIF rotation, palette / alpha / CMYK / 16-bit modes, animated files (first
 frame) and refuses images over a pixel budget before decoding them (decompression
 bombs).  Failures raise :class:`ImageError` whose message is the reject reason.
+
+The checks that need no decoding (file present and non-empty, format, size against the
+pixel budget) are also available on their own (:func:`read_image_bytes`,
+:func:`read_header`), so a fast decoder can run them in a worker and give a bad file the
+same reason as :func:`load_image` would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; real photos are far below this
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageError(Exception):
     """An image that cannot be used; ``str(error)`` is the reason recorded for it."""
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open ``path`` as an 8-bit RGB image, or raise :class:`ImageError` saying why not."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError("missing file")
-    if path.stat().st_size == 0:
-        raise ImageError("empty file (0 bytes)")
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the file header says, before any pixel is decoded."""
+
+    format: str  # PIL format name: "JPEG", "PNG", ...
+    width: int
+    height: int
+    mode: str  # PIL mode of the decoded file: "RGB", "L", "CMYK", ...
+    orientation: int  # EXIF orientation (1: as stored)
+    progressive: bool
+
+
+@contextlib.contextmanager
+def _reasons() -> Iterator[None]:
+    """Turn every way PIL can fail into an :class:`ImageError` carrying the reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise ImageError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
-                im.seek(0)  # animated GIF/WebP/APNG: the first frame
-                im.load()
-                return to_rgb(ImageOps.exif_transpose(im))
+            yield
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -46,6 +58,70 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageError(f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
+
+
+def _check_size(im: Image.Image, max_pixels: int) -> None:
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageError(f"image too large: {w}x{h} pixels (limit {max_pixels})")
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise ImageError("missing file")
+    if path.stat().st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+
+
+def _open_rgb(source: str | os.PathLike | io.BytesIO, max_pixels: int) -> Image.Image:
+    with _reasons(), Image.open(source) as im:
+        _check_size(im, max_pixels)
+        im.seek(0)  # animated GIF/WebP/APNG: the first frame
+        im.load()
+        return to_rgb(ImageOps.exif_transpose(im))
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open ``path`` as an 8-bit RGB image, or raise :class:`ImageError` saying why not."""
+    path = Path(path)
+    _check_file(path)
+    return _open_rgb(path, max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` for a file already read into memory (same pixels, same reasons)."""
+    return _open_rgb(io.BytesIO(data), max_pixels)
+
+
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The file's bytes, or :class:`ImageError` ("missing file", "empty file") as
+    :func:`load_image` would say."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ImageError(f"unreadable image: {type(e).__name__}: {e}") from None
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return data
+
+
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Parse the header only (no pixel decoding) and apply the pixel budget.
+
+    Raises the :class:`ImageError` that :func:`load_image` raises for an unrecognised
+    format or an image over the budget.
+    """
+    with _reasons(), Image.open(io.BytesIO(data)) as im:
+        _check_size(im, max_pixels)
+        orientation = 1
+        if "exif" in im.info:
+            orientation = int(im.getexif().get(EXIF_ORIENTATION, 1) or 1)
+        return ImageHeader(format=im.format or "", width=im.size[0], height=im.size[1],
+                           mode=im.mode, orientation=orientation,
+                           progressive=bool(im.info.get("progressive")
+                                            or im.info.get("progression")))
 
 
 def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

@@ -65,6 +65,9 @@ class EmbedConfig:
     shard_size: int = knob(1000, "input image records per block (one Parquet shard each)")
     dtype: str = knob("float16", "stored vector type", choices=("float16", "float32"))
     max_pixels: int = knob(DEFAULT_MAX_PIXELS, "larger images are skipped before decoding")
+    decode: str = knob("auto", "image decode path: exact (PIL + open_clip, bit-for-bit), fast "
+                       "(batched JPEG decode + tensor preprocess), auto (fast on CUDA)",
+                       choices=("auto", "exact", "fast"))
     progress: bool = knob(True, "progress bars")
     engine: str = knob("local", "what runs the blocks: this process, or a Ray cluster "
                        "(pip install -e \".[ray]\")", choices=("local", "ray"))

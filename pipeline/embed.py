@@ -17,7 +17,7 @@ import platform
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from embeddings.decode import decode_provenance
 from embeddings.encode import (
     Decoded,
     ImageFiles,
@@ -83,10 +84,15 @@ class Models:
     def load(self) -> Models:
         if not self.encoders:
             self.encoders = [load_encoder(s, self.device) for s in self.cfg.encoders]
+            images = [e for e in self.encoders if "image" in e.modalities]
+            # How pixels were made is recorded with the image columns (not identity: the
+            # fast path agrees with the exact one to cosine >= 0.9999, tests/test_decode.py).
+            path = "exact" if self.cfg.engine == "ray" else self.cfg.decode  # Ray decodes exact
+            decode = decode_provenance(path, self.device, images) if images else {}
             self.columns = {
-                column_name(e.spec.name, m): Column(column_name(e.spec.name, m),
-                                                    MODALITY_KIND[m], e.spec.name, m,
-                                                    self.cfg.dtype, e.provenance())
+                column_name(e.spec.name, m): Column(
+                    column_name(e.spec.name, m), MODALITY_KIND[m], e.spec.name, m,
+                    self.cfg.dtype, replace(e.provenance(), extra=decode if m == "image" else {}))
                 for e in self.encoders for m in ("image", "text") if m in e.modalities}
         return self
 
@@ -172,6 +178,7 @@ def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig,
         batches = iter_image_embeddings(
             root, block.image_column("image"), encoders, device=models.device,
             batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels,
+            decode=cfg.decode,
         ) if decoded is None else iter_decoded_embeddings(decoded, encoders,
                                                            batch_size=cfg.batch_size)
         for batch in batches:

@@ -130,12 +130,36 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path: Path, encoder_specs,
                                   read_vectors(tmp_path / "full", "minilm_text"))
 
 
-def test_killed_process_resumes(tmp_path: Path, tiny_clip: str) -> None:
+def _as_jpegs(manifest: Path) -> Path:
+    """The same dataset with every image re-encoded as a JPEG (the fast path's input)."""
+    import csv
+
+    from PIL import Image
+
+    with open(manifest, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        src = manifest.parent / r["image"]
+        r["image"] = str(Path(r["image"]).with_suffix(".jpg"))
+        Image.open(src).convert("RGB").save(manifest.parent / r["image"], quality=90)
+    out = manifest.with_name("jpegs.csv")
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
+@pytest.mark.parametrize("decode", ["exact", "fast"])
+def test_killed_process_resumes(tmp_path: Path, tiny_clip: str, decode: str) -> None:
     data = small_demo(tmp_path / "d", per_class=10)
+    if decode == "fast":
+        data = _as_jpegs(data)
     cmd = [sys.executable, "-m", "pipeline", "embed", "--config",
            str(REPO / "configs/offline.toml"), "--data", str(data), "--run",
            str(tmp_path / "run"), "--model", tiny_clip, "--shard-size", "16",
-           "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-progress"]
+           "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-progress",
+           "--decode", decode]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     first = tmp_path / "run/embed/images/part-00000.parquet"
     deadline = time.time() + 120
@@ -150,6 +174,8 @@ def test_killed_process_resumes(tmp_path: Path, tiny_clip: str) -> None:
     assert len(ids["images"]) == len(set(ids["images"])) == 120
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "nothing to do" in again
+    column = Run(tmp_path / "run").embed.manifest().column("clip_image")
+    assert column.provenance.extra["decode"] == decode
 
 
 def test_rerun_is_idempotent_and_appends_new_records(tmp_path: Path, encoder_specs) -> None:

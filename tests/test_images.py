@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from embeddings.images import ImageError, load_image
+from embeddings.images import ImageError, decode_image, load_image, read_header, read_image_bytes
 from tests import corpus
 
 
@@ -56,3 +57,35 @@ def test_pixel_budget_refuses_before_decoding(img: Path) -> None:
     with pytest.raises(ImageError, match="image too large: 2000x2000"):
         load_image(img / "bomb.png", max_pixels=corpus.BOMB_PIXELS_LIMIT)
     assert load_image(img / "bomb.png").size == (2000, 2000)  # fine under the default
+
+
+def test_bytes_decode_exactly_like_the_path(img: Path) -> None:
+    for p in sorted(img.iterdir()):
+        try:
+            want = np.asarray(load_image(p))
+        except ImageError as e:
+            with pytest.raises(ImageError, match=re.escape(str(e).split(":")[0])):
+                decode_image(read_image_bytes(p))
+            continue
+        assert np.array_equal(np.asarray(decode_image(read_image_bytes(p))), want), p.name
+
+
+def test_header_says_what_the_fast_path_needs(img: Path) -> None:
+    head = read_header(read_image_bytes(img / "exif_rotated.jpg"))
+    assert (head.format, head.width, head.height, head.orientation) == ("JPEG", 48, 32, 6)
+    assert read_header(read_image_bytes(img / "cmyk.jpg")).mode == "CMYK"
+    assert read_header(read_image_bytes(img / "ok_rgb.png")).format == "PNG"
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("nope.png", "missing file"), ("zero_byte.png", "empty file"),
+    ("not_image.jpg", "not an image"),
+])
+def test_header_checks_give_the_same_reasons(img: Path, name: str, reason: str) -> None:
+    with pytest.raises(ImageError, match=reason):
+        read_header(read_image_bytes(img / name))
+
+
+def test_header_applies_the_pixel_budget(img: Path) -> None:
+    with pytest.raises(ImageError, match="image too large: 2000x2000"):
+        read_header(read_image_bytes(img / "bomb.png"), max_pixels=corpus.BOMB_PIXELS_LIMIT)
