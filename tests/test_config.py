@@ -33,6 +33,8 @@ split = "val"
 [heads]
 heads = ["logistic", "concat"]
 seed = 5
+[serve]
+port = 8123
 """
 
 
@@ -65,6 +67,7 @@ def test_defaults_without_toml() -> None:
     (["heads", "--seed", "9"], C.HeadsConfig, "heads", "seed", 5, 9),
     (["heads", "--heads", "mlp,late"], C.HeadsConfig, "heads", "heads",
      ("logistic", "concat"), ("mlp", "late")),
+    (["serve", "--port", "9001"], C.ServerConfig, "serve", "port", 8123, 9001),
 ])
 def test_precedence_per_stage(toml: Path, argv: list[str], cls: type, section: str, field: str,
                               toml_value: object, cli_value: object) -> None:

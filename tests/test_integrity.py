@@ -305,3 +305,15 @@ def test_interrupt_reports_blocks_kept(run: Path, encoder_specs: tuple,
     with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
         run_embed(cfg)
     assert "the 2 block(s) finished in this run are kept" in caplog.text
+
+
+def test_older_schema_is_refused_with_a_clear_error(run: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    path = run / "embed/manifest.json"
+    data = json.loads(path.read_text())
+    data["schema_version"] = 1
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert main(["index", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "schema version 1; this version reads 2" in err and err.count("\n") == 1
