@@ -330,8 +330,15 @@ class _Progress:
         self.blocks = 0
         self.items = Counter[str]()
         self.t0 = time.perf_counter()
-        self.bar = tqdm(unit="img", desc="embed", disable=not cfg.progress, dynamic_ncols=True,
-                        smoothing=0.1)
+        self.show = cfg.progress
+        self._bar: tqdm | None = None  # made on the first block: a finished run shows none
+
+    @property
+    def bar(self) -> tqdm:
+        if self._bar is None:
+            self._bar = tqdm(unit="img", desc="embed", disable=not self.show,
+                             dynamic_ncols=True, smoothing=0.1)
+        return self._bar
 
     def block_done(self, block: Block) -> None:
         self.blocks += 1
@@ -345,7 +352,8 @@ class _Progress:
         return {k: n / seconds for k, n in self.items.items() if n}
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _versions() -> dict[str, str]:
