@@ -1,10 +1,10 @@
 """The Ray engine: the embed stage's remaining blocks as one Ray Data pipeline.
 
 One row per block.  Stage 1, CPU tasks (``map_batches``): read, decode and preprocess the
-block's images (:func:`pipeline.embed.decode_block`).  Stage 2, an actor pool: each actor
+block's images (:func:`pipeline.unit.decode_block`).  Stage 2, an actor pool: each actor
 loads the models once (one GPU each on GPU nodes, as many actors as GPUs; CPU actors
-otherwise), embeds the block (:func:`pipeline.embed.embed_block`) and writes its two shards
-straight into the run directory (:func:`pipeline.embed.write_block`), so the run
+otherwise), embeds the block (:func:`pipeline.unit.embed_block`) and writes its two shards
+straight into the run directory (:func:`pipeline.unit.write_block`), so the run
 directory must be on a filesystem every node sees.  Only the shard records come back to
 the driver, which reports progress and, after the last block, writes the manifest.
 
@@ -37,8 +37,7 @@ from embeddings.ingest import Block
 from embeddings.store import Run
 
 from .config import EmbedConfig
-from .embed import Models, decode_block, embed_block, image_transforms, write_block
-from .engines import Done, EngineJob
+from .unit import Done, EngineJob, Models, decode_block, embed_block, image_transforms, write_block
 
 log = logging.getLogger(__name__)
 DECODE_CPUS = 0.5  # CPUs reserved per decoding task

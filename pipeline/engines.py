@@ -3,48 +3,29 @@
 :func:`pipeline.embed.run_embed` keeps everything around the blocks (the lock, the identity
 checks, the resume rule, the manifest written last); an engine only takes the blocks still
 to do and returns the shard records of those it finished.  Every engine runs the same unit
-of work, :func:`pipeline.embed.embed_block` then :func:`pipeline.embed.write_block`, so
+of work, :func:`pipeline.unit.embed_block` then :func:`pipeline.unit.write_block`, so
 a run can be started with one engine and finished with another.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from embeddings.errors import InputError
 from embeddings.ingest import Block
-from embeddings.store import Run, ShardRecord
 
-from .config import EmbedConfig
-from .embed import Models
+from . import unit
+from .unit import Done, EngineJob
 
-Done = dict[int, tuple[ShardRecord, ShardRecord]]
 RAY_INSTALL = 'pip install "ray[data]"  (or, from a checkout: pip install -e ".[ray]")'
-
-
-@dataclass
-class EngineJob:
-    """What an engine needs besides the blocks: where to write, with what, and the
-    driver's progress bar (``progress.block_done(block)`` once a block's shards are in)."""
-
-    run: Run
-    root: Path  # dataset root the image paths are relative to
-    models: Models  # loaded on the driver (identity checked); engines may load more
-    cfg: EmbedConfig
-    progress: Any  # pipeline.embed._Progress
 
 
 def run_local(job: EngineJob, blocks: Iterable[Block]) -> Done:
     """One block after another in this process (images decoded by DataLoader workers)."""
-    stage = sys.modules[Models.__module__]  # pipeline.embed, looked up per run (tests patch it)
     done: Done = {}
-    for block in blocks:
-        result = stage.embed_block(block, job.root, job.models, job.cfg)
-        done[block.index] = stage.write_block(job.run, block, result, job.cfg.dtype)
+    for block in blocks:  # looked up on the module per block: tests patch them
+        result = unit.embed_block(block, job.root, job.models, job.cfg)
+        done[block.index] = unit.write_block(job.run, block, result, job.cfg.dtype)
         job.progress.block_done(block)
     return done
 

@@ -291,7 +291,7 @@ def test_interrupt_reports_blocks_kept(run: Path, encoder_specs: tuple,
                                        caplog: pytest.LogCaptureFixture) -> None:
     cfg = _cfg(run, encoder_specs)
     shutil.rmtree(run / "embed")
-    stage = importlib.import_module("pipeline.embed")
+    stage = importlib.import_module("pipeline.unit")
 
     real, n = stage.write_block, []
 
