@@ -27,11 +27,10 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from open_clip.transform import center_crop_or_pad
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _decode_jpeg
 
-from .decode_base import PixelBatch, Transform, exact_item, loader, prefetch
+from .decode_base import ImageFiles, PixelBatch, Transform, exact_item, loader, prefetch
 from .images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -135,16 +134,8 @@ def batchable(head: ImageHeader, data: bytes) -> bool:
             and data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"))  # no EOI: maybe truncated
 
 
-class JpegFiles(Dataset):
+class JpegFiles(ImageFiles):
     """Paths -> bytes of batchable JPEGs; anything else decoded here by the exact path."""
-
-    def __init__(self, root: Path, paths: Sequence[str], transforms: Sequence[Transform],
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.root, self.paths, self.transforms = root, paths, transforms
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, i: int) -> Item:
         try:

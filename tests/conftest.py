@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from embeddings.encoders import EncoderSpec, write_tiny_open_clip
 from pipeline.config import DataConfig, EmbedConfig
@@ -67,3 +69,12 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory,
     out = tmp_path_factory.mktemp("demo-run")
     run_embed(make_config(data, out, encoder_specs))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny matrices: one torch thread is faster and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

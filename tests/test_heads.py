@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from embeddings import read_vectors
 from embeddings.encoders import encoder_for_column
@@ -32,13 +31,7 @@ from pipeline.targets import make_splits, single_targets
 CLASSES = tuple(f"c{i}" for i in range(4))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one thread is faster and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def separable(n: int = 320, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import FormatError
+from ..images import DEFAULT_MAX_PIXELS
 from .files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -119,7 +120,7 @@ class EmbedManifest:
 
     @property
     def max_pixels(self) -> int:
-        return int(self.config.get("max_pixels", 64_000_000))
+        return int(self.config.get("max_pixels", DEFAULT_MAX_PIXELS))
 
     def column(self, name: str) -> Column:
         if name not in self.columns:
