@@ -9,12 +9,14 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from embeddings.heads import Task, make_head
+from embeddings.heads import HEADS, Task, make_head
+from embeddings.heads.lbfgs import MAX_FOLDED_OFFSET, Data
 from embeddings.heads.logistic import balanced_weights
 
-# The probe stops once |grad|^2 / (2 lam) <= tol * f, a bound on the relative
+# The probe stops once |grad|^2 / (2 lam) <= tol * f, an estimate of the relative
 # optimality gap (f - f*) / f; here f* is scikit-learn's optimum run to tol 1e-10.
 TOL = 1e-3
+DEFAULT_TOL = 1e-2
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,37 +34,63 @@ def task(k: int = 10) -> list[Task]:
 
 
 def objective(z: np.ndarray, y: np.ndarray, coef: np.ndarray, icpt: np.ndarray,
-              lam: float) -> float:
-    """The probe's objective in float64, written independently: mean balanced-weighted
-    cross-entropy + lam/2 |coef|^2 (intercept not penalised)."""
+              lam: float, weighted: bool) -> float:
+    """The probe's objective in float64, written independently: mean (balanced-weighted
+    if ``weighted``) cross-entropy + lam/2 |coef|^2 (intercept not penalised)."""
     logits = z.astype(np.float64) @ coef.T.astype(np.float64) + icpt
     logits -= logits.max(1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
-    cw = balanced_weights(y, coef.shape[0]).astype(np.float64)
+    cw = balanced_weights(y, coef.shape[0]).astype(np.float64) if weighted else np.ones(10)
     return float(-(cw[y] * logp[np.arange(len(y)), y]).mean() + lam / 2 * (coef**2).sum())
 
 
 @pytest.mark.parametrize("solver", ["torch", "sklearn"])
-@pytest.mark.parametrize("lam", [1e-2, 1e-4])
-def test_probe_reaches_the_optimum_of_its_objective(digits, solver: str, lam: float) -> None:
+@pytest.mark.parametrize(("lam", "weighted", "tol"), [
+    (1e-2, False, TOL), (1e-4, False, TOL), (1e-3, True, TOL), (1e-3, False, DEFAULT_TOL)])
+def test_probe_reaches_the_optimum_of_its_objective(digits, solver: str, lam: float,
+                                                    weighted: bool, tol: float) -> None:
     x, y, vx, vy = digits
     head = make_head("logistic", task(), [64], lambdas=[lam], refine=0, solver=solver,
-                     tol=TOL)
+                     tol=tol, class_weights=weighted)
+    assert head.params["tol"] == tol and HEADS["logistic"].defaults["tol"] == DEFAULT_TOL
     head.fit([x], [y], [vx], [vy])
     z = (x - head.mean) / head.scale
-    ours = objective(z, y, head.w[:-1].T, head.w[-1], lam)
+    ours = objective(z, y, head.w[:-1].T, head.w[-1], lam, weighted)
 
-    cw = dict(enumerate(balanced_weights(y, 10).tolist()))
+    cw = dict(enumerate(balanced_weights(y, 10).tolist())) if weighted else None
     ref = LogisticRegression(C=1 / (lam * len(z)), class_weight=cw, tol=1e-10,
                              max_iter=20_000).fit(z, y)
-    best = objective(z, y, ref.coef_, ref.intercept_, lam)
-    assert ours - best <= TOL * best, (ours, best)
+    best = objective(z, y, ref.coef_, ref.intercept_, lam, weighted)
+    assert ours - best <= tol * best, (ours, best)
     info = head.info
-    assert info["converged"] and info["stop"] == "gap" and info["gap"] <= TOL
+    assert info["converged"] and info["stop"] == "gap" and info["gap"] <= tol
     assert info["iterations"] > 0 and info["grad_max"] > 0
     assert info["lambda"] == lam and info["C"] == pytest.approx(1 / (lam * len(z)))
     same = (head.predict([vx])[0] == ref.predict((vx - head.mean) / head.scale)).mean()
-    assert same >= 0.99
+    assert same >= (0.99 if tol <= TOL else 0.98)  # 1 in 100 val rows at 1e-2
+
+
+@pytest.mark.parametrize("ratio", [6.0, 1000.0])
+def test_features_far_from_zero_still_reach_the_optimum(digits, ratio: float) -> None:
+    """The solver folds the standardisation into its matmuls instead of building
+    (x - mean) / scale, which cancels about |mean| / scale of float32's digits: up to
+    MAX_FOLDED_OFFSET it folds, beyond it builds the copy.  Both must reach the optimum
+    (outlier coordinates of real embeddings have large means and small spreads)."""
+    x, y, vx, vy = digits
+    keep = x.std(0) > 0
+    x, vx = x[:, keep], vx[:, keep]
+    shift = ratio * x.std(0) - x.mean(0)  # every column: mean / std == ratio
+    x, vx = x + shift, vx + shift
+    folded = Data.standardising(x, y, x.mean(0), x.std(0), None).mean.any()
+    assert folded == (ratio <= MAX_FOLDED_OFFSET)
+    lam = 1e-3
+    head = make_head("logistic", task(), [x.shape[1]], lambdas=[lam], refine=0, tol=TOL)
+    head.fit([x], [y], [vx], [vy])
+    z = (x.astype(np.float64) - head.mean) / head.scale
+    ours = objective(z, y, head.w[:-1].T, head.w[-1], lam, False)
+    ref = LogisticRegression(C=1 / (lam * len(z)), tol=1e-10, max_iter=20_000).fit(z, y)
+    best = objective(z, y, ref.coef_, ref.intercept_, lam, False)
+    assert head.info["converged"] and ours - best <= TOL * best, (ours, best)
 
 
 def test_one_lambda_is_a_valid_grid(digits) -> None:

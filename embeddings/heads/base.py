@@ -59,10 +59,11 @@ class Head:
         ys = check_targets(self.tasks, ys, len(xs[0]))
         val_ys = check_targets(self.tasks, val_ys, len(val_xs[0]))
         self._fit(xs, ys, val_xs, val_ys)
-        val_probs = self._scores(val_xs)
-        for t, task in enumerate(self.tasks):
-            if task.multilabel:
-                self.thresholds[t] = best_thresholds(val_ys[t], val_probs[t])
+        if any(task.multilabel for task in self.tasks):  # thresholds tuned on validation
+            val_probs = self._scores(val_xs)
+            for t, task in enumerate(self.tasks):
+                if task.multilabel:
+                    self.thresholds[t] = best_thresholds(val_ys[t], val_probs[t])
         return self
 
     def predict_proba(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
