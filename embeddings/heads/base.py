@@ -176,9 +176,10 @@ def make_head(name: str, tasks: Sequence[Task], dims: Sequence[int], **params: A
 def torch_threads(n: int | None) -> Iterator[None]:
     """Temporarily use ``n`` intra-op threads (None: leave as is).
 
-    Small matrices (mini-batches, the probe's sweep subsample) gain nothing from threads
-    and lose a lot when other processes share the cores (measured 4x slower on 2 busy
-    cores); one thread is also bitwise reproducible.
+    Threads lose a lot when other processes share the cores (measured 4x slower on 2 busy
+    cores), and one thread is bitwise reproducible across machines; on a quiet machine
+    they help the torch heads' mini-batches (1.45x on 2 cores) but not the probe's sweep
+    subsample, which keeps one.
     """
     before = torch.get_num_threads()
     if n:

@@ -26,7 +26,9 @@ of two unrelated wide embeddings acts like a random projection of their concaten
 which keeps a low-dimensional class signal.  It is kept opt-in: whether it works
 depends on the data, and identity maps were never asked for.
 
-Training: AdamW on mini-batches (one thread: see ``torch_threads``), early stopping on the
+Training: AdamW on mini-batches (``threads``: None uses torch's default, every core;
+measured at 50k x 1024, ``product`` took 6.9 s with two threads and 10.0 s with one on
+a quiet 2-core machine; set 1 on a shared one, see ``torch_threads``), early stopping on the
 validation loss (best epoch kept), balanced class weights, seeded init and shuffling so a
 rerun gives identical weights.
 Late fusion lives in :mod:`.late`.
@@ -219,7 +221,7 @@ def _tensors(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
 
 TORCH = dict(hidden=256, dropout=0.1, shared_space=False, lr=3e-3, weight_decay=1e-4,
              batch_size=512, max_epochs=200, patience=3, standardise=True, class_weights=True,
-             threads=1, seed=0)
+             threads=None, seed=0)
 # name -> (inputs, doc); registered in the package __init__ with TORCH defaults.
 KINDS: dict[str, tuple[str, str]] = {
     "linear": ("one", "a linear layer (torch)"),
