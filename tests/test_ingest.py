@@ -353,3 +353,22 @@ def test_id_index_is_exact_when_hashes_collide() -> None:
     found = index.find(h, ids)
     assert sorted(found) == list(range(40))
     assert (index.values(found)[0] == found).all()  # each id kept its own digest
+
+
+def test_utf8_check_past_the_first_megabyte(tmp_path: Path) -> None:
+    """The check skips all-ASCII megabytes; what follows them is still checked, with the
+    right line, and a character split across two megabytes is still valid UTF-8."""
+    line = "1,a.png,a caption of ascii text only\n"
+    lines = (1 << 20) // len(line) + 1  # past the first megabyte read
+    head = "id,image,caption\n" + line * lines
+    (tmp_path / "late.csv").write_bytes(head.encode() + "2,b.png,café\n".encode("latin-1"))
+    with pytest.raises(InputError, match=rf"late\.csv is not UTF-8 text \(line {lines + 2}"):
+        load_dataset(tmp_path / "late.csv")
+    body = ("id,image,caption\n" + line * (lines - 2)).encode() + b"2,b.png,"
+    body += b"x" * ((1 << 20) - len(body) - 1) + "é\n".encode()  # 'é' straddles the boundary
+    (tmp_path / "split.csv").write_bytes(body)
+    assert len(load_dataset(tmp_path / "split.csv").captions) == lines - 1
+    cut = body[:(1 << 20)] + b"x\n" + line.encode() * 3  # half a character, then ASCII
+    (tmp_path / "cut.csv").write_bytes(cut)
+    with pytest.raises(InputError, match=r"cut\.csv is not UTF-8"):
+        load_dataset(tmp_path / "cut.csv")

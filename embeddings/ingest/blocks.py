@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from ..errors import InputError
 from .idindex import IdIndex, hashes
 from .records import CAPTION_SCHEMA, IMAGE_SCHEMA, MAX_CAPTION_CHARS, Block, IngestStats, Reject
-from .rows import ESCAPE, NO_IMAGE, NUL, READ_ERROR, VALID, np_values
+from .rows import ESCAPE, NO_IMAGE, NUL, READ_ERROR, VALID, np_values, take_rows
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Grouper:
         status = np.asarray(col["status"])
         valid_rows = np.flatnonzero(status == VALID)
         rid = col["rid"]
-        rid_v = rid.take(pa.array(valid_rows))
+        rid_v = take_rows(rid, valid_rows)
         start = np.ones(len(rid_v), bool)
         if len(rid_v) > 1:
             start[1:] = np_values(pc.not_equal(rid_v[1:], rid_v[:-1]))
@@ -96,7 +96,7 @@ class Grouper:
         run = np.cumsum(start) - 1
         digest = np.asarray(col["digest"])[V]
         entries = np.asarray(pc.fill_null(pc.list_value_length(col["captions"]), 0))[V]
-        accepted, is_new, base = self._dedupe(rid_v.take(pa.array(starts)), digest, starts,
+        accepted, is_new, base = self._dedupe(take_rows(rid_v, starts), digest, starts,
                                               entries)
 
         new_pos = V[starts[is_new]]
@@ -141,7 +141,7 @@ class Grouper:
         first = np.ones(runs, bool)  # in group order: the first run of each group
         first[1:] = group_sorted[1:] != group_sorted[:-1]
         lead = order[first]  # lead[g]: the first run of group g
-        lead_ids = ids.take(pa.array(lead)).cast(pa.large_string())
+        lead_ids = take_rows(ids, lead).cast(pa.large_string())  # groups: by first run
         h = hashes(np_values(lead_ids))
         number = self.index.find(h, lead_ids)
         found = number >= 0
@@ -187,7 +187,7 @@ class Grouper:
                   row_run: np.ndarray, is_new: np.ndarray, base: np.ndarray,
                   live: np.ndarray) -> list:
         """Caption entries of the accepted rows: [kept table, per-image lists, rejects]."""
-        lists = col["captions"].take(pa.array(rows))
+        lists = take_rows(col["captions"], rows)
         parent = np.asarray(pc.list_parent_indices(lists), np.int64)
         text = pc.list_flatten(lists)  # stripped by the row pass
         pos, run = rows[parent], row_run[parent]
@@ -240,10 +240,9 @@ class Grouper:
                  rejects: list[tuple[int, Reject]]) -> None:
         """Cut this chunk's images, captions and rejects into the blocks they belong to."""
         captions, caption_pos, per_image = caption_parts
-        at = pa.array(new_pos)
         images = pa.Table.from_arrays(
-            [rid.take(at), rel.take(at), col["split"].take(at), col["label"].take(at),
-             col["labels"].take(at), per_image], schema=IMAGE_SCHEMA)
+            [*(take_rows(a, new_pos) for a in (rid, rel, col["split"], col["label"],
+                                               col["labels"])), per_image], schema=IMAGE_SCHEMA)
         for table, pos, attr in ((images, new_pos, "images"), (captions, caption_pos, "captions")):
             blocks = row_block[pos]  # non-decreasing
             bounds = np.concatenate([[0], np.flatnonzero(np.diff(blocks)) + 1, [len(blocks)]])
