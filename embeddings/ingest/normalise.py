@@ -118,6 +118,9 @@ def _as_list(col: pa.Array, sep: str | None) -> pa.Array | None:
         return None
     if sep is not None:  # null rows stay null here; `_labels` rebuilds the lists anyway
         return pc.split_pattern(text, sep)
+    if not text.null_count:  # one entry a row: no copy of the text
+        return pa.ListArray.from_arrays(pa.array(np.arange(len(text) + 1, dtype=np.int32)),
+                                        text)
     valid = np.asarray(text.is_valid())
     offsets = np.concatenate([[0], np.cumsum(valid)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), text.filter(pa.array(valid)))
