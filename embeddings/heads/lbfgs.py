@@ -72,7 +72,7 @@ class Fit:
     iterations: int
     loss: float
     grad_max: float  # largest |gradient| entry at the end (scikit-learn's tol test)
-    gap: float  # bound on (f - f*) / f: |grad|^2 / (2 lam f)
+    gap: float  # estimate of (f - f*) / f: |grad|^2 / (2 lam f)
     converged: bool  # stopped by a tolerance (gap or loss change), not by max_iter
     stop: str  # "gap", "loss change" or "max_iter"
     gamma: float = 0.0  # last curvature scale s.y / y.y: the next warm start's first step
@@ -119,7 +119,7 @@ def measure(data: Data, w: np.ndarray, lam: float) -> tuple[float, torch.Tensor]
 
 def fit_lbfgs_torch(data: Data, k: int, lam: float, init: Fit | None, max_iter: int,
                     tol: float, ftol: float, history: int = 30) -> Fit:
-    """Full-batch float32 L-BFGS (Armijo backtracking) until the optimality gap bound
+    """Full-batch float32 L-BFGS (Armijo backtracking) until the optimality gap estimate
     ``|grad|^2 / (2 lam)`` is at most ``tol * f`` (or the loss stops changing by more
     than ``ftol * f``, float32's floor; or ``max_iter``).  A warm start also takes the
     previous fit's curvature scale, so its first step is a real one."""
