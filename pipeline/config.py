@@ -128,13 +128,19 @@ class HeadsConfig:
                                              "target")
     multitask: tuple[str, ...] = knob(("label", "labels"), "columns sharing one trunk")
     multitask_head: str = knob("gated", "head of the multi-task run")
-    metric: str = knob("macro_f1", "picks the best head, drawn in the chart",
-                       choices=("accuracy", "macro_f1"))
+    labels_file: str = knob("", "CSV, JSONL or Parquet with an id column and label columns, "
+                            "joined by id to the run's images: a new task, no re-embedding",
+                            flag="--labels")
+    task: str = knob("auto", "what `label` is: auto (a floating-point column is a "
+                     "regression target), classification or regression",
+                     choices=("auto", "classification", "regression"))
+    metric: str = knob("macro_f1", "picks the best head, drawn in the chart (regression "
+                       "targets: r2)", choices=("accuracy", "macro_f1"))
     seed: int = knob(0, "seed of splits and training")
     val_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     test_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     params: dict[str, dict[str, Any]] = knob(  # noqa: RUF009 (a default_factory field)
-        {}, "per-head parameter overrides", cli=False)
+        {}, "per-head parameters, [heads.params.<head>] (--param HEAD.KEY=VALUE)", cli=False)
 
 
 @dataclass(frozen=True)

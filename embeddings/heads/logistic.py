@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,13 +62,42 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..errors import InputError
-from .base import Head, torch_threads
+from .base import Head, threads_for, torch_threads
 from .lbfgs import SOLVERS, Data, Fit
+from .params import param
 
 # L2 strengths of the coarse sweep (mean loss + lam/2 |W|^2 on standardised features),
 # walked from strong to weak until validation stops improving.
 LAMBDAS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+@dataclass(frozen=True)
+class LogisticParams:
+    solver: str = param("torch", "torch: float32 L-BFGS; sklearn: scikit-learn's L-BFGS on the "
+                        "same objective", choices=tuple(SOLVERS))
+    lambdas: tuple[float, ...] = param(LAMBDAS, "L2 strengths of the sweep, walked strong to "
+                                       "weak", above=0, min_len=1)
+    refine: int = param(1, "binary-search rounds around the best swept strength", low=0)
+    patience: int = param(1, "sweep points past the best before the walk stops", low=1)
+    sweep_rows: int = param(4096, "train rows the sweep uses at least (subsample)", low=1)
+    sweep_fraction: float = param(0.125, "... or this fraction of the train rows, if more",
+                                  low=0, high=1)
+    carry: tuple[float, ...] = param((1.0,), "exponents a of the carry-over lam*(m/n)**a to "
+                                     "all rows (1: constant C)", low=0)
+    tol: float = param(1e-2, "stop once the relative optimality gap estimate is below this",
+                       above=0)
+    ftol: float = param(1e-7, "... or once the loss changes by less than this (relative)",
+                        low=0)
+    max_iter: int = param(500, "safety net on solver iterations per fit", low=1)
+    precondition: bool = param(True, "solve in the principal axes of the features, scaled "
+                               "by their curvature (fewer iterations on ill-conditioned data)")
+    standardise: bool = param(True, "standardise each feature on the train rows")
+    class_weights: bool = param(False, "balanced class weights (scikit-learn's 'balanced')")
+    threads: int | None = param(None, "torch threads of the sweep (default: by problem size)",
+                                low=1)
+    full_threads: int | None = param(None, "torch threads of the fits on all train rows "
+                                     "(default: by problem size)", low=1)
+    seed: int = param(0, "seed of the sweep subsample")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -88,39 +117,36 @@ class LogisticHead(Head):
     def _fit(self, xs: list[np.ndarray], ys: list[np.ndarray], val_xs: list[np.ndarray],
              val_ys: list[np.ndarray]) -> None:
         p = self.params
-        if p["solver"] not in SOLVERS:
-            raise InputError(f"solver must be one of {sorted(SOLVERS)}, not {p['solver']!r}")
-        lambdas = sorted({float(v) for v in p["lambdas"]}, reverse=True)
-        if not lambdas or min(lambdas) <= 0:
-            raise InputError(f"lambdas must be positive L2 strengths, got {p['lambdas']!r}")
+        lambdas = sorted({float(v) for v in p.lambdas}, reverse=True)
         k = len(self.tasks[0].classes)
         x, y, vx, vy = xs[0], ys[0], val_xs[0], val_ys[0]
-        if p["standardise"]:
+        if p.standardise:
             self.mean = x.mean(axis=0)
             self.scale = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
         else:
             self.mean = np.zeros(x.shape[1], np.float32)
             self.scale = np.ones(x.shape[1], np.float32)
-        rows = max(int(p["sweep_rows"]), math.ceil(p["sweep_fraction"] * len(x)))
-        sub = _subsample(len(x), rows, np.random.default_rng(p["seed"]))
-        cw = balanced_weights(y, k) if p["class_weights"] else None
+        rows = max(int(p.sweep_rows), math.ceil(p.sweep_fraction * len(x)))
+        sub = _subsample(len(x), rows, np.random.default_rng(p.seed))
+        cw = balanced_weights(y, k) if p.class_weights else None
         full_data = Data.standardising(x, y, self.mean, self.scale, cw)
         sub_data = full_data if len(sub) == len(x) else full_data.rows(sub)
         vz = self._standardised(vx)
 
         def solve(data: Data, lam: float, init: Fit | None) -> Fit:
-            return SOLVERS[p["solver"]](data, k, lam, init, p["max_iter"], p["tol"], p["ftol"])
+            return SOLVERS[p.solver](data, k, lam, init, p.max_iter, p.tol, p.ftol)
 
-        with torch_threads(p["threads"]):  # small matrices: threads only contend
+        d = x.shape[1] + 1
+        with torch_threads(threads_for(len(sub) * d * k, p.threads)):
             sweep = _sweep(lambda lam, init: solve(sub_data, lam, init), vz, vy, lambdas,
-                           p["refine"], p["patience"])
+                           p.refine, p.patience)
         best = _best(sweep)
         sweep_lambda = best[1].lam
         full: dict[float, Scored] = {}
-        with torch_threads(p["full_threads"]):
+        with torch_threads(threads_for(len(x) * d * k, p.full_threads)):
             if len(sub) < len(x):  # carry the choice over to all train rows
                 init = best[1]
-                for a in sorted(set(p["carry"])):  # small a first: strong to weak
+                for a in sorted(set(p.carry)):  # small a first: strong to weak
                     lam = best[1].lam * (len(sub) / len(x)) ** a
                     fit = solve(full_data, lam, init)
                     full[lam], init = (_val_score(vz, vy, fit.w), fit), fit
@@ -130,7 +156,7 @@ class LogisticHead(Head):
         self.info = {
             "lambda": fit.lam, "C": 1 / (fit.lam * len(x)), "val_accuracy": score[0],
             "iterations": fit.iterations, "grad_max": fit.grad_max, "gap": fit.gap,
-            "converged": fit.converged, "stop": fit.stop, "tol": p["tol"],
+            "converged": fit.converged, "stop": fit.stop, "tol": p.tol,
             "sweep_rows": len(sub), "sweep_lambda": sweep_lambda,
             "sweep": {f"{lam:.3g}": round(s[0], 6) for lam, (s, _) in sorted(sweep.items())},
             "full": {f"{lam:.3g}": round(s[0], 6) for lam, (s, _) in sorted(full.items())},
@@ -228,7 +254,3 @@ def _val_score(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, floa
     return float(hit), float(logp.gather(1, t[:, None]).clamp_min(-27.6).mean())
 
 
-DEFAULTS: dict[str, Any] = dict(
-    solver="torch", lambdas=list(LAMBDAS), refine=1, patience=1, sweep_rows=4096,
-    sweep_fraction=0.125, carry=[1.0], tol=1e-2, ftol=1e-7, max_iter=500,
-    standardise=True, class_weights=False, threads=None, full_threads=None, seed=0)
