@@ -33,7 +33,6 @@ from .config import HeadsConfig
 from .features import Features, load_features
 from .labels import LabelFile, join_labels, read_label_file
 from .targets import (
-    SPLITS,
     is_numeric,
     job_rows,
     make_splits,

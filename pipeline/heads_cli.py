@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import tomllib
 from dataclasses import replace
 from typing import Any
+
+import tomllib
 
 from embeddings.errors import InputError
 

@@ -48,7 +48,6 @@ from torch import nn
 from ..errors import InputError
 from .params import ParamError, param
 
-
 # ------------------------------------------------------------------------- parameters
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ def part_params(base: str, values: Mapping[str, Any], seed: int, where: str) -> 
 @dataclass(frozen=True)
 class LateParams:
     base: str = param("linear", "one-input head trained on each column")
-    base_params: dict[str, Any] = param({}, "parameters of the base head, e.g. {hidden = "
+    base_params: dict[str, Any] = param(  # noqa: RUF009 (a default_factory field)
+        {}, "parameters of the base head, e.g. {hidden = "
                                         "[128]}")
     tune: bool = param(True, "tune the mixing weights on validation (false: equal weights)")
     grid: float = param(0.1, "step of the weight grid over the simplex", above=0, high=0.5)

@@ -38,7 +38,8 @@ from .torch_heads import outputs, task_loss, train
 @dataclass(frozen=True)
 class StackParams:
     base: str = param("linear", "one-input head trained on each column, once per fold")
-    base_params: dict[str, Any] = param({}, "parameters of the base head")
+    base_params: dict[str, Any] = param(  # noqa: RUF009 (a default_factory field)
+        {}, "parameters of the base head")
     folds: int = param(3, "folds of the out-of-fold predictions", low=2, high=10)
     hidden: int = param(32, "width of the combiner's correction g (0: the weighted sum "
                         "alone)", low=0)
