@@ -63,12 +63,19 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .base import Head, threads_for, torch_threads
-from .lbfgs import SOLVERS, Data, Fit
+from .lbfgs import SOLVERS, Data, Fit, Precond
 from .params import param
 
-# L2 strengths of the coarse sweep (mean loss + lam/2 |W|^2 on standardised features),
-# walked from strong to weak until validation stops improving.
-LAMBDAS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+# Rows of the covariance behind the preconditioner (an estimate is enough).
+COV_ROWS = 4096
+# L2 strengths of the sweep (mean loss + lam/2 |W|^2 on standardised features), half a
+# decade apart from 1 to 1e-6, walked from strong to weak until validation stops
+# improving.
+LAMBDAS = tuple(round(10 ** (-i / 2), 12) for i in range(13))
+
+Scored = tuple[tuple[float, float], Fit]  # ((validation accuracy, log-likelihood), fit)
+Rank = Callable[[tuple[float, float]], tuple[float, float]]
+RANKS: dict[str, Rank] = {"loglik": lambda s: (s[1], s[0]), "accuracy": lambda s: s}
 
 
 @dataclass(frozen=True)
@@ -77,9 +84,11 @@ class LogisticParams:
                         "same objective", choices=tuple(SOLVERS))
     lambdas: tuple[float, ...] = param(LAMBDAS, "L2 strengths of the sweep, walked strong to "
                                        "weak", above=0, min_len=1)
-    refine: int = param(1, "binary-search rounds around the best swept strength", low=0)
+    select: str = param("loglik", "what picks the strength on validation (the other breaks "
+                        "ties)", choices=tuple(RANKS))
+    refine: int = param(0, "binary-search rounds around the best swept strength", low=0)
     patience: int = param(1, "sweep points past the best before the walk stops", low=1)
-    sweep_rows: int = param(4096, "train rows the sweep uses at least (subsample)", low=1)
+    sweep_rows: int = param(1024, "train rows the sweep uses at least (subsample)", low=1)
     sweep_fraction: float = param(0.125, "... or this fraction of the train rows, if more",
                                   low=0, high=1)
     carry: tuple[float, ...] = param((1.0,), "exponents a of the carry-over lam*(m/n)**a to "
@@ -89,8 +98,8 @@ class LogisticParams:
     ftol: float = param(1e-7, "... or once the loss changes by less than this (relative)",
                         low=0)
     max_iter: int = param(500, "safety net on solver iterations per fit", low=1)
-    precondition: bool = param(True, "solve in the principal axes of the features, scaled "
-                               "by their curvature (fewer iterations on ill-conditioned data)")
+    precondition: bool = param(True, "precondition the solver along the features' strongest "
+                               "principal axes (fewer iterations on correlated features)")
     standardise: bool = param(True, "standardise each feature on the train rows")
     class_weights: bool = param(False, "balanced class weights (scikit-learn's 'balanced')")
     threads: int | None = param(None, "torch threads of the sweep (default: by problem size)",
@@ -120,27 +129,39 @@ class LogisticHead(Head):
         lambdas = sorted({float(v) for v in p.lambdas}, reverse=True)
         k = len(self.tasks[0].classes)
         x, y, vx, vy = xs[0], ys[0], val_xs[0], val_ys[0]
-        if p.standardise:
-            self.mean = x.mean(axis=0)
-            self.scale = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
+        if p.standardise:  # torch: one pass, 5x faster than numpy's mean and std
+            std, mean = torch.std_mean(torch.from_numpy(x), dim=0, correction=0)
+            self.mean, self.scale = mean.numpy(), std.clamp_min(1e-6).numpy()
         else:
             self.mean = np.zeros(x.shape[1], np.float32)
             self.scale = np.ones(x.shape[1], np.float32)
         rows = max(int(p.sweep_rows), math.ceil(p.sweep_fraction * len(x)))
-        sub = _subsample(len(x), rows, np.random.default_rng(p.seed))
+        rng = np.random.default_rng(p.seed)
+        sub = _subsample(len(x), rows, rng)
         cw = balanced_weights(y, k) if p.class_weights else None
         full_data = Data.standardising(x, y, self.mean, self.scale, cw)
         sub_data = full_data if len(sub) == len(x) else full_data.rows(sub)
         vz = self._standardised(vx)
-
-        def solve(data: Data, lam: float, init: Fit | None) -> Fit:
-            return SOLVERS[p.solver](data, k, lam, init, p.max_iter, p.tol, p.ftol)
-
         d = x.shape[1] + 1
+        rank = RANKS[p.select]
+
+        def preconditioner(data: Data) -> Precond | None:
+            """From (up to COV_ROWS of) the rows the fits will use: a subsample's own
+            covariance, not the population's, is what its fits see."""
+            if not p.precondition or p.solver != "torch":
+                return None
+            rows = _subsample(len(data.y), COV_ROWS, rng)
+            with torch_threads(threads_for(len(rows) * d * d, p.threads)):
+                return Precond(data, rows, seed=p.seed)
+
+        def solve(data: Data, lam: float, init: Fit | None, pre: Precond | None) -> Fit:
+            return SOLVERS[p.solver](data, k, lam, init, p.max_iter, p.tol, p.ftol, pre)
+
+        pre = preconditioner(sub_data)  # also serves the fits on all rows
         with torch_threads(threads_for(len(sub) * d * k, p.threads)):
-            sweep = _sweep(lambda lam, init: solve(sub_data, lam, init), vz, vy, lambdas,
-                           p.refine, p.patience)
-        best = _best(sweep)
+            sweep = _sweep(lambda lam, init: solve(sub_data, lam, init, pre), vz, vy,
+                           lambdas, p.refine, p.patience, rank)
+        best = _best(sweep, rank)
         sweep_lambda = best[1].lam
         full: dict[float, Scored] = {}
         with torch_threads(threads_for(len(x) * d * k, p.full_threads)):
@@ -148,18 +169,19 @@ class LogisticHead(Head):
                 init = best[1]
                 for a in sorted(set(p.carry)):  # small a first: strong to weak
                     lam = best[1].lam * (len(sub) / len(x)) ** a
-                    fit = solve(full_data, lam, init)
+                    fit = solve(full_data, lam, init, pre)
                     full[lam], init = (_val_score(vz, vy, fit.w), fit), fit
-                best = _best(full)
+                best = _best(full, rank)
         score, fit = best
         self.w = fit.w
         self.info = {
             "lambda": fit.lam, "C": 1 / (fit.lam * len(x)), "val_accuracy": score[0],
+            "val_loglik": score[1], "select": p.select,
             "iterations": fit.iterations, "grad_max": fit.grad_max, "gap": fit.gap,
             "converged": fit.converged, "stop": fit.stop, "tol": p.tol,
             "sweep_rows": len(sub), "sweep_lambda": sweep_lambda,
-            "sweep": {f"{lam:.3g}": round(s[0], 6) for lam, (s, _) in sorted(sweep.items())},
-            "full": {f"{lam:.3g}": round(s[0], 6) for lam, (s, _) in sorted(full.items())},
+            "sweep": {f"{lam:.3g}": [round(v, 6) for v in s] for lam, (s, _) in sorted(sweep.items())},
+            "full": {f"{lam:.3g}": [round(v, 6) for v in s] for lam, (s, _) in sorted(full.items())},
             "fits": [f.record() for _, f in [*sweep.values(), *full.values()]],
             "refit_on": "train"}
 
@@ -193,11 +215,8 @@ class LogisticHead(Head):
         return make_pipeline(scaler, lr)
 
 
-Scored = tuple[tuple[float, float], Fit]
-
-
 def _sweep(solve: Callable[[float, Fit | None], Fit], vz: np.ndarray, vy: np.ndarray,
-           lambdas: list[float], refine: int, patience: int) -> dict[float, Scored]:
+           lambdas: list[float], refine: int, patience: int, rank: Rank) -> dict[float, Scored]:
     """Validation-scored fits along ``lambdas`` (strong to weak, warm-started, stopped
     ``patience`` points past the best), then ``refine`` binary-search rounds."""
     tried: dict[float, Scored] = {}
@@ -205,14 +224,14 @@ def _sweep(solve: Callable[[float, Fit | None], Fit], vz: np.ndarray, vy: np.nda
     for lam in lambdas:
         fit = solve(lam, init)
         tried[lam], init = (_val_score(vz, vy, fit.w), fit), fit
-        worse = 0 if _best(tried)[1].lam == lam else worse + 1
+        worse = 0 if _best(tried, rank)[1].lam == lam else worse + 1
         if worse >= patience:
             break
     # Half the grid's (log) spacing; half a decade when the grid has one point.
     step = math.log10(lambdas[0] / lambdas[1]) / 2 if len(lambdas) > 1 else 0.5
     for _ in range(refine):
-        best = _best(tried)[1]
-        for lam in _toward_better(tried, best.lam, 10**step):
+        best = _best(tried, rank)[1]
+        for lam in _toward_better(tried, best.lam, 10**step, rank):
             if lam not in tried:
                 fit = solve(lam, best)
                 tried[lam] = (_val_score(vz, vy, fit.w), fit)
@@ -220,7 +239,8 @@ def _sweep(solve: Callable[[float, Fit | None], Fit], vz: np.ndarray, vy: np.nda
     return tried
 
 
-def _toward_better(tried: Mapping[float, Scored], lam: float, factor: float) -> list[float]:
+def _toward_better(tried: Mapping[float, Scored], lam: float, factor: float,
+                   rank: Rank) -> list[float]:
     """Where to refine around the best ``lam``: toward its better-scoring neighbour when it
     has one on each side (the weak side costs the most iterations, and on the benchmark
     sets the refinement never won on the worse side); else both ways, strong first."""
@@ -229,12 +249,13 @@ def _toward_better(tried: Mapping[float, Scored], lam: float, factor: float) -> 
     both = [lam * factor, lam / factor]
     if not stronger or not weaker:
         return both
-    return both[:1] if tried[min(stronger)][0] >= tried[max(weaker)][0] else both[1:]
+    better_stronger = rank(tried[min(stronger)][0]) >= rank(tried[max(weaker)][0])
+    return both[:1] if better_stronger else both[1:]
 
 
-def _best(tried: Mapping[float, Scored]) -> Scored:
+def _best(tried: Mapping[float, Scored], rank: Rank) -> Scored:
     """Best validation score; among equals the stronger regularisation."""
-    return tried[max(tried, key=lambda lam: (tried[lam][0], lam))]
+    return tried[max(tried, key=lambda lam: (rank(tried[lam][0]), lam))]
 
 
 def _subsample(n: int, rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -242,7 +263,7 @@ def _subsample(n: int, rows: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _val_score(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
-    """Validation accuracy, ties broken by log-likelihood (tiny validation splits tie).
+    """Validation accuracy and mean log-likelihood.
 
     In torch, like the solver: a numpy matmul between two solves wakes OpenBLAS's own
     threads, which spin on after it and took the cores from the next solve (sweep fits
