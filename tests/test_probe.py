@@ -51,8 +51,8 @@ def objective(z: np.ndarray, y: np.ndarray, coef: np.ndarray, icpt: np.ndarray,
 def test_probe_reaches_the_optimum_of_its_objective(digits, solver: str, lam: float,
                                                     weighted: bool, tol: float) -> None:
     x, y, vx, vy = digits
-    head = make_head("logistic", task(), [64], lambdas=[lam], refine=0, solver=solver, sweep_rows=ALL,
-                     tol=tol, class_weights=weighted)
+    head = make_head("logistic", task(), [64], lambdas=[lam], refine=0, solver=solver,
+                     sweep_rows=ALL, tol=tol, class_weights=weighted)
     assert head.params.tol == tol and HEADS["logistic"].defaults.tol == DEFAULT_TOL
     head.fit([x], [y], [vx], [vy])
     z = (x - head.mean) / head.scale

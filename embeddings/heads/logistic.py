@@ -180,8 +180,7 @@ class LogisticHead(Head):
             "iterations": fit.iterations, "grad_max": fit.grad_max, "gap": fit.gap,
             "converged": fit.converged, "stop": fit.stop, "tol": p.tol,
             "sweep_rows": len(sub), "sweep_lambda": sweep_lambda,
-            "sweep": {f"{lam:.3g}": [round(v, 6) for v in s] for lam, (s, _) in sorted(sweep.items())},
-            "full": {f"{lam:.3g}": [round(v, 6) for v in s] for lam, (s, _) in sorted(full.items())},
+            "sweep": _scores(sweep), "full": _scores(full),
             "fits": [f.record() for _, f in [*sweep.values(), *full.values()]],
             "refit_on": "train"}
 
@@ -256,6 +255,11 @@ def _toward_better(tried: Mapping[float, Scored], lam: float, factor: float,
 def _best(tried: Mapping[float, Scored], rank: Rank) -> Scored:
     """Best validation score; among equals the stronger regularisation."""
     return tried[max(tried, key=lambda lam: (rank(tried[lam][0]), lam))]
+
+
+def _scores(tried: Mapping[float, Scored]) -> dict[str, list[float]]:
+    """``{lam: [validation accuracy, log-likelihood]}`` as ``head.info`` keeps them."""
+    return {f"{lam:.3g}": [round(v, 6) for v in s] for lam, (s, _) in sorted(tried.items())}
 
 
 def _subsample(n: int, rows: int, rng: np.random.Generator) -> np.ndarray:
