@@ -136,8 +136,12 @@ def test_mlp_depth_sgd_and_augmentation() -> None:
                     (make_head("concat", tasks, [16, 12], noise=0.3, modality_dropout=0.3), 2)]:
         head.fit(tr[:x], ytr, va[:x], yva)
         assert (head.predict(te[:x])[0] == yte[0]).mean() >= 0.9, head.name
-    assert make_head("linear", tasks, [16], optimizer="sgd").fit(
-        tr[:1], ytr, va[:1], yva).info["lr"] == pytest.approx(0.1)
+    # auto: full-batch L-BFGS for a linear head on one batch, SGD on more, AdamW otherwise
+    chosen = {name: make_head(name, tasks, [16]).fit(tr[:1], ytr, va[:1], yva).info
+              for name in ("linear", "mlp")}
+    assert chosen["linear"]["optimizer"] == "lbfgs" and chosen["mlp"]["optimizer"] == "adamw"
+    sgd = make_head("linear", tasks, [16], batch_size=32).fit(tr[:1], ytr, va[:1], yva).info
+    assert sgd["optimizer"] == "sgd" and sgd["batch_size"] == 32 and 0 < sgd["lr"] < 1
 
 
 def test_modality_dropout_keeps_one_modality() -> None:
@@ -152,9 +156,12 @@ def test_modality_dropout_keeps_one_modality() -> None:
                                   "stack"])
 def test_regression_learns_a_numeric_target(name: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
+    latent = rng.standard_normal(600)  # seen by both modalities, each with its own noise
     xs = [rng.standard_normal((600, d)).astype(np.float32) for d in (8, 6)]
+    for j, x in enumerate(xs):
+        x[:, j] = latent + 0.1 * rng.standard_normal(600)
     xs = xs[:1] if HEADS[name].inputs == "one" else xs
-    target = 2 * xs[0][:, 0] - xs[-1][:, 1] + 0.1 * rng.standard_normal(600) + 30
+    target = 3 * latent + 0.1 * rng.standard_normal(600) + 30
     (tr, va, te), (ytr, yva, yte) = split3(xs), split3([target.astype(np.float32)])
     task = Task("price", (), regression=True)
     head = make_head(name, [task], [x.shape[1] for x in xs]).fit(tr, ytr, va, yva)

@@ -54,10 +54,13 @@ from .params import ParamError, param
 class TrainParams:
     """What every torch head takes: optimiser, schedule, augmentation, threads, seed."""
 
-    optimizer: str = param("adamw", "adamw, or sgd (Nesterov momentum 0.9)",
-                           choices=("adamw", "sgd"))
-    lr: float | None = param(None, "learning rate (default: 1e-2 for linear models, 3e-3 "
-                             "for the others; 10x that with sgd)", above=0)
+    optimizer: str = param("auto", "sgd (Nesterov momentum 0.9), adamw, lbfgs (full batch), "
+                           "or auto: lbfgs for linear heads on one batch of rows, sgd for "
+                           "other linear heads, adamw for the rest",
+                           choices=("auto", "adamw", "sgd", "lbfgs"))
+    lr: float | None = param(None, "learning rate (default: sgd 1 / the largest variance "
+                             "of the standardised inputs along one direction; adamw 1e-2 "
+                             "for linear heads, 3e-3 for the others)", above=0)
     weight_decay: float = param(1e-4, "decoupled weight decay (L2 with sgd)", low=0)
     batch_size: int = param(512, "rows per step (at most the training rows)", low=1)
     min_steps: int = param(300, "optimiser steps at least, whatever the rows/batch ratio",
@@ -67,7 +70,8 @@ class TrainParams:
     patience: int = param(200, "stop after this many steps without a better validation "
                           "loss (the best weights are kept)", low=1)
     standardise: bool = param(True, "standardise each input on the train rows")
-    class_weights: bool = param(True, "balanced class weights for single-label tasks")
+    class_weights: bool = param(False, "balanced class weights for single-label tasks (they "
+                                "trade accuracy for the rare classes' recall)")
     noise: float = param(0.0, "augmentation: Gaussian noise of this std (standardised units) "
                          "added to the inputs while training", low=0)
     threads: int | None = param(None, "torch threads (default: one for small problems, "

@@ -43,7 +43,7 @@ class StackParams:
     folds: int = param(3, "folds of the out-of-fold predictions", low=2, high=10)
     hidden: int = param(32, "width of the combiner's correction g (0: the weighted sum "
                         "alone)", low=0)
-    class_weights: bool = param(True, "balanced class weights in the combiner's loss")
+    class_weights: bool = param(False, "balanced class weights in the combiner's loss")
     threads: int | None = param(None, "torch threads of the combiner", low=1)
     seed: int = param(0, "seed of the folds, every part and the combiner")
 
@@ -121,7 +121,7 @@ class StackHead(Head):
         targets = [torch.from_numpy(np.ascontiguousarray(y)) for y in ys]
         val_targets = [torch.from_numpy(np.ascontiguousarray(y)) for y in val_ys]
         info = train(self.combiner, loss, oof, targets, val, val_targets,
-                     TrainParams(threads=p.threads, seed=p.seed), linear=True)
+                     TrainParams(threads=p.threads, seed=p.seed), "adamw", 1e-2)
         a = torch.stack([w.detach().mean(1) for w in self.combiner.a]).mean(0)
         self.info = {"combiner": info, "modality_weights": [round(float(v), 4) for v in a],
                      "parts": [[q.info for q in parts] for parts in self.parts]}

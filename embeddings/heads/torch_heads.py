@@ -46,6 +46,9 @@ class Net(nn.Module):
         self.n, self.noise, self.modality_dropout = len(dims), noise, modality_dropout
         self.fuser = fuser
         self.outs = nn.ModuleList(nn.Linear(fuser.out, t.outputs) for t in tasks)
+        for out in self.outs:  # start at "no opinion", like the probe (below)
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
 
     def standardised(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         return [(x - getattr(self, f"mean{i}")) / getattr(self, f"scale{i}")
@@ -96,8 +99,15 @@ class TorchHead(Head):
                 getattr(self.net, f"ymean{t}").fill_(float(y.mean()))
                 getattr(self.net, f"yscale{t}").fill_(max(float(y.std()), 1e-12))
         loss = task_loss(self.tasks, ys, p.class_weights, self._target_scale())
-        self.info = train(self.net, loss, _tensors(xs), _tensors(ys), _tensors(val_xs),
-                          _tensors(val_ys), p, self.net.fuser.linear)
+        tx = _tensors(xs)
+        optimizer = p.optimizer if p.optimizer != "auto" else auto_optimizer(
+            self.net.fuser.linear, len(xs[0]) <= p.batch_size,
+            bool(p.noise or getattr(p, "modality_dropout", 0.0)))
+        lr = p.lr or (1.0 if optimizer == "lbfgs"
+                      else 1 / top_variance(self.net.standardised(tx)) if optimizer == "sgd"
+                      else 1e-2 if self.net.fuser.linear else 3e-3)
+        self.info = train(self.net, loss, tx, _tensors(ys), _tensors(val_xs),
+                          _tensors(val_ys), p, optimizer, lr)
         self.info.update(self.net.fuser.describe())
         with torch.no_grad():
             w = self.net.fuser.weights(self.net.standardised(_tensors(val_xs)))
@@ -165,55 +175,108 @@ def task_loss(tasks: Sequence[Task], ys: Sequence[np.ndarray], class_weights: bo
     return loss
 
 
+def auto_optimizer(linear: bool, one_batch: bool, augmented: bool) -> str:
+    """``optimizer = "auto"``: full-batch L-BFGS for a linear head whose training rows fit
+    in one batch (its loss is then deterministic: the small-set case, where first-order
+    steps were still far from the optimum after 2,000 steps on the binary demo task),
+    SGD for other linear heads, AdamW for the rest (whose implicit bias on a linear
+    model generalised worse: binary demo task 0.77 vs 0.96 for SGD)."""
+    if not linear:
+        return "adamw"
+    return "lbfgs" if one_batch and not augmented else "sgd"
+
+
+def top_variance(zs: list[torch.Tensor], rows: int = 4096, steps: int = 30) -> float:
+    """The largest variance of the concatenated inputs along one direction (power
+    iteration on up to ``rows`` rows): the loss's curvature scale, so ``1 / top`` is a
+    step SGD takes safely on standardised inputs (raw pixels: 1/218; embeddings 1/15 to
+    1/65)."""
+    z = torch.cat([t[:rows] for t in zs], dim=1)
+    z = z - z.mean(0)
+    v = torch.ones(z.shape[1]) / z.shape[1] ** 0.5
+    top = 1.0
+    for _ in range(steps):
+        u = z.T @ (z @ v) / len(z)
+        top = float(u.norm())
+        if top == 0:
+            return 1.0
+        v = u / top
+    return max(top, 1e-6)
+
+
 def train(net: nn.Module, loss: Loss, tx: list[torch.Tensor], ty: list[torch.Tensor],
-          vx: list[torch.Tensor], vy: list[torch.Tensor], p: TrainParams,
-          linear: bool) -> dict[str, Any]:
+          vx: list[torch.Tensor], vy: list[torch.Tensor], p: TrainParams, optimizer: str,
+          lr: float) -> dict[str, Any]:
     """Mini-batch training measured in steps; the best validation loss's weights kept.
 
     The validation loss is checked every epoch, or every few steps when epochs are long
     (at most a third of the training time), and training stops ``patience`` steps after
     its best once ``min_steps`` are done."""
     n = len(tx[0])
-    batch = min(p.batch_size, n)
+    batch = n if optimizer == "lbfgs" else min(p.batch_size, n)
     per_epoch = math.ceil(n / batch)
-    every = min(per_epoch, max(25, 2 * math.ceil(len(vx[0]) / batch)))
+    # Every epoch; at least every 10 steps on tiny sets, and on long epochs as often as
+    # keeps validating under a third of the time.
+    every = max(min(10, p.patience), min(per_epoch, max(25, 2 * math.ceil(len(vx[0]) / batch))))
     max_steps = max(p.min_steps, p.max_epochs * per_epoch)
     patience = max(p.patience, 2 * every)
-    lr = p.lr or (1e-2 if linear else 3e-3) * (10 if p.optimizer == "sgd" else 1)
-    opt = (torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=p.weight_decay)
-           if p.optimizer == "adamw" else
-           torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                           weight_decay=p.weight_decay))
+    step_on = _stepper(net, loss, p, optimizer, lr)
     gen = torch.Generator().manual_seed(p.seed)
     params = sum(v.numel() for v in net.parameters())
     best, best_state, best_step, step = math.inf, torch_state(net), 0, 0
     with torch.random.fork_rng(devices=[]), torch_threads(threads_for(batch * params,
                                                                        p.threads)):
         torch.manual_seed(p.seed)  # dropout masks and augmentation
-        done = False
+        done, last = False, math.inf
         while not done:
             for idx in torch.randperm(n, generator=gen).split(batch):
                 net.train()
-                value = loss(net([x[idx] for x in tx]), [y[idx] for y in ty])
-                opt.zero_grad()
-                value.backward()
-                opt.step()
+                value = step_on([x[idx] for x in tx], [y[idx] for y in ty])
                 step += 1
-                if step % every and step < max_steps:
+                # Full-batch L-BFGS at its optimum: nothing left to do, whatever min_steps.
+                converged = optimizer == "lbfgs" and abs(last - value) <= 1e-7 * abs(value)
+                last = value
+                if step % every and step < max_steps and not converged:
                     continue
                 net.eval()
                 with torch.no_grad():
                     val = float(loss(net(vx), vy))
                 if val < best - 1e-4:
                     best, best_state, best_step = val, torch_state(net), step
-                done = step >= max_steps or (step >= p.min_steps
-                                             and step - best_step >= patience)
+                done = converged or step >= max_steps or (step >= p.min_steps
+                                                          and step - best_step >= patience)
                 if done:
                     break
     net.load_state_dict(best_state)
     net.eval()
     return {"steps": step, "best_step": best_step, "epochs": round(step / per_epoch, 2),
-            "batch_size": batch, "best_val_loss": best, "lr": lr}
+            "batch_size": batch, "best_val_loss": best, "optimizer": optimizer, "lr": lr}
+
+
+def _stepper(net: nn.Module, loss: Loss, p: TrainParams, optimizer: str,
+             lr: float) -> Callable[[list[torch.Tensor], list[torch.Tensor]], float]:
+    """One optimiser step on a batch.  ``lbfgs`` (full batch, deterministic losses only)
+    takes weight decay as an L2 penalty on the weight matrices, like the probe."""
+    if optimizer == "lbfgs":
+        opt: torch.optim.Optimizer = torch.optim.LBFGS(
+            net.parameters(), lr=1, max_iter=1, history_size=30, line_search_fn="strong_wolfe")
+        weights = [v for v in net.parameters() if v.ndim > 1]
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=p.weight_decay)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True,
+                              weight_decay=p.weight_decay)
+
+    def step(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = loss(net(xs), ys)
+            if optimizer == "lbfgs":
+                value = value + p.weight_decay / 2 * sum(w.square().sum() for w in weights)
+            value.backward()
+            return value
+        return float(opt.step(closure).detach())  # the loss before the step
+    return step
 
 
 def _tensors(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
