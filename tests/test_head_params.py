@@ -78,7 +78,7 @@ def test_errors_name_the_key_and_suggest_the_spelling() -> None:
         make_head("mlp", [Task("label", CLASSES)], [16], hiden=[128])
     with pytest.raises(ParamError, match="optimizer must be one of"):
         make_head("linear", [Task("label", CLASSES)], [16], optimizer="rmsprop")
-    with pytest.raises(ParamError, match="width 128 must be a multiple of heads 5"):
+    with pytest.raises(ParamError, match="width 96 must be a multiple of heads 5"):
         make_head("attention", [Task("label", CLASSES)], [16, 12], heads=5)
     with pytest.raises(ParamError, match=r"late\] base_params: unknown parameter"):
         make_head("late", [Task("label", CLASSES)], [16, 12], base_params={"hiden": 3})

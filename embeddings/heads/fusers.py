@@ -122,7 +122,7 @@ class SumMLPParams(ProjectedParams):
 
 @dataclass(frozen=True)
 class AttentionParams(FusionParams):
-    width: int = param(128, "token width (each modality is projected to one token)", low=1)
+    width: int = param(96, "token width (each modality is projected to one token)", low=1)
     heads: int = param(4, "attention heads (must divide width)", low=1)
     layers: int = param(1, "self-attention blocks before the learned-query pooling",
                         low=1, high=4)
