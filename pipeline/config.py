@@ -121,7 +121,8 @@ class HeadsConfig:
     inputs: tuple[str, ...] = knob(("clip_image", "clip_text", "minilm_text"),
                                    "embedding columns (text: mean of an image's captions)")
     heads: tuple[str, ...] = knob(("zeroshot", "logistic", "linear", "mlp", "concat", "sum",
-                                   "sum_mlp", "product", "gated", "late", "late_avg"),
+                                   "sum_mlp", "product", "gated", "attention", "bilinear",
+                                   "late", "late_avg", "stack"),
                                   "heads to train, e.g. logistic,concat,late")
     multilabel: str = knob("labels", "list-valued target column ('' = none)")
     multilabel_heads: tuple[str, ...] = knob(("mlp", "concat"), "heads for the multi-label "

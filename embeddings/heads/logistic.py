@@ -16,38 +16,35 @@ on the imbalanced Debian-packages set balanced weights cost 4.6 points of accura
 Every fit, sweep points included, stops on a tolerance, not a step count: the relative
 gap estimate of :mod:`.lbfgs` at most ``tol``.  The default 1e-2 is where test accuracy
 stopped moving: fits run to 1e-2 vs to 1e-4 at one lam, measured, Debian packages 0.7084
-vs 0.7088 (real gap 2.4e-3, 54 vs 135 iterations), the synthetic benchmark 0.9064 vs
-0.9075 (real gap 4.5e-3).  tests/test_probe.py checks fits against scikit-learn run to
-1e-10 on the same objective and C: within ``tol``, at 1e-2 and 1e-3.  ``head.info``
-records iterations, the final max |grad|, the gap estimate, how it stopped and whether
-it converged (``fits`` has the same for every sweep point).
+vs 0.7088, the synthetic benchmark 0.9064 vs 0.9075.  tests/test_probe.py checks fits
+against scikit-learn run to 1e-10 on the same objective and C: within ``tol``, at 1e-2
+and 1e-3.  ``head.info`` records iterations, the final max |grad|, the gap estimate, how
+it stopped and whether it converged (``fits`` has the same for every sweep point).
 
-Choosing ``lam`` (CLIP linear-probe protocol, made to carry over):
+Choosing ``lam`` (CLIP linear-probe protocol, made to carry over and to be cheap):
 
 1. Sweep, on a seeded subsample of ``m = max(sweep_rows, sweep_fraction * n)`` train rows
    (all rows when fewer), scored on the whole validation split: the ``lambdas`` grid
-   from strong to weak, each fit warm-started from the previous one and run to
-   convergence; the walk stops once the validation score fell ``patience`` points in a
-   row.  Then ``refine`` binary-search rounds around the best point, each toward its
-   better neighbour (both ways at the grid's ends).  Ranked by validation accuracy, ties
-   broken by log-likelihood.
+   (half-decades from 1 to 1e-6) from strong to weak, each fit warm-started from the
+   previous one (weights and L-BFGS memory) and run to convergence; the walk stops once
+   the validation score fell ``patience`` points in a row.  Then ``refine``
+   binary-search rounds around the best point, each toward its better neighbour.
+   Ranked by ``select``: validation accuracy (default), ties broken by log-likelihood,
+   or the other way round.  Measured: ranking by log-likelihood chose a 100x weaker
+   penalty on the synthetic benchmark (0.8859 test accuracy vs 0.9079).
 2. Carry over to the full train split: the best strength on m rows is not the best on n
    (more rows need less regularisation).  ``lam_m * (m/n)**a`` for each ``a`` in
    ``carry`` is fitted on all train rows (warm-started, converged) and the best on
-   validation kept.  Default ``[1.0]``, a constant scikit-learn C (the ridge-regression
-   rate); ``[0.5, 1.0]`` brackets it for one more fit.  Measured with both: a=1 won on
-   the Debian-packages set (validation 0.715 vs 0.710), a=0.5 by 0.001 on the synthetic
-   benchmark.  The sweep itself must converge: a sweep stopped after a fixed 8 steps
-   made weak penalties look good (the unconverged fit is implicitly regularised): issue
-   9 reports C=3.26 chosen where a converged sweep on all rows chose 0.020.  Each fit is
-   warm-started from the previous one, its weights and its curvature scale.
+   validation kept.  Default ``[1.0]``, a constant scikit-learn C.  The sweep itself
+   must converge: a sweep stopped after a fixed 8 steps made weak penalties look good
+   (the unconverged fit is implicitly regularised).
 
-The sweep runs on ``threads``, the fits on all rows on ``full_threads`` (both None:
-torch's default, every core; set 1 on a shared machine, where two threads on small
-matrices ran 6x slower than one).  Quiet 2-core machine, 50k x 1024 synthetic: 2.0 s
-with the defaults, 2.6 s with ``threads=1``.
-Refit on train only (validation stays clean).  ``solver="torch"`` (default) is full-batch
-float32 L-BFGS; ``solver="sklearn"`` runs scikit-learn's L-BFGS on the same objective.
+All fits share one preconditioner (:class:`.lbfgs.Precond`, ``precondition``) built
+from the sweep's rows.  Threads: one for small problems, else the cores that no other
+process is running on (``threads`` for the sweep, ``full_threads`` for the fits on all
+rows override; see :func:`.base.threads_for`).  Refit on train only (validation stays
+clean).  ``solver="torch"`` (default) is full-batch float32 L-BFGS; ``solver="sklearn"``
+runs scikit-learn's L-BFGS on the same objective.
 """
 
 from __future__ import annotations
