@@ -205,11 +205,10 @@ def make_head(name: str, tasks: Sequence[Task], dims: Sequence[int], **params: A
     return head
 
 
-# Below this many multiply-adds per pass over the data (rows x width x outputs) one
-# thread is used: the work per matmul is too small to share, and extra threads only wait
-# for each other (measured: a 204-row demo head took 5-9 s with two threads on a busy
-# 2-core machine, 0.3 s with one).
-SMALL_WORK = 32e6
+# Below this many multiply-adds per matmul (rows x width x outputs) one thread is used:
+# the work (under half a millisecond) is too small to share.  Above it, threads only on
+# cores no other process is running on (see threads_for).
+SMALL_WORK = 8e6
 
 
 def threads_for(work: float, threads: int | None) -> int:
