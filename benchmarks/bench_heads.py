@@ -194,6 +194,9 @@ def plan(d: Dataset, args: argparse.Namespace, probe_only: bool) -> list[tuple]:
             continue
         if HEADS[name].inputs == "many":
             runs += [(name, label, xs, {}) for label, xs in d.fusion]
+            if name == "sum":  # what sum did before: add coordinate i to coordinate i
+                runs += [("sum shared_space=True", label, xs, {"shared_space": True})
+                         for label, xs in d.fusion if len({x.shape[1] for x in xs}) == 1]
         elif name == "logistic" or not d.probe_only:
             runs += [(name, label, [x], {}) for label, x in d.single.items()
                      if (label != "image+text" or name == "logistic")
@@ -208,7 +211,7 @@ def run_set(d: Dataset, args: argparse.Namespace, load_name: str,
         secs, cpu = float("inf"), float("inf")
         for _ in range(args.repeat):  # the fastest run counts: the machine may be shared
             once, c, acc, info = (timed_sklearn(xs[0], d, **kw) if name.startswith("sklearn")
-                                  else timed_head(name, xs, d, **kw))
+                                  else timed_head(name.split()[0], xs, d, **kw))
             secs, cpu = min(secs, once), min(cpu, c)
         out.append(Result(d.name, name, label, secs, cpu, acc[0], acc[1], info, load_name))
         print(f"  [{load_name}] {name} ({label}): {secs:.2f} s ({cpu:.2f} s CPU), test "

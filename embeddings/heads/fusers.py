@@ -261,7 +261,8 @@ class Gated(Projected):
 class SelfAttention(nn.Module):
     """A small pre-norm multi-head self-attention block over the modality tokens (no
     feed-forward: with a handful of tokens the projections are the work; torch's
-    TransformerEncoderLayer cost 2.5x per step for no accuracy on the benchmark)."""
+    TransformerEncoderLayer took about twice the time per step, 47 vs 24 ms at width 128
+    and batch 512 on one thread)."""
 
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()

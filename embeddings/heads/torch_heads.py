@@ -179,8 +179,9 @@ def auto_optimizer(linear: bool, one_batch: bool, augmented: bool) -> str:
     """``optimizer = "auto"``: full-batch L-BFGS for a linear head whose training rows fit
     in one batch (its loss is then deterministic: the small-set case, where first-order
     steps were still far from the optimum after 2,000 steps on the binary demo task),
-    SGD for other linear heads, AdamW for the rest (whose implicit bias on a linear
-    model generalised worse: binary demo task 0.77 vs 0.96 for SGD)."""
+    SGD for other linear heads (AdamW's per-coordinate steps lead a linear model to a
+    solution that generalises worse: binary demo task, 1,000 steps on one batch,
+    unweighted, AdamW 0.73 vs SGD 0.98), AdamW for the rest."""
     if not linear:
         return "adamw"
     return "lbfgs" if one_batch and not augmented else "sgd"
