@@ -258,6 +258,20 @@ class Gated(Projected):
                              for i, z in enumerate(self.proj(xs))))
 
 
+def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) over a handful of tokens, ``(n, heads, tokens, d)`` in,
+    by broadcasting: with two or three tokens a product and a sum beat batched matmuls
+    and the fused kernels (which copy and tile for long sequences)."""
+    return torch.softmax((q[:, :, :, None] * k[:, :, None]).sum(-1) / q.shape[-1] ** 0.5, -1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           drop: nn.Module | None = None) -> torch.Tensor:
+    """Attention of queries over a handful of tokens: ``(n, heads, queries, d)`` out."""
+    a = scores(q, k)
+    return ((drop(a) if drop is not None else a)[..., None] * v[:, :, None]).sum(3)
+
+
 class SelfAttention(nn.Module):
     """A small pre-norm multi-head self-attention block over the modality tokens (no
     feed-forward: with a handful of tokens the projections are the work; torch's
@@ -272,10 +286,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         n, m, w = t.shape
-        q, k, v = self.qkv(self.norm(t)).view(n, m, 3, self.heads, -1).unbind(2)
-        a = torch.softmax(torch.einsum("nihd,njhd->nhij", q, k) / q.shape[-1] ** 0.5, -1)
-        o = torch.einsum("nhij,njhd->nihd", self.drop(a), v).reshape(n, m, w)
-        return t + self.drop(self.proj(o))
+        q, k, v = self.qkv(self.norm(t)).view(n, m, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        o = attend(q, k, v, self.drop)
+        return t + self.drop(self.proj(o.transpose(1, 2).reshape(n, m, w)))
 
 
 class Attention(Fuser):
@@ -295,20 +308,22 @@ class Attention(Fuser):
         self.out_proj, self.out_norm = nn.Linear(w, w), nn.LayerNorm(w)
         self.out = w
 
-    def _pool(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pooled vector, attention of the query over the modalities per head)."""
+    def _tokens(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the tokens after the self-attention blocks, (n, heads, m, d)."""
         t = self.blocks(torch.stack(self.proj(xs), dim=1) + self.modality)
-        n, m, w = t.shape
-        k, v = self.kv(self.norm(t)).view(n, m, 2, self.heads, -1).unbind(2)
-        a = torch.softmax(torch.einsum("hd,njhd->nhj", self.query, k)
-                          / k.shape[-1] ** 0.5, -1)
-        return self.out_norm(self.out_proj(torch.einsum("nhj,njhd->nhd", a, v).reshape(n, w))), a
+        n, m, _ = t.shape
+        k, v = self.kv(self.norm(t)).view(n, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        return self._pool(xs)[0]
+        k, v = self._tokens(xs)
+        o = attend(self.query[None, :, None, :], k, v)  # (n, heads, 1, d)
+        return self.out_norm(self.out_proj(o.reshape(len(k), self.out)))
 
     def weights(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        return self._pool(xs)[1].mean(1)  # (n, m): the query's attention, heads averaged
+        """(n, m): the learned query's attention over the modalities, heads averaged."""
+        k, _ = self._tokens(xs)
+        return scores(self.query[None, :, None, :], k).mean(1)[:, 0]
 
 
 class Bilinear(Fuser):

@@ -44,6 +44,7 @@ class Net(nn.Module):
                 self.register_buffer(f"ymean{t}", torch.zeros(1))
                 self.register_buffer(f"yscale{t}", torch.ones(1))
         self.n, self.noise, self.modality_dropout = len(dims), noise, modality_dropout
+        self.given_standardised = False  # training hands in inputs standardised once
         self.fuser = fuser
         self.outs = nn.ModuleList(nn.Linear(fuser.out, t.outputs) for t in tasks)
         for out in self.outs:  # start at "no opinion", like the probe (below)
@@ -68,7 +69,7 @@ class Net(nn.Module):
         return zs
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        zs = self.standardised(xs)
+        zs = xs if self.given_standardised else self.standardised(xs)
         h = self.fuser(self.augmented(zs) if self.training else zs)
         return [o(h) for o in self.outs]
 
@@ -99,18 +100,23 @@ class TorchHead(Head):
                 getattr(self.net, f"ymean{t}").fill_(float(y.mean()))
                 getattr(self.net, f"yscale{t}").fill_(max(float(y.std()), 1e-12))
         loss = task_loss(self.tasks, ys, p.class_weights, self._target_scale())
-        tx = _tensors(xs)
+        with torch.no_grad():  # once, not on every batch and validation pass
+            tz = self.net.standardised(_tensors(xs))
+            vz = self.net.standardised(_tensors(val_xs))
         optimizer = p.optimizer if p.optimizer != "auto" else auto_optimizer(
             self.net.fuser.linear, len(xs[0]) <= p.batch_size,
             bool(p.noise or getattr(p, "modality_dropout", 0.0)))
-        lr = p.lr or (1.0 if optimizer == "lbfgs"
-                      else 1 / top_variance(self.net.standardised(tx)) if optimizer == "sgd"
+        lr = p.lr or (1.0 if optimizer == "lbfgs" else 1 / top_variance(tz) if optimizer == "sgd"
                       else 1e-2 if self.net.fuser.linear else 3e-3)
-        self.info = train(self.net, loss, tx, _tensors(ys), _tensors(val_xs),
-                          _tensors(val_ys), p, optimizer, lr)
+        self.net.given_standardised = True
+        try:
+            self.info = train(self.net, loss, tz, _tensors(ys), vz, _tensors(val_ys), p,
+                              optimizer, lr)
+        finally:
+            self.net.given_standardised = False
         self.info.update(self.net.fuser.describe())
         with torch.no_grad():
-            w = self.net.fuser.weights(self.net.standardised(_tensors(val_xs)))
+            w = self.net.fuser.weights(vz)
         if w is not None:
             self.info["modality_weights"] = [round(float(v), 4)
                                              for v in (w.mean(0) if w.ndim == 2 else w)]
