@@ -20,8 +20,9 @@ measured distances per transformation are in the README ("Duplicates and leakage
 
 The same hash is computed from a PIL image (the ``exact`` decode path), a uint8 array or
 torch tensor of one or many images (the ``fast`` path, on CPU or CUDA): every input is
-reduced to float32 luma and then by the same area-averaging and DCT matrices, so the
-paths agree up to float rounding (a bit at most near the median; tested).
+reduced to float32 luma and area-averaged by the same weight matrices (numpy, or torch
+on the pixels' device), then the same DCT, so the paths agree up to float rounding (a
+bit at most near the median; tested).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ HASH_BITS = 64
 GRID = 32  # the image is averaged down to GRID x GRID before the DCT
 LOW = 8  # LOW x LOW coefficients (after the first row and column) make the 64 bits
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's "L" mode
+ROWS = 256  # rows of pixels turned into floats at a time
 
 
 def content_digest(data: bytes | memoryview) -> bytes:
@@ -82,30 +84,44 @@ def _bits(low: np.ndarray) -> np.ndarray:
     return (above.astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
 
 
-def _low_numpy(gray: np.ndarray) -> np.ndarray:
-    """``(n, h, w)`` float32 luma -> ``(n, 64)`` low DCT coefficients (float64)."""
-    _, h, w = gray.shape
-    a_h = area_matrix(h).astype(np.float32)
-    a_w = area_matrix(w).astype(np.float32)
-    small = (a_h @ gray @ a_w.T).astype(np.float64)
+@functools.lru_cache(maxsize=1)
+def _blas() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+def _small_numpy(pixels: np.ndarray) -> np.ndarray:
+    """uint8 ``(n, h, w, 3)`` or ``(n, h, w)`` -> ``(n, 32, 32)`` float64 area-averaged
+    luma, a band of rows at a time (a 12-megapixel photo never becomes 96 MB of floats).
+
+    One BLAS thread: OpenBLAS spreading these thin products over its threads was 7x
+    slower than one thread on a loaded 2-core machine (and decode workers are many)."""
+    n, h, w = pixels.shape[:3]
+    a_w = area_matrix(w).T.astype(np.float32)
+    luma_w = np.asarray(LUMA, dtype=np.float32)
+    cols = np.empty((n, h, GRID), dtype=np.float32)
+    with _blas().limit(limits=1):
+        for r in range(0, h, ROWS):
+            chunk = pixels[:, r:r + ROWS].astype(np.float32)
+            luma = chunk if chunk.ndim == 3 else chunk @ luma_w
+            cols[:, r:r + ROWS] = luma @ a_w
+        a_h = area_matrix(h).astype(np.float32)
+        return (a_h @ cols).astype(np.float64)
+
+
+def _low(small: np.ndarray) -> np.ndarray:
+    """``(n, 32, 32)`` float64 -> ``(n, 64)`` low DCT coefficients."""
     d = dct_matrix()
-    coef = d @ small @ d.T
-    return coef[:, 1:LOW + 1, 1:LOW + 1].reshape(len(gray), -1)
-
-
-def _luma_numpy(pixels: np.ndarray) -> np.ndarray:
-    """uint8 ``(n, h, w, 3)`` or ``(n, h, w)`` -> float32 ``(n, h, w)`` luma."""
-    if pixels.ndim == 3:
-        return pixels.astype(np.float32)
-    weights = np.asarray(LUMA, dtype=np.float32)
-    return pixels[..., :3].astype(np.float32) @ weights
+    coef = np.einsum("ij,njk,lk->nil", d, small, d, optimize=False)
+    return coef[:, 1:LOW + 1, 1:LOW + 1].reshape(len(small), -1)
 
 
 def _low_torch(pixels: Any) -> np.ndarray:
     """torch uint8 ``(n, 3, h, w)`` / ``(n, 1, h, w)`` on any device -> ``(n, 64)`` numpy.
 
-    Luma, area averaging and the DCT run where the pixels are (a GPU batch never leaves
-    the GPU); only 64 numbers per image come back."""
+    Luma and area averaging run where the pixels are (a GPU batch never leaves the GPU);
+    only 32 x 32 numbers per image come back for the DCT."""
     import torch
 
     x = pixels.to(torch.float32)
@@ -117,10 +133,7 @@ def _low_torch(pixels: Any) -> np.ndarray:
     h, w_ = x.shape[-2:]
     a_h = torch.from_numpy(area_matrix(h)).to(x.device, torch.float32)
     a_w = torch.from_numpy(area_matrix(w_)).to(x.device, torch.float32)
-    small = (a_h @ x @ a_w.T).to(torch.float64)
-    d = torch.from_numpy(dct_matrix()).to(x.device)
-    coef = d @ small @ d.T
-    return coef[:, 1:LOW + 1, 1:LOW + 1].reshape(len(x), -1).cpu().numpy()
+    return _low((a_h @ x @ a_w.T).cpu().numpy().astype(np.float64))
 
 
 def phash_many(pixels: Any) -> np.ndarray:
@@ -134,7 +147,7 @@ def phash_many(pixels: Any) -> np.ndarray:
             raise ValueError(f"expected (n, h, w[, 3]) pixels, got shape {pixels.shape}")
         if len(pixels) == 0:
             return np.zeros(0, dtype=np.uint64)
-        return _bits(_low_numpy(_luma_numpy(pixels)))
+        return _bits(_low(_small_numpy(pixels)))
     if getattr(pixels, "ndim", 0) != 4:
         raise ValueError(f"expected a (n, 3, h, w) tensor, got {type(pixels).__name__}")
     if len(pixels) == 0:
