@@ -24,7 +24,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-dedup
 
 setup: $(VENV)/.installed
 
@@ -124,3 +124,8 @@ serve: setup
 # (make demo first): q/s, p50/p99 latency, errors; vs the same queries in-process.
 bench-serve: setup
 	$(PY) benchmarks/bench_serve.py --run $(or $(RUN),runs/demo) $(ARGS)
+
+# Near-duplicates on the duplicate test set (scikit-image photos, openclipart drawings and
+# their copies): precision and recall per transformation for CLIP, pHash and both.
+bench-dedup: setup tiny-model
+	$(PY) benchmarks/bench_dedup.py $(ARGS)

@@ -42,6 +42,7 @@ from embeddings.dedup import (  # noqa: E402
     exact_neighbours,
     group_report,
     hash_groups,
+    hash_similarity_of,
     knn_edges,
     representatives,
     to_png,
@@ -102,18 +103,26 @@ def load(data: Path, run: Path) -> dict[str, np.ndarray]:
     vectors = files.read_vectors("clip_image")
     truth = {r["id"]: r for r in csv.DictReader(open(data / "manifest.csv", encoding="utf-8"))}
     root = files.manifest().root
-    t = time.perf_counter()
     digests, hashes = [], []
+    spent = dict.fromkeys(("read", "decode", "digest", "pHash"), 0.0)
     for rel in table.column("image").to_pylist():
+        t0 = time.perf_counter()
         blob = (root / rel).read_bytes()
+        t1 = time.perf_counter()
+        image = decode_image(blob)
+        t2 = time.perf_counter()
         digests.append(content_digest(blob))
-        hashes.append(phash(decode_image(blob)))
-    print(f"fingerprints of {len(ids)} images: {time.perf_counter() - t:.1f} s "
-          "(read, decode, digest, pHash)", flush=True)
+        t3 = time.perf_counter()
+        hashes.append(phash(image))
+        t4 = time.perf_counter()
+        for k, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            spent[k] += dt
+    print(f"{len(ids)} images, ms per image: " + ", ".join(
+        f"{k} {1000 * v / max(len(ids), 1):.2f}" for k, v in spent.items()), flush=True)
     col = {k: np.array([truth[i][k] for i in ids], dtype=object)
            for k in ("group", "transform", "source", "related", "split")}
     return {"ids": np.array(ids, dtype=object), "vectors": vectors, "digests": digests,
-            "hashes": np.array(hashes, dtype=np.uint64), **col}
+            "hashes": np.array(hashes, dtype=np.uint64), "spent": spent, **col}
 
 
 def pair_counts(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -245,11 +254,25 @@ def main(argv: list[str] | None = None) -> int:
             cells += [f"{prec:.2f}" if t != "similar" else f"{prec:.2f} merged",
                       "" if np.isnan(rec) else f"{rec:.2f}"]
         table.append(f"| {t} | {count} | " + " | ".join(cells) + " |")
+    by_source = ["| transformation | CLIP, photos | CLIP, drawings | pHash, photos | "
+                 "pHash, drawings |", "|---|---:|---:|---:|---:|"]
+    for t in ORDER:
+        cells = []
+        for s in ("CLIP", "pHash"):
+            for src in ("photo", "drawing"):
+                keep = d["source"] == src
+                sub = {k: d[k][keep] for k in ("ids", "gt", "group", "transform",
+                                                 "related")}
+                cells.append(f"{scores(signals[s][keep], sub)[t][1]:.2f}")
+        by_source.append(f"| {t} | " + " | ".join(cells) + " |")
     report = "\n".join([
         f"Duplicate test set: {n} images ({int((d['source'] == 'photo').sum())} photo, "
         f"{int((d['source'] == 'drawing').sum())} drawing rows); CLIP = tiny random "
         f"open_clip, exact {args.k}-NN; operating points: cos >= {clip}, pHash <= {dist} "
         "bits (content-digest groups always included).", "", *table, "",
+        "Recall by source:", "", *by_source, "",
+        "Fingerprint cost, ms per image (one core, this machine): " + ", ".join(
+            f"{k} {1000 * v / n:.2f}" for k, v in d["spent"].items()), "",
         "Sweep (pairs over the whole set):", "", *lines, "",
         "Distance of each copy to its original (look-alikes: to the image they resemble):",
         "", *distances(d), ""])
@@ -257,16 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.run
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(report, encoding="utf-8")
-    labels = signals["CLIP or pHash"]
-    rep = representatives(labels)
-    rows = group_report(labels, rep, vector_similarity(d["vectors"]), ids=d["ids"],
-                        split=d["split"])
     root = Run(args.run).embed.manifest().root
     images = Run(args.run).embed.read_table("images", ["image"]).column("image").to_pylist()
-    sheet = contact_sheet(rows, lambda r: decode_image((root / images[r]).read_bytes()),
-                          groups=8, per_group=12, size=80)
-    (out / "sheet.png").write_bytes(to_png(sheet))
-    print(f"wrote {out / 'results.md'} and {out / 'sheet.png'}")
+    for name, labels, sim in (("phash", signals["pHash"], hash_similarity_of(d["hashes"])),
+                              ("clip-or-phash", signals["CLIP or pHash"],
+                               vector_similarity(d["vectors"]))):
+        rows = group_report(labels, representatives(labels), sim, ids=d["ids"],
+                            split=d["split"])
+        sheet = contact_sheet(rows, lambda r: decode_image((root / images[r]).read_bytes()),
+                              groups=8, per_group=12, size=80)
+        (out / f"sheet-{name}.png").write_bytes(to_png(sheet))
+    print(f"wrote {out / 'results.md'} and the contact sheets {out}/sheet-*.png")
     return 0
 
 
