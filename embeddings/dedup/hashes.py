@@ -36,7 +36,7 @@ from .components import UnionFind
 
 METHODS = ("auto", "exact", "lsh")
 PAIR_CHUNK = 1 << 22  # candidate pairs verified at a time
-SORT_COST = 4.0  # a row sorted into a table costs about this many pair checks (measured)
+SORT_COST = 3.0  # a row keyed and sorted into a table costs ~3 pair checks (170 vs 57 ns)
 
 
 def exact_groups(digests: Any, uf: UnionFind | None = None) -> UnionFind:
@@ -61,22 +61,35 @@ def _union_equal(uf: UnionFind, rows: np.ndarray, *keys: np.ndarray) -> None:
         uf.union(rows[order[:-1][same]], rows[order[1:][same]])
 
 
-def band_keys(hashes: np.ndarray, bands: int) -> Iterator[np.ndarray]:
+Key = tuple[np.ndarray, int]  # bucket keys (uint64) and how many bits they use
+
+
+def band_keys(hashes: np.ndarray, bands: int) -> Iterator[Key]:
     """The pigeonhole bands: ``bands`` contiguous bit ranges covering all 64 bits."""
     cuts = np.linspace(0, HASH_BITS, bands + 1).round().astype(int)
     for lo, hi in itertools.pairwise(cuts):
         mask = np.uint64((1 << int(hi - lo)) - 1)
-        yield (hashes >> np.uint64(lo)) & mask
+        yield (hashes >> np.uint64(lo)) & mask, int(hi - lo)
 
 
-def sampled_keys(hashes: np.ndarray, bits: int, tables: int, seed: int) -> Iterator[np.ndarray]:
+def sampled_keys(hashes: np.ndarray, bits: int, tables: int, seed: int) -> Iterator[Key]:
     """The LSH tables: each keyed by ``bits`` bit positions drawn at random."""
     rng = np.random.default_rng(seed)
     for _ in range(tables):
         key = np.zeros(len(hashes), dtype=np.uint64)
         for j, pos in enumerate(rng.choice(HASH_BITS, size=bits, replace=False)):
             key |= ((hashes >> np.uint64(pos)) & np.uint64(1)) << np.uint64(j)
-        yield key
+        yield key, bits
+
+
+def radix_argsort(key: np.ndarray, bits: int) -> np.ndarray:
+    """A stable argsort of keys below ``2 ** bits``, 16 bits a pass: numpy sorts 16-bit
+    integers by radix, 10x faster than a 64-bit argsort (21 vs 220 ms for 1M keys)."""
+    order = np.arange(len(key))
+    for shift in range(0, max(bits, 1), 16):
+        digit = ((key[order] >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.uint16)
+        order = order[np.argsort(digit, kind="stable")]
+    return order
 
 
 def bucket_pairs(key: np.ndarray) -> int:
@@ -85,10 +98,11 @@ def bucket_pairs(key: np.ndarray) -> int:
     return int((counts * (counts - 1) // 2).sum())
 
 
-def _candidates(key: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _candidates(key: np.ndarray, bits: int = HASH_BITS
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Every pair of positions sharing a key, a chunk at a time: sort once, then pair each
     position with the one ``d`` places later while both are in one bucket, d = 1, 2, ..."""
-    order = np.argsort(key, kind="stable")
+    order = radix_argsort(key, bits)
     sk = key[order]
     starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
     ends = np.r_[starts[1:], len(sk)]
@@ -160,7 +174,7 @@ def verified_pairs(uniq: np.ndarray, max_distance: int, method: str = "auto",
     ``max_distance`` bits, found by the chosen bucketing; a pair may come more than once."""
     n = len(uniq)
     if method == "auto":
-        exact_work = sum(bucket_pairs(k) for k in band_keys(uniq, max_distance + 1)) \
+        exact_work = sum(bucket_pairs(k) for k, _ in band_keys(uniq, max_distance + 1)) \
             + SORT_COST * n * (max_distance + 1)
         method = "exact" if exact_work <= 4 * lsh_plan(n, max_distance, recall)[2] else "lsh"
     if method == "exact":
@@ -168,8 +182,8 @@ def verified_pairs(uniq: np.ndarray, max_distance: int, method: str = "auto",
     else:
         bits, tables, _ = lsh_plan(n, max_distance, recall)
         keys = sampled_keys(uniq, bits, tables, seed)
-    for key in keys:
-        for a, b in _candidates(key):
+    for key, bits in keys:
+        for a, b in _candidates(key, bits):
             close = hamming(uniq[a], uniq[b]) <= max_distance
             if close.any():
                 yield a[close], b[close]
