@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hash-distance", type=int, default=None,
                         help="pHash Hamming distance (default: best pair F1 of the sweep)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="write results.md and sheet.png here (default: --run)")
+                        help="write results.md and the sheets here (default: --run)")
+    parser.add_argument("--readme-sheet", type=Path, default=None,
+                        help="also write a small pHash contact sheet here (docs/...png)")
     args = parser.parse_args(argv)
     build_set(args.set, args.drawings)
     seconds = embed(args.set.resolve(), args.run.resolve())
@@ -290,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         sheet = contact_sheet(rows, lambda r: decode_image((root / images[r]).read_bytes()),
                               groups=8, per_group=12, size=80)
         (out / f"sheet-{name}.png").write_bytes(to_png(sheet))
+        if name == "phash" and args.readme_sheet:  # 4 groups, 256 colours: ~100 kB
+            small = contact_sheet(rows, lambda r: decode_image(
+                (root / images[r]).read_bytes()), groups=4, per_group=12, size=64)
+            args.readme_sheet.write_bytes(to_png(small.quantize(256)))
     print(f"wrote {out / 'results.md'} and the contact sheets {out}/sheet-*.png")
     return 0
 

@@ -8,8 +8,8 @@ In one run, on the same data:
   stage would make for this size;
 - k-NN path: every vector searched in that index (k neighbours), the batches fed to
   ``knn_groups`` (search and grouping timed apart);
-- per-cluster path: each row's two nearest IVF lists, ``cluster_groups`` over a memory
-  map of the vectors (SemDeDup style);
+- per-cluster path: each row's nearest IVF lists (2, then 3), ``cluster_groups`` over a
+  memory map of the vectors (SemDeDup style);
 - hashes: ``hash_groups`` of the planted hashes.
 
 Reported: seconds, traced peak memory of the grouping (numpy allocations), and the recall
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nprobe", type=int, default=8)
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--hash-distance", type=int, default=8)
+    parser.add_argument("--lists", type=int, nargs="+", default=[2, 3],
+                        help="IVF lists per row for the per-cluster path (one run each)")
     args = parser.parse_args(argv)
     n, d = args.rows, args.dim
     nlist = int(4 * np.sqrt(n))
@@ -121,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("k-NN grouping (union-find)", secs - searched[0], peak,
                      recall(uf.labels(), src)))
         t = time.perf_counter()
-        assign = np.vstack([quantizer.search(np.asarray(x[s:s + 100_000]), 2)[1]
+        most = max(args.lists)
+        assign = np.vstack([quantizer.search(np.asarray(x[s:s + 100_000]), most)[1]
                             for s in range(0, n, 100_000)])
-        rows.append(("IVF list assignment (2 lists per row)", time.perf_counter() - t,
+        rows.append((f"IVF list assignment ({most} nearest lists)", time.perf_counter() - t,
                      None, None))
-        uf, secs, peak = timed(lambda: cluster_groups(assign, x, args.threshold))
-        rows.append(("per-cluster grouping", secs, peak, recall(uf.labels(), src)))
+        for a in args.lists:
+            uf, secs, peak = timed(lambda a=a: cluster_groups(assign[:, :a], x,
+                                                               args.threshold))
+            rows.append((f"per-cluster grouping ({a} lists per row)", secs, peak,
+                         recall(uf.labels(), src)))
         bits = rng.integers(0, 2, (n, 64), dtype=np.uint64) << np.arange(64, dtype=np.uint64)
         hashes = np.bitwise_or.reduce(bits, axis=1)
         del bits
