@@ -189,6 +189,17 @@ def test_hash_groups_equal_brute_force(method: str) -> None:
         hash_groups(h, 64)
 
 
+def test_empty_and_single_inputs() -> None:
+    empty = np.zeros(0, dtype=np.uint64)
+    assert len(hash_groups(empty, 4).labels()) == 0
+    assert hash_groups(np.array([7], dtype=np.uint64), 4).labels().tolist() == [0]
+    assert len(knn_groups(0, [], 0.9).labels()) == 0
+    assert len(cluster_groups(np.zeros(0, dtype=np.int64), np.zeros((0, 4)), 0.9)) == 0
+    report = group_report(np.arange(2), np.arange(2))
+    assert len(report) == 0 and report.groups == 0 and report.to_arrow().num_rows == 0
+    assert summary(np.arange(2))["groups"] == 0
+
+
 def test_exact_groups_by_content_digest(tmp_path) -> None:
     blobs = [b"a", b"b", b"a", b"", b"b" * 3, b""]
     digests = [content_digest(x) for x in blobs]

@@ -92,9 +92,13 @@ def radix_argsort(key: np.ndarray, bits: int) -> np.ndarray:
     return order
 
 
-def bucket_pairs(key: np.ndarray) -> int:
+def bucket_pairs(key: np.ndarray, bits: int = HASH_BITS) -> int:
     """How many pairs share a bucket of ``key`` (what verifying them would cost)."""
-    _, counts = np.unique(key, return_counts=True)
+    if bits <= 20:  # a count per possible key (8 MB at most): no sort
+        counts = np.bincount(key.astype(np.int64), minlength=0)
+    else:
+        counts = np.unique(key, return_counts=True)[1]
+    counts = counts.astype(np.int64)
     return int((counts * (counts - 1) // 2).sum())
 
 
@@ -174,7 +178,7 @@ def verified_pairs(uniq: np.ndarray, max_distance: int, method: str = "auto",
     ``max_distance`` bits, found by the chosen bucketing; a pair may come more than once."""
     n = len(uniq)
     if method == "auto":
-        exact_work = sum(bucket_pairs(k) for k, _ in band_keys(uniq, max_distance + 1)) \
+        exact_work = sum(bucket_pairs(k, b) for k, b in band_keys(uniq, max_distance + 1)) \
             + SORT_COST * n * (max_distance + 1)
         method = "exact" if exact_work <= 4 * lsh_plan(n, max_distance, recall)[2] else "lsh"
     if method == "exact":

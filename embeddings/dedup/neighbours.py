@@ -7,8 +7,8 @@ Two ways in, one union-find (:mod:`.components`) out:
   every indexed vector, :func:`exact_neighbours` below, or anything else.  Only edges at
   or above the cosine threshold are kept, batch by batch, so memory is the union-find's
   8 bytes a row plus one batch.  A group is a connected component: A~B and B~C put A and C
-  together even when A and C are below the threshold (single linkage, as SemDeDup and
-  immich do); a group is found as long as each member has one member among its k nearest.
+  together even when A and C are below the threshold (single linkage); a group is found
+  whole as long as its members are linked by a path of k-nearest-neighbour edges.
 - :func:`cluster_groups`: SemDeDup's per-cluster path for sets beyond memory: rows are
   split by cluster (an IVF list, k-means), every pair inside a cluster is compared exactly,
   one cluster at a time, so memory is bounded by the largest cluster.  Two duplicates in
