@@ -106,7 +106,8 @@ def summary(t: Mapping[str, Any]) -> str:
         line += " (DOES NOT ADD UP: please report this)"
     if t["failed"]:
         top = ", ".join(f"{m}: {n}" for m, n in list(t["failed_by_error"].items())[:5])
-        line += f"; {t['failed']} failed downloads ({top})"
+        line += f"; {t['failed']} rows failed in img2dataset ({top})"
     if t["disagree"]:
-        line += f"; {t['disagree']} tar samples the sidecar does not call a success, rejected"
+        line += (f"; {t['disagree']} of those failed rows have a sample in the tar "
+                 "(rejected: sidecar disagrees with the tar)")
     return line

@@ -54,8 +54,8 @@ def expand(pattern: str) -> list[str]:
         items = [f"{k:0{width}d}" for k in range(lo, hi + step, step)]
     elif "," in body:
         items = body.split(",")
-    else:
-        items = ["{" + body + "}"]
+    else:  # not a brace expression: kept as written
+        return [head + "{" + body + "}" + x for x in expand(tail)]
     return [x for item in items for x in expand(head + item + tail)]
 
 
