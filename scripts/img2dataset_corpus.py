@@ -173,6 +173,28 @@ def write(corpus: Corpus, out: Path, damaged: bool) -> dict[str, object]:
     return summary
 
 
+def write_files(corpus: Corpus, out: Path) -> Path:
+    """The same samples as loose files plus ``manifest.csv`` (id, image, caption, label):
+    each sample with exactly one image member and a success row, in the same order."""
+    import csv
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for sample in corpus.samples():
+        images = [(ext, data) for ext, data in sample.members if ext in ("jpg", "png")]
+        if not sample.in_tar or sample.status != "success" or len(images) != 1:
+            continue
+        ext, data = images[0]
+        (out / "images" / f"{sample.key}.{ext}").write_bytes(data)
+        rows.append({"id": sample.key, "image": f"images/{sample.key}.{ext}",
+                     "caption": sample.caption, "label": sample.label})
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "image", "caption", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return out / "manifest.csv"
+
+
 def _offset_of(tar: bytes, key: str) -> int:
     with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
         return next(m.offset for m in tf.getmembers() if m.name.startswith(key + "."))

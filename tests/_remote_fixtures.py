@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 
 class Handler(SimpleHTTPRequestHandler):
@@ -18,14 +19,12 @@ class Handler(SimpleHTTPRequestHandler):
     the first ``failures`` requests of each path, then the file)."""
 
     failures = 0
-    seen: dict[str, int] = {}
-    requests: list[str] = []
+    seen: ClassVar[dict[str, int]] = {}
 
     def log_message(self, *args: object) -> None:  # quiet
         pass
 
     def do_GET(self) -> None:
-        Handler.requests.append(self.path)
         if self.path.startswith("/away/"):
             self.send_response(302)
             self.send_header("Location", "http://127.0.0.2:9/" + self.path[6:])
