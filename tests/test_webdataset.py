@@ -83,7 +83,7 @@ def test_every_source_gives_the_same_ids_vectors_and_rejects(same_images: Path, 
         embed("files over http", manifest, root=f"{url}/files", workers=2)
     with s3_server():
         upload(same_images, "s3://bucket/data")
-        embed("objects in s3", manifest, root="s3://bucket/data/files")
+        embed("objects in s3", manifest, root="s3://bucket/data/files", workers=2)
         embed("tar in s3", "s3://bucket/data/tars/{00000..00002}.tar", label_field="label")
     reference = runs.pop("files")
     assert len(reference["images"]) == 21 and len(reference["rejects"]) == 3
