@@ -34,6 +34,7 @@ from embeddings.store import (
     EmbedManifest,
     Run,
     RunIdentity,
+    ShardInfo,
     ShardRecord,
     check_same_model,
 )
@@ -78,11 +79,11 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
         if recorded is not None and _names_other_weights(recorded, cfg):
             _check_columns(run, recorded, models.load().columns)  # even with nothing to do
         done = _finished(run, cfg)
-        full = {k for k, (img, _) in done.items()
-                if source.fixed_blocks or img.inputs == cfg.shard_size}
+        full = _final_blocks(run, cfg, source, done)
         stats = _Progress(cfg)
         todo = (b for b in source.blocks(cfg.shard_size, skip=full)
-                if not (b.index in done and _same_inputs(run, done[b.index], b)))
+                if b.pending is not None  # a tar shard: not read here (see _final_blocks)
+                or not (b.index in done and _same_inputs(run, done[b.index], b)))
         try:
             first = next(todo, None)
             if first is not None:  # models are loaded, and checked, only when there is work
@@ -196,6 +197,22 @@ def _finished(run: Run, cfg: EmbedConfig) -> dict[int, tuple[ShardRecord, ShardR
         else:
             done[block] = (pair[0], pair[1])
     return done
+
+
+def _final_blocks(run: Run, cfg: EmbedConfig, source: Source | TarDataset,
+                  done: dict[int, tuple[ShardRecord, ShardRecord]]) -> set[int]:
+    """Finished blocks that are not read again: full blocks of a manifest (a partial last
+    block is re-read, the dataset may have grown into it); every tar shard, but one that
+    could not be read at all (tried again: the network may be back, the file there)."""
+    if not source.fixed_blocks:
+        return {k for k, (img, _) in done.items() if img.inputs == cfg.shard_size}
+    return {k for k, (img, _) in done.items()
+            if img.inputs or not _unreachable(run.embed.shard_info(run.embed.shard_path(img)))}
+
+
+def _unreachable(info: ShardInfo) -> bool:
+    return any(r["kind"] == "shards" and r["reason"].startswith(("unreachable", "not found"))
+               for r in info.rejects)
 
 
 def _same_inputs(run: Run, records: tuple[ShardRecord, ShardRecord], block: Block) -> bool:

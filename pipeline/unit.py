@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from embeddings.decode import decode_provenance
@@ -144,15 +145,17 @@ def write_block(run: Run, block: Block, result: BlockResult,
     ingest = [r.to_dict() for r in block.rejects]
     embed_rejects = [{"kind": "images", "id": ids[i], "reason": why}
                      for i, why in result.image_rejects]
+    # Image shards list the rejects of images, tar shards and tar members; caption shards
+    # those of captions.
     img_info = ShardInfo(block.index, ids,
-                         [r for r in ingest if r["kind"] == "images"] + embed_rejects)
+                         [r for r in ingest if r["kind"] != "captions"] + embed_rejects)
     cap_info = ShardInfo(block.index, block.caption_column("id"),
-                         [r for r in ingest if r["kind"] != "images"])
+                         [r for r in ingest if r["kind"] == "captions"])
     if block.sidecar is not None:  # img2dataset's accounting for this shard
         img_info = replace(img_info, sidecar=account(
             block.sidecar, [ids[i] for i in result.image_rows],
             [r["id"] for r in img_info.rejects]))
-    kept = block.image_table.take(result.image_rows)
+    kept = block.image_table.take(pa.array(result.image_rows, pa.int64()))
     img = run.embed.write_shard("images", block.index, shard_bytes(
         "images", kept, result.image_vectors, dtype, img_info))
     cap = run.embed.write_shard("captions", block.index, shard_bytes(

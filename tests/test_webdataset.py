@@ -84,6 +84,10 @@ def test_every_source_gives_the_same_ids_vectors_and_rejects(same_images: Path, 
     with s3_server():
         upload(same_images, "s3://bucket/data")
         embed("objects in s3", manifest, root="s3://bucket/data/files", workers=2)
+        urls = same_images / "files/urls.csv"  # the image column: full s3:// URLs
+        urls.write_text(Path(manifest).read_text().replace(",images/",
+                                                            ",s3://bucket/data/files/images/"))
+        embed("s3 urls", str(urls), root="s3://bucket/data/files")
         embed("tar in s3", "s3://bucket/data/tars/{00000..00002}.tar", label_field="label")
     reference = runs.pop("files")
     assert len(reference["images"]) == 21 and len(reference["rejects"]) == 3
@@ -170,6 +174,27 @@ def test_killed_tar_embed_resumes_bit_for_bit(same_images: Path, tmp_path: Path,
         code = main([*cmd[3:at + 1], f"{url}/tars/{{00000..00002}}.tar", *cmd[at + 2:]])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "different config (data." in err, err
+
+
+def test_a_shard_that_could_not_be_read_is_tried_again(same_images: Path, tmp_path: Path,
+                                                      encoder_specs) -> None:
+    """A shard missing (404) on the first run is listed, and read by the next run."""
+    shards = tmp_path / "tars"
+    shards.mkdir()
+    for p in (same_images / "tars").glob("0000[02].*"):
+        (shards / p.name).write_bytes(p.read_bytes())
+    with http_server(tmp_path) as url:
+        cfg = _config(f"{url}/tars/{{00000..00002}}.tar", tmp_path / "run", encoder_specs,
+                      label_field="label", retries=0)
+        first = run_embed(cfg)
+        assert first.rejects["not found"] == 1 and first.new_shards == 3
+        for p in (same_images / "tars").glob("00001.*"):
+            (shards / p.name).write_bytes(p.read_bytes())
+        assert run_embed(cfg).new_shards == 1  # only the shard that was missing
+        assert run_embed(cfg).nothing_to_do
+        whole = run_embed(_config(f"{url}/tars/{{00000..00002}}.tar", tmp_path / "whole",
+                                  encoder_specs, label_field="label"))
+    assert _snapshot(first.run_dir) == _snapshot(whole.run_dir)
 
 
 def test_serve_thumbnails_and_more_like_this_from_tar_shards(same_images: Path, tmp_path: Path,
