@@ -265,7 +265,7 @@ def main() -> None:
         root = tmp / "photos"
         for name in names:  # warm the page cache for every contender
             (root / name).read_bytes()
-        archs = args.archs.split(",")
+        archs = [a for a in args.archs.split(",") if a]  # "": the source rows only
         last = len(archs) - 1  # decode rows at the largest model's input size
         for k, arch in enumerate(archs):
             cfg = None if arch == "tiny" else open_clip.get_model_config(arch)

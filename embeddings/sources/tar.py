@@ -69,11 +69,34 @@ class ShardRead:
     error: str | None = None
 
 
+class Chunked:
+    """Reads of any size served from large reads of ``raw``: tarfile asks for 10 KiB at a
+    time, and each read of a remote stream is a round trip to fsspec's event loop."""
+
+    def __init__(self, raw: BinaryIO, chunk: int = READ_CHUNK * 4) -> None:
+        self.raw, self.chunk = raw, chunk
+        self.buf, self.pos, self.eof = bytearray(), 0, False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self.eof and (n < 0 or len(self.buf) - self.pos < n):
+            got = self.raw.read(self.chunk)
+            if not got:
+                self.eof = True
+            else:
+                del self.buf[:self.pos]
+                self.pos = 0
+                self.buf += got
+        end = len(self.buf) if n < 0 else min(len(self.buf), self.pos + n)
+        out = bytes(self.buf[self.pos:end])
+        self.pos = end
+        return out
+
+
 def read_members(f: BinaryIO, max_member_bytes: int = MAX_MEMBER_BYTES) -> ShardRead:
     """Stream a tar from ``f``; damage ends the read with a reason, network errors raise."""
     out = ShardRead()
     try:
-        with tarfile.open(fileobj=f, mode="r|*") as tf:
+        with tarfile.open(fileobj=Chunked(f), mode="r|*") as tf:  # type: ignore[call-overload]
             for m in tf:
                 if m.isdir():
                     continue
