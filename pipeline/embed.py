@@ -75,6 +75,9 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
     with run.lock("embed"):
         spec = _spec(cfg, source)
         recorded = run.embed.read_identity()
+        if recorded is not None and _more_shards(recorded.spec, spec):
+            recorded = RunIdentity(spec, recorded.columns)  # shards appended: a longer list
+            run.embed.write_identity(recorded)
         _check_spec(run, recorded, spec)
         if recorded is not None and _names_other_weights(recorded, cfg):
             _check_columns(run, recorded, models.load().columns)  # even with nothing to do
@@ -125,6 +128,20 @@ def _spec(cfg: EmbedConfig, source: Source | TarDataset) -> dict[str, Any]:
     return {"data": source.describe(),
             "encoders": [{"name": e.name, "type": e.type} for e in cfg.encoders],
             "dtype": cfg.dtype, "shard_size": cfg.shard_size, "max_pixels": cfg.max_pixels}
+
+
+def _more_shards(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new`` only appends tar shards to ``old``'s (block k stays shard k)."""
+    before, after = old.get("data", {}), new.get("data", {})
+    was, now = before.get("image_source", {}), after.get("image_source", {})
+    if was.get("kind") != "webdataset" or now.get("kind") != "webdataset":
+        return False
+    shards, longer = was.get("shards", []), now.get("shards", [])
+    same_rest = ({**old, "data": {}} == {**new, "data": {}} and
+                 {k: v for k, v in before.items() if k not in ("source", "image_source")} ==
+                 {k: v for k, v in after.items() if k not in ("source", "image_source")} and
+                 {**was, "shards": None} == {**now, "shards": None})
+    return same_rest and len(longer) > len(shards) and longer[:len(shards)] == shards
 
 
 def _check_spec(run: Run, recorded: RunIdentity | None, spec: dict[str, Any]) -> None:

@@ -83,6 +83,8 @@ def test_file_source_rule_is_one_rule_for_columns_and_reads(tmp_path: Path) -> N
                 src.read(key)
     with pytest.raises(ImageError, match="missing file"):
         src.read("a/none.jpg")
+    url = src.check(pa.array(["https://example.com/a/x.jpg"])).reasons.to_pylist()[0]
+    assert url.startswith("image is a URL but the dataset root is a local folder")
     clone = pickle.loads(pickle.dumps(src))
     assert clone.read("a/x.jpg") == b"x" and clone.describe() == src.describe()
 

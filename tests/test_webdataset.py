@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from embeddings import read_table, read_vectors
+from embeddings.errors import RunMismatch
 from embeddings.store import KINDS, Run
 from pipeline.cli import main
 from pipeline.config import DataConfig, EmbedConfig, IndexConfig
@@ -195,6 +196,20 @@ def test_a_shard_that_could_not_be_read_is_tried_again(same_images: Path, tmp_pa
         whole = run_embed(_config(f"{url}/tars/{{00000..00002}}.tar", tmp_path / "whole",
                                   encoder_specs, label_field="label"))
     assert _snapshot(first.run_dir) == _snapshot(whole.run_dir)
+
+
+def test_shards_appended_to_the_pattern_become_new_blocks(same_images: Path, tmp_path: Path,
+                                                         encoder_specs) -> None:
+    def cfg(pattern: str, run: str) -> EmbedConfig:
+        return _config(str(same_images / "tars" / pattern), tmp_path / run, encoder_specs,
+                       label_field="label")
+
+    assert run_embed(cfg("{00000..00001}.tar", "run")).new_shards == 2
+    assert run_embed(cfg("{00000..00002}.tar", "run")).new_shards == 1
+    whole = run_embed(cfg("{00000..00002}.tar", "whole")).run_dir
+    assert _snapshot(tmp_path / "run") == _snapshot(whole)
+    with pytest.raises(RunMismatch, match="data.image_source.shards"):  # block 0 would move
+        run_embed(cfg("{00001..00002}.tar", "run"))
 
 
 def test_serve_thumbnails_and_more_like_this_from_tar_shards(same_images: Path, tmp_path: Path,

@@ -22,9 +22,11 @@ import pyarrow.compute as pc
 from ..arrow import np_values, replace_at
 from ..images import read_image_bytes
 from .base import ESCAPES, Checked, ImageSource, OutsideRoot
+from .remote import is_url, redact
 
 # Paths os.path.normpath would change: these rows take the Python path.
-_ODD = r"\x00|(^|/)\.\.?(/|$)|//|^/|/$"
+_ODD = r"\x00|(^|/)\.\.?(/|$)|//|^/|/$"  # (URLs have "//")
+URL_ROOT = "image is a URL but the dataset root is a local folder (set root to the URLs' prefix)"
 _DIR_CACHE = 4096
 
 
@@ -67,22 +69,26 @@ class FileSource(ImageSource):
         cand = np.asarray(keys.is_valid())
         odd = cand & np_values(pc.match_substring_regex(keys, _ODD))  # usually none
         escape = np.zeros(n, bool)
+        urls: set[int] = set()
         rel, ids = keys, keys
         if odd.any():
             idx = np.flatnonzero(odd)
             fixed, normal = [], []
             for i, p in zip(idx, keys.take(pa.array(idx)).to_pylist()):
                 normal.append(os.path.normpath(p))
-                r = None if "\x00" in p else self._inside(
+                r = None if "\x00" in p or is_url(p) else self._inside(
                     os.path.normpath(os.path.join(self._root, p)))
                 escape[i] = r is None
+                if is_url(p):
+                    urls.add(int(i))
                 fixed.append(r or "")
             rel, ids = replace_at(keys, idx, fixed), replace_at(keys, idx, normal)
         rel, escape = self._symlinks(rel, cand & ~escape, escape)
         reasons = pa.nulls(n, pa.string())
         if escape.any():
             idx = np.flatnonzero(escape)
-            why = [f"{ESCAPES}: {p}" for p in keys.take(pa.array(idx)).to_pylist()]
+            why = [f"{URL_ROOT if i in urls else ESCAPES}: {redact(p)}"
+                   for i, p in zip(idx.tolist(), keys.take(pa.array(idx)).to_pylist())]
             reasons = replace_at(reasons, idx, why)
         return Checked(rel, ids, reasons)
 
