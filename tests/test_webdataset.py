@@ -82,6 +82,9 @@ def test_every_source_gives_the_same_ids_vectors_and_rejects(same_images: Path, 
     with http_server(same_images) as url:
         embed("tar over http", f"{url}/tars/{{00000..00002}}.tar", label_field="label")
         embed("files over http", manifest, root=f"{url}/files", workers=2)
+        served = Service(ServeConfig(run=str(tmp_path / "files over http"), device="cpu"))
+        first = runs["files over http"]["images"][0]["id"]
+        assert served.thumbnail(first).stat().st_size > 0  # read through the URL source
     with s3_server():
         upload(same_images, "s3://bucket/data")
         embed("objects in s3", manifest, root="s3://bucket/data/files", workers=2)
