@@ -54,9 +54,9 @@ class DataConfig:
     format: str = knob("auto", "dataset format", choices=(
         "auto", "csv", "jsonl", "parquet", "imagefolder", "coco", "karpathy", "webdataset"))
     caption_field: str | None = knob(None, "webdataset: JSON field holding the caption "
-                                     "(default: the txt member)")
+                                     "(unset: the txt member)")
     label_field: str | None = knob(None, "webdataset: JSON field holding the label "
-                                   "(default: the cls member)")
+                                   "(unset: the cls member)")
     labels_field: str | None = knob(None, "webdataset: JSON field holding the labels (a list)")
     split_field: str | None = knob(None, "webdataset: JSON field holding the split")
     retries: int = knob(3, "remote reads: retries after a network error (with backoff), "

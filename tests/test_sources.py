@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 
@@ -227,3 +228,29 @@ def test_bad_shards_and_samples_are_counted_with_reasons(tmp_path: Path) -> None
         ds.image_source.read("00009.tar/g.jpg")
     with pytest.raises(ImageError, match="missing file"):
         ds.image_source.read("00000.tar/zz.jpg")
+
+
+def test_mistakes_are_one_line_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pipeline.cli import main
+
+    (tmp_path / "m.csv").write_text("image\na.jpg\n")
+    _tar(tmp_path / "00000.tar", [("a.jpg", _jpeg())])
+    run = ["--run", str(tmp_path / "run")]
+    cases = {
+        ("--data", str(tmp_path / "00000.tar"), "--root", str(tmp_path)):
+            "root does not apply to tar shards",
+        ("--data", str(tmp_path / "m.csv"), "--caption-field", "caption"):
+            "apply to webdataset tar shards only",
+        ("--data", "s3://bucket/manifest.csv"): "a manifest is read from a local file",
+        ("--data", str(tmp_path / "{00001..00002}.tar")): "no tar shard found",
+        ("--data", str(tmp_path / "m.csv"), "--root", "https://u:p@example.com/x"):
+            "carries a user name or password",
+        ("--data", str(tmp_path / "m.csv"), "--retries", "-1"): "retries must be >= 0",
+    }
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # as if s3fs were not installed
+    cases[("--data", "s3://bucket/{00000..00001}.tar")] = "needs s3fs, which is not installed"
+    for args, message in cases.items():
+        assert main(["embed", *args, *run]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
