@@ -14,6 +14,7 @@ while they stay under the source's root.
 
 from __future__ import annotations
 
+import importlib
 import os
 import posixpath
 import re
@@ -166,8 +167,8 @@ def _check_installed(proto: str) -> None:
         import fsspec
 
         fsspec.get_filesystem_class(proto)
-        if proto in ("http", "https"):
-            import aiohttp  # noqa: F401
+        if proto in PACKAGES:
+            importlib.import_module(PACKAGES[proto])
     except (ImportError, ValueError) as e:
         package = PACKAGES.get(proto, f"an fsspec implementation of {proto}://")
         raise InputError(f"reading {proto}:// needs {package}, which is not installed: "

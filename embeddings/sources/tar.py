@@ -21,6 +21,7 @@ import posixpath
 import re
 import shutil
 import tarfile
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,7 +204,13 @@ class TarSource(ImageSource):
         i, member = self.split(key)
         path = self.url(i) if self.remote is None else self._cached(i)
         try:
-            with tarfile.open(path, "r:*") as tf:
+            try:
+                tf = tarfile.open(path, "r:*")
+            except FileNotFoundError:
+                if self.remote is None:
+                    raise
+                tf = tarfile.open(self._cached(i), "r:*")  # evicted by another thread
+            with tf:
                 info = tf.getmember(member)
                 data = tf.extractfile(info) if info.isfile() else None
                 if data is None:
@@ -238,7 +245,9 @@ class TarSource(ImageSource):
             os.utime(path)
             return str(path)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{path.name}.{os.getpid()}.{id(self)}.tmp"
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)  # unique: two threads may fetch the same shard at once
         remote = self.remote
 
         def fetch() -> None:
