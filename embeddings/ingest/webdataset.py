@@ -181,11 +181,13 @@ def _row(key: str, members: dict[str, tuple[str, bytes]], shard: str, fields: Fi
         return None
     try:
         meta = _json(members.get("json")) if any(asdict(fields).values()) else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+        rejects.append(Reject("images", key, f"invalid JSON: {members['json'][0]}: {why}"))
+        return None
+    try:
         text = members["txt"][1].decode("utf-8") if "txt" in members else None
         cls = members["cls"][1].decode("utf-8").strip() if "cls" in members else None
-    except json.JSONDecodeError as e:
-        rejects.append(Reject("images", key, f"invalid JSON: {members['json'][0]}: {e.msg}"))
-        return None
     except UnicodeDecodeError:
         rejects.append(Reject("images", key, f"caption is not UTF-8: {key}"))
         return None
