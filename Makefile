@@ -77,7 +77,8 @@ lint: setup
 bench: bench-embed bench-search bench-heads
 
 # Decode paths (naive PIL loop, exact, fast) on generated 640x480 JPEGs, decode-only and
-# end to end with the tiny and ViT-B-32 architectures (random weights), CPU; then the
+# end to end with the tiny and ViT-B-32 architectures (random weights), CPU; the same
+# photos as loose files, local tar shards and tar shards over loopback HTTP; then the
 # streaming ingest of a 1M-row CSV vs a bare pyarrow.csv.read_csv of it.
 bench-embed: setup
 	$(PY) benchmarks/bench_embed.py $(ARGS)
