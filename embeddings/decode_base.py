@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageError, load_image_in_root
 
 Transform = Callable[[Any], torch.Tensor]
 T = TypeVar("T")
@@ -58,8 +58,8 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, tuple[torch.Tensor, ...] | None, str | None]:
-        return exact_item(i, lambda: load_image(self.root / self.paths[i], self.max_pixels),
-                          self.transforms)
+        return exact_item(i, lambda: load_image_in_root(self.root, self.paths[i],
+                                                        self.max_pixels), self.transforms)
 
 
 def exact_item(i: int, load: Callable[[], Any], transforms: Sequence[Transform]

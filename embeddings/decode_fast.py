@@ -37,7 +37,7 @@ from .images import (
     ImageHeader,
     decode_image,
     read_header,
-    read_image_bytes,
+    read_image_in_root,
 )
 
 Item = tuple[Any, ...]  # (i, "jpeg", bytes, header) | (i, "ready", tensors) | (i, "reject", why)
@@ -139,7 +139,7 @@ class JpegFiles(ImageFiles):
 
     def __getitem__(self, i: int) -> Item:
         try:
-            data = read_image_bytes(self.root / self.paths[i])
+            data = read_image_in_root(self.root, self.paths[i])
             head = read_header(data, self.max_pixels)
         except ImageError as e:
             return i, "reject", str(e)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; real photos are far below this
+from .image_root import EscapesRoot, open_in_root
+from .limits import DEFAULT_MAX_PIXELS
+
 EXIF_ORIENTATION = 0x0112
 
 
@@ -105,6 +108,36 @@ def read_image_bytes(path: str | os.PathLike) -> bytes:
     if not data:
         raise ImageError("empty file (0 bytes)")
     return data
+
+
+def read_image_in_root(root: str | os.PathLike, rel: str | os.PathLike) -> bytes:
+    """The bytes of image ``rel`` of a dataset, opened under the confinement rule of
+    :mod:`embeddings.image_root` (checked at open, no link followed); ImageError saying
+    why not, with the reasons of :func:`load_image`."""
+    try:
+        fd = open_in_root(root, rel)
+    except EscapesRoot as e:
+        raise ImageError(str(e)) from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageError("missing file") from None
+    except OSError as e:
+        raise ImageError(f"unreadable image: {type(e).__name__}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ImageError("missing file")
+        try:
+            data = f.read()
+        except OSError as e:
+            raise ImageError(f"unreadable image: {type(e).__name__}: {e.strerror}") from None
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return data
+
+
+def load_image_in_root(root: str | os.PathLike, rel: str | os.PathLike,
+                       max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` for image ``rel`` of a dataset (:func:`read_image_in_root`)."""
+    return decode_image(read_image_in_root(root, rel), max_pixels)
 
 
 def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:

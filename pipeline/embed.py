@@ -16,6 +16,7 @@ import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -61,13 +62,13 @@ class EmbedResult:
 
 def run_embed(cfg: EmbedConfig) -> EmbedResult:
     """Run (or resume) the embed stage described by ``cfg``."""
-    check_engine(cfg.engine)  # a missing engine fails before any work
+    check_engine(cfg.engine, cfg.ray_address)  # a missing engine fails before any work
     t0 = time.perf_counter()
     run = Run(cfg.run)
     # Under Ray the driver's models serve only the identity checks: the actors embed.
     models = Models(cfg, resolve_device("cpu" if cfg.engine == "ray" else cfg.device))
     source = open_dataset(cfg.data.path, cfg.data.root, cfg.data.format)
-    with run.lock("embed"):
+    with run.lock("embed") as lock:
         spec = _spec(cfg, source)
         recorded = run.embed.read_identity()
         _check_spec(run, recorded, spec)
@@ -76,8 +77,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
         done = _finished(run, cfg)
         full = {k for k, (img, _) in done.items() if img.inputs == cfg.shard_size}
         stats = _Progress(cfg)
-        todo = (b for b in source.blocks(cfg.shard_size, skip=full)
-                if not (b.index in done and _same_inputs(run, done[b.index], b)))
+        todo = _todo(run, source.blocks(cfg.shard_size, skip=full), done)
         try:
             first = next(todo, None)
             if first is not None:  # models are loaded, and checked, only when there is work
@@ -86,7 +86,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
                     recorded = RunIdentity(spec, models.columns)
                     run.embed.write_identity(recorded)
                 _check_columns(run, recorded, models.columns)
-                job = EngineJob(run, source.root, models, cfg, stats)
+                job = EngineJob(run, source.root, models, cfg, stats, lock.token)
                 done.update(ENGINES[cfg.engine](job, itertools.chain([first], todo)))
         except KeyboardInterrupt:
             log.warning("interrupted: the %d block(s) finished in this run are kept (%d in "
@@ -97,6 +97,8 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
             stats.close()
         if not done:
             raise InputError(f"{cfg.data.path}: the dataset has no rows to embed")
+        if not any(img.rows for img, _ in done.values()):
+            _nothing_embedded(run, cfg, source, done)
         if not stats.blocks and run.embed.has_manifest() and _listed(run, done):
             m = run.embed.manifest()
             log.info("nothing to do: %s is complete", run.embed.dir)
@@ -184,6 +186,7 @@ def _finished(run: Run, cfg: EmbedConfig) -> dict[int, tuple[ShardRecord, ShardR
                 pair.append(run.embed.verify_shard(kind, block, recorded))
             except FormatError as e:
                 log.warning("%s: re-embedding block %d", e, block)
+                run.embed.withdraw([block])
                 for p in (files[k].get(block) for k in KINDS):
                     if p is not None:
                         p.unlink(missing_ok=True)
@@ -191,6 +194,36 @@ def _finished(run: Run, cfg: EmbedConfig) -> dict[int, tuple[ShardRecord, ShardR
         else:
             done[block] = (pair[0], pair[1])
     return done
+
+
+def _todo(run: Run, blocks: Iterator[Block],
+          done: dict[int, tuple[ShardRecord, ShardRecord]]) -> Iterator[Block]:
+    """The blocks still to embed.  A finished block the dataset grew into is redone, and
+    withdrawn from the manifest first: readers never meet a listed shard being replaced."""
+    for b in blocks:
+        if b.index in done:
+            if _same_inputs(run, done[b.index], b):
+                continue
+            run.embed.withdraw([b.index])
+        yield b
+
+
+def _nothing_embedded(run: Run, cfg: EmbedConfig, source: Source,
+                      done: dict[int, tuple[ShardRecord, ShardRecord]]) -> None:
+    """Not one image survived: say why in one line, keep the rejects for the details and
+    leave no identity behind, so the same command with the right options starts afresh."""
+    rejects = [r for kind in KINDS for b in sorted(done)
+               for r in run.embed.shard_info(run.embed.shard_path(done[b][KINDS.index(kind)]))
+               .rejects]
+    inputs = sum(img.inputs for img, _ in done.values()) or len(rejects)
+    why = Counter(_reason_class(r["reason"]) for r in rejects)
+    detail = ", ".join(f"{k}: {n}" for k, n in why.most_common(4)) or "no image rows"
+    run.embed.discard(rejects)
+    raise InputError(
+        f"nothing to embed: all {inputs} input row(s) of {cfg.data.path} were rejected "
+        f"({detail}); check the dataset root ({source.root}), the format ({source.format}) "
+        f"and the pixel budget (max_pixels {cfg.max_pixels}); each item's reason is in "
+        f"{run.embed.rejects_path}")
 
 
 def _same_inputs(run: Run, records: tuple[ShardRecord, ShardRecord], block: Block) -> bool:

@@ -5,11 +5,19 @@ memory-mapped once, at start), loads query encoders on first use (shared by the 
 of one encoder) and makes thumbnails.  It imports no web framework: the HTTP layer is
 :mod:`pipeline.serve_app`, so everything here is callable (and tested) in-process too.
 
-Security policy, enforced here rather than in the routes:
+Security policy, enforced here rather than in the routes (the run directory is
+untrusted input, :mod:`embeddings.store`):
 
 - an image is served only as the thumbnail of a row of the run, looked up by the row's
-  id; its path comes from the embed shards, is resolved (symlinks followed) and refused
-  unless it lies inside the dataset root;
+  id; its path comes from the embed shards and is opened under the dataset root by
+  :func:`embeddings.images.load_image_in_root` (links resolved and refused if they lead
+  outside, checked again at open);
+- the dataset root is the one recorded at embed time when the run was sealed on this
+  machine; for a run made elsewhere (or edited) it must be named (``serve --root``),
+  else thumbnails are refused;
+- thumbnails are cached under ``RUN/serve/thumbs`` named by their content's digest, read
+  without following links and served from memory after the check: an altered cached file
+  is remade, never served; when the cache cannot be written they are served uncached;
 - uploads are capped in bytes and in pixels and decoded by the embed stage's defensive
   :func:`embeddings.images.load_image` from a temporary file under ``RUN/serve/tmp``;
 - query text and filter values are capped in length, ``k`` in size;
@@ -34,9 +42,10 @@ from typing import Any
 from PIL import Image
 
 from embeddings.encoders import Encoder, encoder_for_column, resolve_device
-from embeddings.errors import FormatError, InputError, MissingError
-from embeddings.images import ImageError, load_image
-from embeddings.store import Run, atomic_write_bytes, column_name
+from embeddings.errors import FormatError, InputError, MissingError, UserError
+from embeddings.image_root import ESCAPE_REASON
+from embeddings.images import ImageError, decode_image, load_image, load_image_in_root
+from embeddings.store import Run, column_name
 
 from .index import IndexMismatch
 from .search import MODALITIES, Searcher, SearchResult, pick_column
@@ -72,6 +81,7 @@ class ServeConfig:
     max_query_chars: int = 500
     max_k: int = 200
     max_filter_chars: int = 200
+    root: str | None = None  # dataset root named by the user (default: the sealed one)
 
     def limits(self) -> dict[str, int]:
         return {"max_upload_bytes": self.max_upload_bytes, "max_k": self.max_k,
@@ -88,7 +98,18 @@ class Service:
         self.files = Run(self.run)
         manifest = self.files.embed.manifest()  # FormatError with a remedy if no embed stage
         self.columns = manifest.columns
-        self.root = manifest.root.resolve()
+        self.root: Path | None = None
+        self.root_problem = ""
+        if cfg.root:
+            self.root = Path(cfg.root).resolve()
+        elif manifest.trusted:
+            self.root = manifest.root.resolve()
+        else:
+            self.root_problem = (
+                f"refused: {self.run} was not sealed on this machine (made elsewhere, or "
+                f"edited), so the dataset root it records ({manifest.root}) is not trusted: "
+                "restart the server with --root naming the folder of the images")
+        self._cache_warned = False
         self.max_pixels = manifest.max_pixels
         self._lock = threading.Lock()
         self._searchers: dict[str, Searcher] = {}
@@ -190,35 +211,45 @@ class Service:
 
     # ------------------------------------------------------------------ thumbnails
 
-    def thumbnail(self, image_id: str) -> Path:
-        """The cached JPEG thumbnail of image row ``image_id``, made on first request."""
+    def thumbnail(self, image_id: str) -> bytes:
+        """The JPEG thumbnail of image row ``image_id``: cached on first request, served
+        from memory after its digest is checked (uncached when the cache is unwritable)."""
         rel = self._paths().get(image_id)
         if not rel:
             raise MissingError(f"no image row with id {image_id[:200]!r} in this run")
-        src = self.image_path(rel)
+        if self.root is None:
+            raise Refused(self.root_problem)
         size = self.cfg.thumb_size
-        key = hashlib.sha256(f"{image_id}\0{rel}\0{size}".encode()).hexdigest()[:32]
-        out = self.files.serve.thumbnail(key)
-        if out.is_file():
-            return out
+        key = hashlib.sha256(f"{image_id}\0{rel}\0{size}\0{self.root}".encode()
+                             ).hexdigest()[:32]
         try:
-            image = load_image(src, max_pixels=self.max_pixels)
+            cached = self.files.serve.thumbnail(key)
+        except (UserError, OSError) as e:
+            self._cache_problem(e)
+            cached = None
+        if cached is not None:
+            return cached
+        try:
+            image = load_image_in_root(self.root, rel, max_pixels=self.max_pixels)
         except ImageError as e:
+            if str(e) == ESCAPE_REASON:
+                raise Refused(f"refused: the image of this row lies outside the dataset "
+                              f"root {self.root}") from None
             raise MissingError(f"cannot read the image of row {image_id!r}: {e}") from None
         image.thumbnail((size, size), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=85)
-        # unique temp name + os.replace: concurrent first requests never see half a file
-        atomic_write_bytes(out, buf.getvalue())
-        return out
+        data = buf.getvalue()
+        try:  # unique temp name + rename: concurrent first requests never see half a file
+            self.files.serve.save_thumbnail(key, data)
+        except (UserError, OSError) as e:
+            self._cache_problem(e)
+        return data
 
-    def image_path(self, rel: str) -> Path:
-        """``rel`` under the dataset root, symlinks resolved; refused if it leaves the root."""
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root):
-            raise Refused(f"refused: the image of this row lies outside the dataset root "
-                          f"{self.root}")
-        return path
+    def _cache_problem(self, error: BaseException) -> None:
+        if not self._cache_warned:
+            self._cache_warned = True
+            log.warning("thumbnail cache unusable (%s): serving thumbnails uncached", error)
 
     # ------------------------------------------------------------------ state
 
@@ -285,25 +316,39 @@ class Service:
         return self._image_paths
 
     def _decode_upload(self, data: bytes) -> Image.Image:
-        tmp_dir = self.files.serve.scratch()
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".img")
+        try:
+            return self._decode_via_file(data)
+        except ImageError as e:
+            error = TooLarge if str(e).startswith("image too large") else InputError
+            raise error(f"cannot use the uploaded image: {e}") from None
+
+    def _decode_via_file(self, data: bytes) -> Image.Image:
+        """Through a temporary file under ``RUN/serve/tmp``, deleted at once; from memory
+        (the same decoder and reasons) when that folder cannot be written."""
+        try:
+            tmp_dir = self.files.serve.scratch()
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".img")
+        except (UserError, OSError) as e:
+            self._cache_problem(e)
+            return decode_image(data, max_pixels=self.cfg.max_upload_pixels)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             return load_image(tmp, max_pixels=self.cfg.max_upload_pixels)
-        except ImageError as e:
-            error = TooLarge if str(e).startswith("image too large") else InputError
-            raise error(f"cannot use the uploaded image: {e}") from None
+        except OSError:
+            return decode_image(data, max_pixels=self.cfg.max_upload_pixels)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
     def _clean_tmp(self, older_than_s: float = 3600.0) -> None:
         """Upload temp files a killed server left behind (not a live server's)."""
-        tmp_dir = self.files.serve.scratch()
-        if not tmp_dir.is_dir():
-            return
-        for path in tmp_dir.glob("upload-*"):
-            if time.time() - path.stat().st_mtime > older_than_s:
-                path.unlink(missing_ok=True)
-
+        try:
+            tmp_dir = self.files.serve.scratch()
+            if not tmp_dir.is_dir():
+                return
+            for path in tmp_dir.glob("upload-*"):
+                if time.time() - path.lstat().st_mtime > older_than_s:
+                    path.unlink(missing_ok=True)
+        except (UserError, OSError) as e:
+            self._cache_problem(e)

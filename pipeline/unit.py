@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from embeddings.decode import decode_provenance
@@ -130,7 +131,7 @@ def write_block(run: Run, block: Block, result: BlockResult,
                          [r for r in ingest if r["kind"] == "images"] + embed_rejects)
     cap_info = ShardInfo(block.index, block.caption_column("id"),
                          [r for r in ingest if r["kind"] != "images"])
-    kept = block.image_table.take(result.image_rows)
+    kept = block.image_table.take(pa.array(result.image_rows, pa.int64()))
     img = run.embed.write_shard("images", block.index, shard_bytes(
         "images", kept, result.image_vectors, dtype, img_info))
     cap = run.embed.write_shard("captions", block.index, shard_bytes(
@@ -153,3 +154,4 @@ class EngineJob:
     models: Models  # loaded on the driver (identity checked); engines may load more
     cfg: EmbedConfig
     progress: Any  # pipeline.embed._Progress
+    lease: str = ""  # token of the driver's embed lock: workers write only while it is held

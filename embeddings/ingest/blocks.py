@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
+from ..image_root import ESCAPE_REASON
 from .idindex import IdIndex, hashes
 from .records import CAPTION_SCHEMA, IMAGE_SCHEMA, MAX_CAPTION_CHARS, Block, IngestStats, Reject
 from .rows import ESCAPE, NO_IMAGE, NUL, READ_ERROR, VALID, np_values, take_rows
@@ -176,7 +177,7 @@ class Grouper:
         for i, why, rid, row, error, image, norm in fields:
             reason = {READ_ERROR: error, NO_IMAGE: "no image path in row",
                       NUL: "image path contains a NUL byte",
-                      ESCAPE: f"image path escapes the dataset root: {image}"}[why]
+                      ESCAPE: f"{ESCAPE_REASON}: {image}"}[why]
             out.append((int(i), Reject("images", rid or (norm if why == ESCAPE else f"row:{row}"),
                                        reason)))
         return out

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..image_root import relative_in_root
 from .idindex import hashes
 
 VALID, READ_ERROR, NO_IMAGE, NUL, ESCAPE = range(5)
@@ -94,10 +95,9 @@ class RowChecker:
         return rel, rid_img, escape
 
     def _inside(self, target: str) -> str | None:
-        """``target`` (absolute, normalised) relative to the root, or None outside it."""
-        if target.startswith(self._root + os.sep):
-            return target[len(self._root) + 1:]
-        return None
+        """``target`` (absolute, normalised) relative to the root, or None outside it (the
+        rule of :mod:`embeddings.image_root`, which readers apply again at open)."""
+        return relative_in_root(self._root, target)
 
     def _dir(self, d: str) -> tuple[str | None, frozenset[str]]:
         """A directory's real path relative to the root (None: outside), and its symlinks."""
