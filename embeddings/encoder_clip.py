@@ -167,9 +167,8 @@ def write_tiny_open_clip(out_dir: str | os.PathLike, seed: int = 0,
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         tmp.chmod(0o755)
-        safetensors.torch.save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()},
-            str(tmp / "open_clip_model.safetensors"))
+        (tmp / "open_clip_model.safetensors").write_bytes(safetensors.torch.save(  # OSError
+            {k: v.contiguous() for k, v in model.state_dict().items()}))  # on a full disk
         preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD),
                       "interpolation": "bicubic", "resize_mode": "shortest"}
         (tmp / "open_clip_config.json").write_text(

@@ -81,7 +81,12 @@ def create_app(service: Service, host: str = "127.0.0.1") -> FastAPI:
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug, not the user's: logged here, no detail sent
+            log.error("internal error on %s %s", request.method, request.url.path,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            response = JSONResponse({"detail": INTERNAL}, status_code=500)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("X-Frame-Options", "DENY")
@@ -165,14 +170,8 @@ def _errors(app: FastAPI) -> None:
                  for e in exc.errors()]
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error on %s %s", request.method, request.url.path,
-                  exc_info=(type(exc), exc, exc.__traceback__))
-        return JSONResponse({"detail": INTERNAL}, status_code=500)
-
     app.add_exception_handler(UserError, user_error)  # InputError, FormatError, ...
     app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(Exception, internal)
 
 
 async def _upload(request: Request, max_bytes: int) -> tuple[bytes, str]:

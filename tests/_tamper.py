@@ -43,3 +43,17 @@ def fingerprint(folder: Path) -> dict[str, str]:
         else:
             out[str(p.relative_to(folder))] = "dir"
     return out
+
+
+def cli_fails(capsys: Any, *argv: str, match: str = "") -> str:
+    """Run the CLI in-process: exit status 2 and exactly one ``error:`` line on stderr
+    (containing ``match``), no traceback; that line."""
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert match in lines[0], lines[0]
+    return lines[0]

@@ -21,6 +21,7 @@ from pipeline.config import HeadsConfig, IndexConfig
 from pipeline.heads import run_heads
 from pipeline.index import run_index
 from pipeline.serve import Refused, ServeConfig, Service
+from tests._tamper import cli_fails as _fails
 from tests._tamper import edit, fingerprint
 from tests.conftest import MINILM
 
@@ -67,17 +68,6 @@ def case(tmp_path: Path, full_run: Path, tiny_clip: str) -> Iterator[dict]:
     before = fingerprint(decoy)
     yield {"run": run, "decoy": decoy, "config": str(config), "tmp": tmp_path}
     assert fingerprint(decoy) == before  # nothing outside the run was written or deleted
-
-
-def _fails(capsys: pytest.CaptureFixture, *argv: str, match: str = "") -> str:
-    """Run the CLI: exit status 2 and exactly one ``error:`` line containing ``match``."""
-    capsys.readouterr()
-    assert main(list(argv)) == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 def _commands(case: dict, stage: str) -> list[list[str]]:

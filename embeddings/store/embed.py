@@ -350,7 +350,8 @@ class EmbedFiles:
                               f"{remedy}") from None
 
     def shard_path(self, record: ShardRecord) -> Path:
-        return confined(self.dir, record.file, "shard file", root=self.run)
+        return confined(self.dir, record.file, "shard file", root=self.run,
+                        source=self.manifest_path, remedy=REMEDY)
 
     def check_shard(self, record: ShardRecord, full: bool = True) -> Path:
         path = self.shard_path(record)

@@ -74,21 +74,24 @@ def no_links(root: Path, path: Path) -> Path:
 
 
 def confined(base: Path, rel: str | os.PathLike, what: str = "path",
-             root: Path | None = None) -> Path:
+             root: Path | None = None, source: Path | None = None, remedy: str = "") -> Path:
     """``base / rel`` for a relative path read from a run file: refused (FormatError) if it
     is absolute, climbs out with ``..`` or passes through a symbolic link (checked from
-    ``root``, the run, when given, else from ``base``).
+    ``root``, the run, when given, else from ``base``).  ``source`` (the file naming it)
+    and ``remedy`` complete the message.
 
     Paths read from run-directory files could have been tampered with; a stage must never
     read or delete outside its own folder because a manifest said so.
     """
     rel_s = str(rel)
+    named = f" named by {source}" if source else ""
+    tail = f": {remedy}" if remedy else ""
     if "\x00" in rel_s or not rel_s:
-        raise FormatError(f"{what} {rel_s!r} in {base} is not a valid relative path")
+        raise FormatError(f"{what} {rel_s!r}{named} is not a valid relative path{tail}")
     parts = rel_s.split("/")
     if rel_s.startswith(("/", "\\")) or any(p in ("", ".", "..") for p in parts):
-        raise FormatError(f"{what} {rel_s!r} escapes {base}: the run directory was tampered "
-                          "with; refusing to touch it")
+        raise FormatError(f"{what} {rel_s!r}{named} escapes {base}: the run directory was "
+                          f"tampered with; refusing to touch it{tail}")
     return no_links(root or base, base.joinpath(*parts))
 
 

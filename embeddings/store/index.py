@@ -137,7 +137,8 @@ class IndexFiles:
         return file_record(path, name)
 
     def path(self, entry: IndexEntry) -> Path:
-        return confined(self.dir, entry.file, "index file", root=self.run)
+        return confined(self.dir, entry.file, "index file", root=self.run,
+                        source=self.manifest_path, remedy=REMEDY)
 
     def check(self, entry: IndexEntry, full: bool = True) -> Path:
         """The index file, after checking its size (and digest unless ``full`` is off)."""

@@ -149,7 +149,8 @@ def load_head_files(path: Path) -> tuple[dict[str, Any], bytes]:
     if not isinstance(record, dict) or not isinstance(record.get("file"), str):
         raise FormatError(f"head description {path} is corrupt (no weights record): "
                           f"{HEAD_REMEDY}")
-    wpath = confined(path.parent, record["file"], "head weights")
+    wpath = confined(path.parent, record["file"], "head weights", source=path,
+                     remedy=HEAD_REMEDY)
     check_file(wpath, record, "head weights", HEAD_REMEDY)
     meta = {k: v for k, v in meta.items() if k != seal.FIELD}
     meta["sealed"] = sealed
