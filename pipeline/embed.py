@@ -99,7 +99,8 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
             raise InputError(f"{cfg.data.path}: the dataset has no rows to embed")
         if not any(img.rows for img, _ in done.values()):
             _nothing_embedded(run, cfg, source, done)
-        if not stats.blocks and run.embed.has_manifest() and _listed(run, done):
+        if not stats.blocks and run.embed.has_manifest() and _listed(run, done) \
+                and _sealed(run, recorded):
             m = run.embed.manifest()
             log.info("nothing to do: %s is complete", run.embed.dir)
             return EmbedResult(run.path, 0, {k: m.rows(k) for k in KINDS},
@@ -107,6 +108,10 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
         if recorded is None:
             raise FormatError(f"{run.embed.spec_path} is missing: delete {run.embed.dir} and "
                               "rerun to start over")
+        if not recorded.trusted:  # it matches this config (checked above): seal it here
+            log.info("sealing %s: its dataset and models are the ones your config names",
+                     run.path)
+            run.embed.write_identity(recorded)
         manifest = _finalise(run, cfg, source, recorded, done)
     return EmbedResult(run.path, stats.blocks, {k: manifest.rows(k) for k in KINDS},
                        manifest.reject_counts(), time.perf_counter() - t0,
@@ -230,6 +235,16 @@ def _same_inputs(run: Run, records: tuple[ShardRecord, ShardRecord], block: Bloc
     """A re-read partial block is done only if the dataset did not grow into it."""
     info = run.embed.shard_info(run.embed.shard_path(records[0]))
     return info.inputs == block.image_column("id")
+
+
+def _sealed(run: Run, recorded: RunIdentity | None) -> bool:
+    """Whether the identity and the manifest were sealed on this machine.  A run made
+    elsewhere (or by an older version) that matches the user's config, dataset and models
+    (the checks before this) gets its files rewritten and sealed: the config vouches."""
+    try:
+        return recorded is not None and recorded.trusted and run.embed.manifest().trusted
+    except FormatError:
+        return False
 
 
 def _listed(run: Run, done: dict[int, tuple[ShardRecord, ShardRecord]]) -> bool:

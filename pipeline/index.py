@@ -79,6 +79,8 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
             run.index.write_entries(entries)
             if old and old.file != entry.file:
                 run.index.remove(old.file)
+        if entries and not run.index.trusted and all(r.action == "unchanged" for r in results):
+            run.index.write_entries(entries)  # checked against the embed stage: seal it here
     return results
 
 

@@ -47,14 +47,17 @@ def test_help_and_argument_errors_import_no_model_library(argv: tuple[str, ...])
 
 
 def test_text_search_imports_only_the_text_model(demo_run: Path, tmp_path: Path) -> None:
-    """A MiniLM text->text query loads sentence-transformers and FAISS, never open_clip;
-    verify loads neither model library."""
+    """A MiniLM text->text query loads sentence-transformers and FAISS, never open_clip; a
+    CLIP text->image query never sentence-transformers; verify neither model library."""
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
     from pipeline.config import IndexConfig
     from pipeline.index import run_index
 
-    run_index(IndexConfig(run=str(run), columns=("minilm_text",)))
+    run_index(IndexConfig(run=str(run), columns=("minilm_text", "clip_image")))
+    status, heavy, err = _imported("search", "a cat", "--run", str(run), "--device", "cpu")
+    assert status == 0, err
+    assert {"open_clip", "faiss", "torch"} <= heavy and "sentence_transformers" not in heavy
     config = tmp_path / "c.toml"
     config.write_text(f'[[encoders]]\nname = "minilm"\ntype = "sentence_transformers"\n'
                       f'model = "{MINILM}"\n')

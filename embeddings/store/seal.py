@@ -19,6 +19,7 @@ folder) runs are written unsealed, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -50,13 +51,16 @@ def _key(path: str) -> bytes | None:
     p = Path(path)
     try:
         p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32))
+        if not os.path.lexists(p):  # written whole, then linked: no one reads half a key
+            tmp = p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_hex(32))
+                with contextlib.suppress(FileExistsError):  # another process was first
+                    os.link(tmp, p)
+            finally:
+                tmp.unlink(missing_ok=True)
         fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd) as f:
             key = f.read().strip().encode()

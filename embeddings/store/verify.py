@@ -114,8 +114,8 @@ def _index(run: Run, r: Report) -> bool:
 
 
 def _unsealed(path: Path, remedy: str) -> str:
-    return (f"{path} is not sealed like the rest of this run: it was edited after it was "
-            f"written: {remedy}")
+    return (f"{path} is not sealed like the rest of this run (edited after it was written, "
+            f"or written by an older version): {remedy}")
 
 
 def _guard(r: Report, fn: Callable[[], T]) -> T | None:
