@@ -10,6 +10,8 @@ Importing the package loads no model library (the stages import theirs when they
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,3 +39,18 @@ def __getattr__(name: str) -> Any:
 
         return getattr(stage, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """The stage module ``pipeline.embed`` shares its name with the function above; the
+    import system sets a submodule as an attribute of its package when it is first
+    imported, which would replace the function.  The function stays (as it did when the
+    package imported the stage eagerly); the module is ``sys.modules["pipeline.embed"]``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "embed" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..errors import FormatError, InputError, MissingError
+from ..errors import InputError
 from .embed import (
     FIELDS,
     KINDS,
@@ -141,8 +141,8 @@ def read_table(run: str | os.PathLike, kind: str, columns: list[str] | None = No
 
 
 __all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "SCHEMA_VERSION", "Column", "DiskFull",
-           "EmbedFiles", "EmbedManifest", "EvalFiles", "FormatError", "HeadsFiles",
-           "IndexEntry", "IndexFiles", "MissingError", "Provenance", "Report", "Run",
+           "EmbedFiles", "EmbedManifest", "EvalFiles", "HeadsFiles",
+           "IndexEntry", "IndexFiles", "Provenance", "Report", "Run",
            "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord", "ShardSpan", "StageLock",
            "Tampered", "atomic_write_bytes", "atomic_write_json", "check_name",
            "check_same_model", "column_name", "confined", "digest_file", "disk_errors",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import FormatError, MissingError, UserError
+from ..errors import MissingError, UserError
 from .embed import KINDS
 from .files import TMP_SUFFIX, tampered
 from .outputs import load_head_files
@@ -138,4 +138,4 @@ def _links(root: Path, r: Report) -> None:
                 r.problems.append(str(tampered(path, "special file")))
 
 
-__all__ = ["FormatError", "Report", "verify_run"]
+__all__ = ["Report", "verify_run"]
