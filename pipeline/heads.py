@@ -214,7 +214,7 @@ def _write(run: Run, cfg: HeadsConfig, rows: list[Row], best: Row, saved: list,
            columns: Mapping[str, Column]) -> None:
     files = run.heads
     if split_record is not None:
-        atomic_write_json(files.splits_path(), split_record)
+        files.write_splits(split_record)
     for job, head, meta in saved:
         save_head(head, files.model_json(job.slug), [(c, columns[c]) for c in job.inputs],
                   _jsonable(meta))

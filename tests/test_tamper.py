@@ -302,3 +302,17 @@ def test_forged_seal_is_not_trusted(case: dict) -> None:
     manifest = Run(run).embed.manifest()
     assert not manifest.trusted and not any(c.trusted for c in manifest.columns.values())
     assert Run(run).embed.read_vectors("minilm_text").shape[0] > 0
+
+
+def test_an_edited_split_record_is_refused(tmp_path: Path) -> None:
+    """``heads/splits.json`` is read back (splits are reused): moving an image from test to
+    train by hand is caught, with the remedy."""
+    from embeddings.errors import FormatError
+
+    files = Run(tmp_path).heads
+    files.write_splits({"ids_hash": "h", "assign": {"a": "train", "b": "test"}})
+    assert files.read_splits()["assign"] == {"a": "train", "b": "test"}
+    path = tmp_path / "heads/splits.json"
+    path.write_text(path.read_text().replace('"test"', '"train"'))
+    with pytest.raises(FormatError, match="split record .* was edited.*delete"):
+        files.read_splits()

@@ -64,7 +64,13 @@ class HeadsFiles:
         path = no_links(self.run, self.dir / "splits.json")
         if not os.path.lexists(path):
             return None
-        return read_json(path, "split record", f"delete {path} to make the splits again")
+        remedy = f"delete {path} to make the splits again"
+        record = read_json(path, "split record", remedy)
+        seal.check(record, path, "split record", remedy)  # an edited split is refused
+        return record
+
+    def write_splits(self, record: dict[str, Any]) -> None:
+        atomic_write_json(self.splits_path(), seal.seal(record))
 
     def prediction(self, stem: str) -> Path:
         return no_links(self.run, self.dir / "predictions"
