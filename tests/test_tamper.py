@@ -194,7 +194,7 @@ def test_rewritten_root_and_row_path_are_refused(case: dict,
     target_id = table.column("id")[0].as_py()
 
     def rewrite(m: dict) -> None:
-        m["dataset"]["root"] = "/"
+        m["dataset"]["root"] = m["dataset"]["image_source"]["root"] = "/"
         m["shards"]["images"][0].update(bytes=shard.stat().st_size,
                                         digest=Run(run).embed.verify_shard(
                                             "images", record.block, {}).digest)
