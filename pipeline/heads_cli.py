@@ -11,9 +11,9 @@ import tomllib
 from embeddings.errors import InputError
 
 from .config import HeadsConfig, add_options, load_toml, overrides, stage_config
-from .heads import run_heads
 from .options import common_options
-from .predict import run_predict
+
+HEADS_MEMORY = "train fewer heads or inputs at once (--heads, --inputs)"
 
 
 def register(sub: Any) -> None:
@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
                    "in TOML, lists also as 128,64), e.g. --param mlp.hidden=[128,64]")
     p.add_argument("--list-params", nargs="?", const="", metavar="HEAD",
                    help="print the parameters of every head (or of HEAD) and exit")
-    p.set_defaults(func=_heads)
+    p.set_defaults(func=_heads, memory_hint=HEADS_MEMORY)
 
     q = sub.add_parser("predict", help="apply a saved head to a run's shards",
                        description="Predict with a saved head (RUN/heads/models/NAME.json) on "
@@ -37,13 +37,16 @@ def register(sub: Any) -> None:
     common_options(q)
     q.add_argument("--head", required=True, help="saved head (.json)")
     q.add_argument("--output", help="Parquet file (default: RUN/heads/predictions/NAME.parquet)")
-    q.set_defaults(func=_predict)
+    q.set_defaults(func=_predict, memory_hint="predict on a smaller run")
 
 
 def _heads(args: argparse.Namespace) -> int:
     if args.list_params is not None:
         print(list_params(args.list_params))
         return 0
+
+    from .heads import run_heads
+
     cfg = stage_config(HeadsConfig, "heads", load_toml(args.config), args.run,
                        **overrides(args, HeadsConfig))
     if args.param:
@@ -91,6 +94,8 @@ def list_params(name: str = "") -> str:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict
+
     run = stage_config(HeadsConfig, "heads", load_toml(args.config), args.run).run
     r = run_predict(args.head, run, args.output)
     extra = f" ({r.dropped} image(s) without captions left out)" if r.dropped else ""
