@@ -17,8 +17,9 @@ Each row is timed ``--repeat`` times (default 2), on arrays already sliced; the 
 run counts (fits are deterministic, so the scores are the same).  Besides wall-clock
 seconds each row reports the CPU seconds of the process (every thread), which a shared
 machine inflates far less.  Baseline, on the same
-input as our ``logistic``: scikit-learn's defaults (``--converged`` adds it run to
-convergence).  ``--load busy`` runs everything beside a CPU-bound process (a Python busy
+input as our ``logistic``: scikit-learn's defaults, and the same with one BLAS thread
+(on shared cores its default thread pool is most of its time; ``--converged`` adds it run
+to convergence).  ``--load busy`` runs everything beside a CPU-bound process (a Python busy
 loop, one core's worth); ``--load both`` runs the table on the machine as it is, then
 the probe rows (scikit-learn and ``logistic``) again beside the busy process.  The
 summaries at the end: the probe's speed-up over scikit-learn per real set, and the
@@ -49,6 +50,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,6 +58,7 @@ import real_data
 
 from embeddings.heads import HEADS, Task, make_head
 
+ONE_THREAD = "sklearn, one BLAS thread"  # the baseline without its thread pool on shared cores
 FUSIONS = ("concat", "gated", "late", "attention", "stack", "bilinear")  # the summary's
 
 
@@ -119,10 +122,12 @@ def scores(pred: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float((pred == y).mean()), float(f1_score(y, pred, average="macro"))
 
 
-def timed_sklearn(x: np.ndarray, d: Dataset, **kw: object) -> tuple[float, float, tuple, str]:
+def timed_sklearn(x: np.ndarray, d: Dataset, threads: int | None = None,
+                  **kw: object) -> tuple[float, float, tuple, str]:
     tx, ty = x[d.split == 0], d.y[d.split == 0]  # slicing is not the model's time
     t, c = time.perf_counter(), time.process_time()
-    with warnings.catch_warnings():
+    limit = threadpool_limits(threads) if threads else contextlib.nullcontext()
+    with warnings.catch_warnings(), limit:
         warnings.simplefilter("ignore", ConvergenceWarning)
         m = LogisticRegression(**kw).fit(tx, ty)
     secs, cpu = time.perf_counter() - t, time.process_time() - c
@@ -186,7 +191,8 @@ def busy(on: bool) -> Iterator[None]:
 def plan(d: Dataset, args: argparse.Namespace, probe_only: bool) -> list[tuple]:
     """(label, inputs label, arrays, params) per row of one dataset."""
     base = [d.single[d.baseline]]
-    runs: list[tuple] = [("sklearn LogisticRegression()", d.baseline, base, {})]
+    runs: list[tuple] = [("sklearn LogisticRegression()", d.baseline, base, {}),
+                         (ONE_THREAD, d.baseline, base, {"threads": 1})]
     if args.converged:
         runs.append(("sklearn converged", d.baseline, base, {"max_iter": 10_000}))
     for name in args.heads:
@@ -228,8 +234,8 @@ def summaries(results: list[Result]) -> None:
         print(f"{r.data:12s} {r.load:6s} {r.head:29s} {r.inputs:11s} {r.seconds:8.2f} "
               f"{r.cpu:7.2f} {r.accuracy:9.4f} {r.macro_f1:9.4f} "
               f"{base.seconds / r.seconds:8.1f}x  {r.note}")
-    print("\nprobe vs scikit-learn LogisticRegression() (same input; goal: >= 3x at equal "
-          "accuracy, within 0.5 point or better):")
+    print("\nprobe vs scikit-learn LogisticRegression() with its defaults and with one BLAS "
+          "thread (same input; goal: >= 3x at equal accuracy, within 0.5 point or better):")
     for r in results:
         if r.head != "logistic" or (r.data == "synthetic" and r.inputs != "image+text"):
             continue
@@ -237,11 +243,17 @@ def summaries(results: list[Result]) -> None:
                     and b.head.startswith("sklearn Log"))
         if r.inputs != base.inputs:
             continue
-        speed, gain = base.seconds / r.seconds, 100 * (r.accuracy - base.accuracy)
-        ok = "MET" if speed >= 3 and gain >= -0.5 else "not met"
-        print(f"  {r.data:12s} {r.load:6s} {base.seconds:7.2f} s -> {r.seconds:6.2f} s "
-              f"= {speed:4.1f}x, accuracy {r.accuracy:.4f} vs {base.accuracy:.4f} "
-              f"({gain:+.2f} point)  {ok}")
+        one = next((b for b in results if b.data == r.data and b.load == r.load
+                    and b.head == ONE_THREAD), None)
+        for label, b in (("defaults", base), ("one thread", one)):
+            if b is None:
+                continue
+            speed, gain = b.seconds / r.seconds, 100 * (r.accuracy - b.accuracy)
+            ok = "MET" if speed >= 3 and gain >= -0.5 else "not met"
+            print(f"  {r.data:12s} {r.load:6s} {label:10s} {b.seconds:7.2f} s -> "
+                  f"{r.seconds:6.2f} s = {speed:4.1f}x (CPU {b.cpu:6.2f} s -> {r.cpu:5.2f} s = "
+                  f"{b.cpu / max(r.cpu, 1e-9):4.1f}x), accuracy {r.accuracy:.4f} vs "
+                  f"{b.accuracy:.4f} ({gain:+.2f} point)  {ok}")
     print("\nfusions beside the best single input (accuracy, seconds):")
     for data in dict.fromkeys(r.data for r in results):
         rows = [r for r in results if r.data == data and r.load != "busy"

@@ -100,14 +100,17 @@ class TorchHead(Head):
                 getattr(self.net, f"ymean{t}").fill_(float(y.mean()))
                 getattr(self.net, f"yscale{t}").fill_(max(float(y.std()), 1e-12))
         loss = task_loss(self.tasks, ys, p.class_weights, self._target_scale())
-        with torch.no_grad():  # once, not on every batch and validation pass
-            tz = self.net.standardised(_tensors(xs))
-            vz = self.net.standardised(_tensors(val_xs))
         optimizer = p.optimizer if p.optimizer != "auto" else auto_optimizer(
             self.net.fuser.linear, len(xs[0]) <= p.batch_size,
             bool(p.noise or getattr(p, "modality_dropout", 0.0)))
-        lr = p.lr or (1.0 if optimizer == "lbfgs" else 1 / top_variance(tz) if optimizer == "sgd"
-                      else 1e-2 if self.net.fuser.linear else 3e-3)
+        # Standardised once, not on every batch and validation pass; elementwise passes
+        # on one thread unless large (an unscheduled second thread stalls them).
+        with torch.no_grad(), torch_threads(threads_for(sum(x.size for x in xs), p.threads)):
+            tz = self.net.standardised(_tensors(xs))
+            vz = self.net.standardised(_tensors(val_xs))
+            lr = p.lr or (1.0 if optimizer == "lbfgs"
+                          else 1 / top_variance(tz) if optimizer == "sgd"
+                          else 1e-2 if self.net.fuser.linear else 3e-3)
         self.net.given_standardised = True
         try:
             self.info = train(self.net, loss, tz, _tensors(ys), vz, _tensors(val_ys), p,
