@@ -10,6 +10,9 @@ clear message)::
     RUN/embed/captions/part-00000.parquet block 0: one row per caption of those images
     RUN/index/manifest.json               one entry per column: file, bytes, digest, shards covered
     RUN/index/<column>.<token>.faiss      one FAISS index per embedding column
+    RUN/index/<column>.<token>.ivfdata    its inverted lists, when too large for memory
+    RUN/index/<column>.<token>.truth.npz  recall queries and their exact neighbours
+    RUN/index/filters/                    cached split / label bitmaps (a cache)
     RUN/heads/models/NAME.json            a head's description (weights' name, size, digest)
     RUN/heads/models/NAME.<token>.safetensors
     RUN/heads/comparison.{csv,json,png}, confusion.png, splits.json, predictions/NAME.parquet
@@ -59,6 +62,7 @@ from .files import (
     disk_errors,
     read_json,
 )
+from .filters import FilterCache
 from .index import IndexEntry, IndexFiles, ShardSpan
 from .lock import StageLock
 from .outputs import EvalFiles, HeadsFiles, ServeFiles, load_head_files, save_head_files
@@ -77,6 +81,7 @@ class Run:
         self.heads = HeadsFiles(self.path)
         self.eval = EvalFiles(self.path)
         self.serve = ServeFiles(self.path)
+        self.filters = FilterCache(self.embed, self.index.dir / "filters")
 
     def lock(self, stage: str) -> StageLock:
         """The exclusive lock of one stage; stale temporary files are removed once held."""
@@ -113,12 +118,40 @@ def read_table(run: str | os.PathLike, kind: str, columns: list[str] | None = No
     return Run(run).embed.read_table(kind, columns)
 
 
-__all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "SCHEMA_VERSION", "Column", "DiskFull",
-           "EmbedFiles", "EmbedManifest", "EvalFiles", "HeadsFiles", "IndexEntry", "IndexFiles",
-           "Provenance", "Run", "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord",
-           "ShardSpan",
-           "StageLock", "atomic_write_bytes", "atomic_write_json", "check_name",
-           "check_same_model", "column_name", "confined", "digest_file", "disk_errors",
-           "load_head_files", "read_json", "read_table", "read_vectors",
-           "save_head_files",
-           "shard_bytes"]
+__all__ = [
+    "FIELDS",
+    "KINDS",
+    "MODALITY_KIND",
+    "SCHEMA_VERSION",
+    "Column",
+    "DiskFull",
+    "EmbedFiles",
+    "EmbedManifest",
+    "EvalFiles",
+    "FilterCache",
+    "HeadsFiles",
+    "IndexEntry",
+    "IndexFiles",
+    "Provenance",
+    "Run",
+    "RunIdentity",
+    "ServeFiles",
+    "ShardInfo",
+    "ShardRecord",
+    "ShardSpan",
+    "StageLock",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "check_name",
+    "check_same_model",
+    "column_name",
+    "confined",
+    "digest_file",
+    "disk_errors",
+    "load_head_files",
+    "read_json",
+    "read_table",
+    "read_vectors",
+    "save_head_files",
+    "shard_bytes",
+]

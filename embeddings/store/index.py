@@ -1,28 +1,41 @@
-"""The index stage's files: one FAISS file per embedding column and their manifest.
+"""The index stage's files: per embedding column an index file, optionally its on-disk
+inverted lists and its recall state, and the manifest naming them.
 
-Index files get a fresh name on every write (``<column>.<token>.faiss``); the manifest,
-replaced atomically, names the current one with its size and digest, and the old file
-is removed only after that, so a crash never leaves a manifest naming a missing index.
-This module does no FAISS itself: the caller hands it a function that writes a path.
+Files get a fresh name on every write (``<column>.<token>.faiss``, ``.ivfdata`` for the
+lists of an index too large for memory, ``.truth.npz`` for the exact neighbours of the
+recall queries, so an add re-measures from the new shards alone); the manifest, replaced
+atomically, names the current ones with their sizes and digests, and the old files are
+removed only after that, so a crash never leaves a manifest naming a missing file.  This
+module does no FAISS itself: the caller hands it a function that writes paths.
+
+A lists file can be tens of GB: opening an index for search checks its size, and its
+digest only up to ``DIGEST_MAX`` bytes (``verify`` and the index stage check it whole).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import secrets
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import FormatError
 from .files import (
-    atomic_path,
+    _umask_mode,
     atomic_write_json,
     check_file,
     check_name,
     confined,
+    disk_errors,
     file_record,
     read_json,
 )
@@ -30,6 +43,8 @@ from .provenance import Provenance
 
 SCHEMA_VERSION = 2
 REMEDY = "rebuild it with `python -m pipeline index --rebuild`"
+SUFFIXES = {"index": ".faiss", "lists": ".ivfdata", "truth": ".truth.npz"}
+DIGEST_MAX = 2**30  # lists files above this are size-checked at open, digested by verify
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,8 @@ class IndexEntry:
     recall_at_10: float
     auto: bool
     stats: dict[str, Any] = field(default_factory=dict)  # build/add times, budget, versions
+    lists: dict[str, Any] | None = None  # on-disk inverted lists: file, bytes, digest
+    truth: dict[str, Any] | None = None  # recall queries and their exact neighbours
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -101,37 +118,120 @@ class IndexFiles:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "indexes": {c: e.to_dict() for c, e in sorted(entries.items())}})
 
+    @contextlib.contextmanager
+    def writing(self, column: str) -> Iterator[NewFiles]:
+        """New files of one column's index: temporary paths to fill, renamed into place
+        when the block succeeds (then ``.records`` holds their names, sizes, digests)."""
+        new = NewFiles(self.dir, f"{check_name(column, 'column')}.{secrets.token_hex(4)}")
+        try:
+            with disk_errors(self.dir):
+                try:
+                    yield new
+                except RuntimeError as e:  # FAISS reports a failed write as a RuntimeError
+                    if "No space left" in str(e) or "errno 28" in str(e).lower():
+                        raise OSError(errno.ENOSPC, "No space left on device") from None
+                    raise
+            new.commit()
+        finally:
+            new.discard()
+
     def save(self, column: str, write: Callable[[Path], None]) -> dict[str, Any]:
         """Write a new index file for ``column`` with ``write(tmp_path)``; its record."""
-        name = f"{check_name(column, 'column')}.{secrets.token_hex(4)}.faiss"
-        path = self.dir / name
-        with atomic_path(path) as tmp:
-            try:
-                write(tmp)
-            except RuntimeError as e:  # FAISS reports a failed write as a RuntimeError
-                if "No space left" in str(e) or "errno 28" in str(e).lower():
-                    raise OSError(errno.ENOSPC, "No space left on device") from None
-                raise
-        return file_record(path, name)
+        with self.writing(column) as new:
+            write(new.tmp("index"))
+        return new.records["index"]
 
     def path(self, entry: IndexEntry) -> Path:
         return confined(self.dir, entry.file, "index file")
 
-    def check(self, entry: IndexEntry, full: bool = True) -> Path:
-        """The index file, after checking its size (and digest unless ``full`` is off)."""
+    def lists_path(self, entry: IndexEntry) -> Path | None:
+        return confined(self.dir, entry.lists["file"], "lists file") if entry.lists else None
+
+    def check(self, entry: IndexEntry, full: bool = True, deep: bool = False) -> Path:
+        """The index file, after checking its size (and digest unless ``full`` is off)
+        and those of its lists file (its digest only up to ``DIGEST_MAX`` unless ``deep``)."""
         path = self.path(entry)
         check_file(path, {"bytes": entry.bytes, "digest": entry.digest}, "index file", REMEDY,
                    full=full)
+        if entry.lists:
+            check_file(self.lists_path(entry), entry.lists, "index lists file", REMEDY,
+                       full=full and (deep or entry.lists["bytes"] <= DIGEST_MAX))
         return path
 
-    def remove(self, file: str) -> None:
-        confined(self.dir, file, "index file").unlink(missing_ok=True)
+    def read_truth(self, entry: IndexEntry) -> dict[str, Any] | None:
+        """The saved recall state of ``entry`` (arrays by name), None if absent or bad."""
+        if not entry.truth:
+            return None
+        path = confined(self.dir, entry.truth["file"], "recall state file")
+        try:
+            check_file(path, entry.truth, "recall state file", REMEDY)
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (FormatError, OSError, ValueError):
+            return None
+
+    def remove(self, entry: IndexEntry | str) -> None:
+        """Delete the files of a replaced entry (or one index file by name)."""
+        names = [entry] if isinstance(entry, str) else [
+            entry.file, *(r["file"] for r in (entry.lists, entry.truth) if r)]
+        for name in names:
+            confined(self.dir, name, "index file").unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A scratch folder for a build's part files, removed afterwards (and any a killed
+        build left: the caller holds the index lock)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in self.dir.glob(".build-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(dir=self.dir, prefix=".build-"))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def verify(self) -> list[str]:
         problems = []
         for entry in self.entries().values():
             try:
-                self.check(entry)
+                self.check(entry, deep=True)
             except FormatError as e:
                 problems.append(str(e))
         return problems
+
+
+class NewFiles:
+    """Temporary files of one index write, by role (index | lists | truth)."""
+
+    def __init__(self, folder: Path, stem: str) -> None:
+        self.folder, self.stem = folder, stem
+        self.tmps: dict[str, Path] = {}
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def name(self, role: str) -> str:
+        return self.stem + SUFFIXES[role]
+
+    def tmp(self, role: str) -> Path:
+        if role not in self.tmps:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.folder, prefix=f".{self.name(role)}.",
+                                        suffix=".tmp")
+            os.close(fd)
+            self.tmps[role] = Path(name)
+        return self.tmps[role]
+
+    def commit(self) -> None:
+        """fsync and rename every file written (the index last), record each."""
+        with disk_errors(self.folder):
+            for role in sorted(self.tmps, key=lambda r: r == "index"):
+                tmp, final = self.tmps[role], self.folder / self.name(role)
+                os.chmod(tmp, _umask_mode())
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+                self.records[role] = file_record(final, final.name)
+        self.tmps = {}
+
+    def discard(self) -> None:
+        for tmp in self.tmps.values():
+            tmp.unlink(missing_ok=True)
