@@ -214,7 +214,9 @@ def _save(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], plan: i
     if index is None:  # on-disk lists: measure the files as search will open them
         index = ix.load_index(run.index.dir / recs["index"]["file"],
                               lists=run.index.dir / recs["lists"]["file"])
-    params, recall, queries = ix.evaluate(index, built.truth, cfg.target_recall)
+    # Tuning maps on-disk lists: at most a quarter of the budget of them at once.
+    params, recall, queries = ix.evaluate(index, built.truth, cfg.target_recall,
+                                          max_mapped=_budget(cfg) // 4)
     ix.release_pages(index)
     _warn_recall(cfg, col.name, recall)
     return IndexEntry(

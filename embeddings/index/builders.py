@@ -24,8 +24,18 @@ from typing import Protocol
 import faiss
 import numpy as np
 
-from .choice import GROWTH, BuildPlan
-from .core import add_vectors, as_f32, deserialize, empty_like, ivf_of, serialize, train_index
+from .choice import GROWTH, BuildPlan, reserve
+from .core import (
+    add_vectors,
+    as_f32,
+    deserialize,
+    empty_like,
+    ivf_of,
+    limit_scratch,
+    serialize,
+    train_index,
+    trim_memory,
+)
 from .memory import train_rows
 from .ondisk import InMemory, Lists, assemble, merge, ondisk_lists, write_part
 from .recall import Truth
@@ -105,6 +115,7 @@ def sample_pass(job: BuildJob) -> tuple[np.ndarray, Truth]:
 
 
 def trained_for(job: BuildJob, sample: np.ndarray | None) -> faiss.Index:
+    limit_scratch(reserve(job.plan.budget) // 2)
     if job.trained is not None:
         return deserialize(job.trained)
     return train_index(job.plan.factory, sample, job.seed, job.gpu)
@@ -142,6 +153,7 @@ def build_out_of_core(job: BuildJob) -> Built:
     t1 = time.perf_counter()
     trained = trained_for(job, sample)
     del sample
+    trim_memory()
     t2 = time.perf_counter()
     built = add_shards(job, trained, truth, None)
     built.seconds.update(sample=t1 - t0, train=t2 - t1)
@@ -178,6 +190,7 @@ def add_shards(job: BuildJob, trained: faiss.Index, truth: Truth,
     if ivf and job.plan.on_disk:
         if index.ntotal:
             parts.append(spill(index, job.scratch))
+        trim_memory()
         return Built(trained, truth, parts=parts, seconds=seconds)
     return Built(trained, truth, index=index, seconds=seconds)
 

@@ -108,6 +108,13 @@ def set_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+def limit_scratch(nbytes: int) -> None:
+    """Cap FAISS's brute-force distance blocks (queries x database x 4 bytes; 16 MiB by
+    default, k-means and IVF assignment use them) at about ``nbytes``."""
+    db = int(faiss.cvar.distance_compute_blas_database_bs)
+    faiss.cvar.distance_compute_blas_query_bs = int(min(4096, max(256, nbytes // (4 * db))))
+
+
 def serialize(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
@@ -275,6 +282,15 @@ def release_pages(index: faiss.Index) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise(start, int(invlists.totsize) + addr - start, MADV_DONTNEED)
+
+
+def trim_memory() -> None:
+    """Hand freed heap memory back to the system between build phases (glibc keeps it
+    otherwise, and the next phase's peak would stack on the last one's)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def index_bytes(index: faiss.Index) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import InputError
 from .builders import BuildJob, Built, add_shards, sample_pass, trained_for
-from .core import deserialize, serialize, set_threads
+from .core import deserialize, serialize, set_threads, trim_memory
 from .ondisk import assemble
 from .query import merge_topk
 from .recall import Truth
@@ -34,6 +34,7 @@ def build(job: BuildJob) -> Built:
     t1 = time.perf_counter()
     trained = trained_for(job, sample)
     del sample
+    trim_memory()
     t2 = time.perf_counter()
     started = connect(job.ray_address)
     try:

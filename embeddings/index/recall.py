@@ -109,27 +109,49 @@ def truth_in_memory(vectors: np.ndarray, n_queries: int, k: int, seed: int = 0) 
     return t
 
 
-def bounded_search(index: faiss.Index, queries: np.ndarray, k: int) -> np.ndarray:
-    """Ids of a search that keeps at most ``RELEASE_BATCH`` queries' pages of on-disk
-    lists mapped at once (so tuning does not grow the process by the whole file)."""
+def bounded_search(index: faiss.Index, queries: np.ndarray, k: int,
+                   max_mapped: int | None = None) -> np.ndarray:
+    """Ids of a search of on-disk lists that maps at most about ``max_mapped`` bytes of
+    them at once: queries go in batches, and the pages are released between batches (so
+    tuning does not grow the process by the whole lists file)."""
+    batch = len(queries) if max_mapped is None else max(
+        1, int(max_mapped // max(1, _probed_bytes(index))))
     out = np.empty((len(queries), k), np.int64)
-    for s in range(0, len(queries), RELEASE_BATCH):
-        out[s:s + RELEASE_BATCH] = search(index, queries[s:s + RELEASE_BATCH], k)[1]
+    for s in range(0, len(queries), batch):
+        out[s:s + batch] = search(index, queries[s:s + batch], k)[1]
         release_pages(index)
     return out
 
 
-def tune_to(index: faiss.Index, truth: Truth, target: float) -> dict[str, int]:
+def _probed_bytes(index: faiss.Index) -> int:
+    """Bytes of on-disk lists one query maps at the current ``nprobe`` (0 in memory)."""
+    ivf = ivf_of(index)
+    if ivf is None:
+        return 0
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        return 0
+    return int(lists.totsize / max(1, ivf.nlist) * ivf.nprobe)
+
+
+def tune_to(index: faiss.Index, truth: Truth, target: float,
+            max_mapped: int | None = None) -> dict[str, int]:
     """Smallest ``nprobe``/``efSearch`` reaching ``target`` recall on ``truth`` (falls back
-    to the largest value tried); left set on ``index`` and returned."""
+    to the largest value tried); left set on ``index`` and returned.  On-disk lists: only
+    values whose one query maps under ``max_mapped`` bytes are tried."""
     name, values = _values(index)
     if not name:
         return {}
+    chosen = values[0]
     for v in values:
         set_search_params(index, {name: v})
-        if truth.recall(bounded_search(index, truth.queries, truth.k)) >= target:
+        if v > values[0] and max_mapped is not None and _probed_bytes(index) > max_mapped:
+            set_search_params(index, {name: chosen})
             break
-    return {name: v}
+        chosen = v
+        if truth.recall(bounded_search(index, truth.queries, truth.k, max_mapped)) >= target:
+            break
+    return {name: chosen}
 
 
 def _values(index: faiss.Index) -> tuple[str, list[int]]:
@@ -144,13 +166,13 @@ def _values(index: faiss.Index) -> tuple[str, list[int]]:
     return name, [16, 32, 64, 128, 256, 512]
 
 
-def evaluate(index: faiss.Index, truth: Truth, target: float = 0.95,
-             tune_params: bool = True) -> tuple[dict[str, int], float, int]:
+def evaluate(index: faiss.Index, truth: Truth, target: float = 0.95, tune_params: bool = True,
+             max_mapped: int | None = None) -> tuple[dict[str, int], float, int]:
     """(search params, recall@k on the measuring half, its number of queries)."""
     if tune_params:
-        tune_to(index, truth.half(0), target)
+        tune_to(index, truth.half(0), target, max_mapped)
     held = truth.half(1)
-    recall = held.recall(bounded_search(index, held.queries, truth.k))
+    recall = held.recall(bounded_search(index, held.queries, truth.k, max_mapped))
     return search_params(index), recall, len(held.rows)
 
 

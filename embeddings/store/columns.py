@@ -122,7 +122,10 @@ class ColumnReader:
             path = self.files.shard_path(self.records[s])
             pos = int(self.offsets.starts[s])
             try:
-                for batch in pf.iter_batches(batch_size=chunk_rows, columns=[column]):
+                # One decoding thread: a column is one stream, and each thread of the pool
+                # would keep its own allocator cache (tens of MB at small budgets).
+                for batch in pf.iter_batches(batch_size=chunk_rows, columns=[column],
+                                             use_threads=False):
                     v = _vectors(batch.column(0), dim, path)
                     yield Chunk(pos, v, s)
                     pos += len(v)

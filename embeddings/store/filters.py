@@ -6,7 +6,8 @@ packed bitmap (one bit per row, little-endian: what FAISS's ``IDSelectorBitmap``
 in ``RUN/index/filters/``, named by a hash of the filter and of the shards it was computed
 from (their digests), so a bitmap of other shards is never used.  Each file starts with
 the ``xxh3_128`` digest of the bits; a bad file is recomputed.  The folder is a cache:
-deleting it costs one recomputation per filter.
+deleting it costs one recomputation per filter.  Nothing is cached in a run without an
+index folder (a search needs an index: no stage folder appears because of a filter).
 """
 
 from __future__ import annotations
@@ -45,10 +46,7 @@ class FilterCache:
             return got
         mask = self.embed.reader(kind).mask(split, label)
         bits = np.packbits(mask, bitorder="little").tobytes()
-        try:
-            atomic_write_bytes(path, xxhash.xxh3_128(bits).digest() + bits)
-        except OSError:  # a read-only run still answers, uncached
-            pass
+        self._keep(path, xxhash.xxh3_128(bits).digest() + bits)
         return mask
 
     def values(self, kind: str = "images") -> dict[str, Any]:
@@ -62,11 +60,16 @@ class FilterCache:
         reader = self.embed.reader(kind)
         out = {"rows": reader.offsets.total, "splits": reader.distinct("split"),
                "labels": reader.distinct("label")}
-        try:
-            atomic_write_bytes(path, json.dumps(out).encode())
-        except OSError:
-            pass
+        self._keep(path, json.dumps(out).encode())
         return out
+
+    def _keep(self, path: Path, data: bytes) -> None:
+        if not self.folder.parent.is_dir():
+            return
+        try:
+            atomic_write_bytes(path, data)
+        except OSError:  # a read-only run still answers, uncached
+            pass
 
     def clear(self) -> None:
         if self.folder.is_dir():
