@@ -39,7 +39,8 @@ def synthetic_run(path: Path, n: int, d: int, shard_rows: Sequence[int] | int,
         shards.append(VectorShard(
             ids=[f"r{first_id + r}" for r in rows], vectors={COLUMN: x[start:start + size]},
             split=["train" if (first_id + r) % 2 == 0 else "test" for r in rows],
-            label=labels[start:start + size], labels=[[lb, "all"] for lb in labels[start:start + size]]))
+            label=labels[start:start + size],
+            labels=[[lb, "all"] for lb in labels[start:start + size]]))
         start += size
     run = write_vectors_run(path, {COLUMN: d}, shards, append=append)
     return run, x.astype(np.float16).astype(np.float32), labels

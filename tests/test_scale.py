@@ -142,7 +142,7 @@ def test_stage_filters_a_rare_label_on_an_ivf_index(tmp_path: Path) -> None:
 
 def test_hits_map_to_their_rows_across_shard_boundaries(tmp_path: Path) -> None:
     sizes = [7, 1, 13, 5, 40, 2, 32]
-    run, x, labels = synthetic_run(tmp_path / "run", sum(sizes), 16, sizes)
+    _, x, labels = synthetic_run(tmp_path / "run", sum(sizes), 16, sizes)
     _index(tmp_path / "run")
     s = Searcher(tmp_path / "run", COLUMN, device="cpu")
     bounds = np.cumsum([0, *sizes])
