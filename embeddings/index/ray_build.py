@@ -16,8 +16,8 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import InputError
-from .builders import BuildJob, Built, add_shards, sample_pass, trained_for
 from .core import deserialize, serialize, set_threads, trim_memory
+from .jobs import BuildJob, Built, add_shards, sample_pass, trained_for
 from .ondisk import assemble
 from .query import merge_topk
 from .recall import Truth
