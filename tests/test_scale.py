@@ -228,3 +228,36 @@ print(json.dumps({{"grew": status('VmHWM:') - before}}))
     assert grew <= 16 * MiB, f"the build grew by {grew / MiB:.1f} MiB"
     index, _ = open_index(run_dir, COLUMN)
     assert index.ntotal == 300_000 and entry.recall_at_10 >= 0.8
+
+
+# --------------------------------------------------------------------------- heads input
+
+def test_features_stream_in_float16_and_match_whole_column_means(demo_run: Path) -> None:
+    from embeddings.features import caption_means
+    from embeddings.store import read_table, read_vectors
+    from pipeline.features import load_features
+
+    feats = load_features(demo_run, ["clip_image", "minilm_text"])
+    assert feats.arrays["clip_image"].dtype == np.float16  # the stored dtype, no float32
+    np.testing.assert_array_equal(feats.arrays["clip_image"],
+                                  read_vectors(demo_run, "clip_image").astype(np.float16))
+    owners = read_table(demo_run, "captions", ["image_id"]).column(0).to_pylist()
+    want, has = caption_means(feats.ids, owners, read_vectors(demo_run, "minilm_text"))
+    np.testing.assert_allclose(feats.arrays["minilm_text"], want, atol=2e-3)
+    np.testing.assert_array_equal(feats.present["minilm_text"], has)
+
+
+def test_heads_too_large_for_memory_is_one_error(demo_run: Path, tmp_path: Path, monkeypatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import pipeline.features
+    from pipeline.cli import main
+
+    shutil.copytree(demo_run, tmp_path / "run")
+    monkeypatch.setattr(pipeline.features, "_available", lambda: 100_000)
+    assert main(["heads", "--run", str(tmp_path / "run"), "--heads", "logistic",
+                 "--inputs", "clip_image,minilm_text"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the heads need about") and "memory available" in err
+    assert len(err.strip().splitlines()) == 1

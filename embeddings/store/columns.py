@@ -135,19 +135,22 @@ class ColumnReader:
                 raise FormatError(f"shard {path} holds {pos - self.offsets.starts[s]} rows, "
                                   f"the manifest {self.records[s].rows}: {REMEDY}")
 
+    def read_shard(self, shard: int, columns: Sequence[str]) -> pa.Table:
+        """``columns`` of one whole shard (page checksums verified)."""
+        pf = self._open(shard, digest=False)
+        try:
+            return pf.read(columns=list(columns))
+        except (OSError, pa.ArrowException) as e:
+            path = self.files.shard_path(self.records[shard])
+            raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
+
     def read_rows(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str]) -> pa.Table:
         """``columns`` of the given global rows, in the order asked, from only the shards
         that hold them."""
         rows = np.asarray(rows, dtype=np.int64)
         parts, where = [], []
         for s, pos, local in self.offsets.groups(rows):
-            pf = self._open(s, digest=False)
-            try:
-                table = pf.read(columns=list(columns))
-            except (OSError, pa.ArrowException) as e:
-                path = self.files.shard_path(self.records[s])
-                raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
-            parts.append(table.take(pa.array(local)))
+            parts.append(self.read_shard(s, columns).take(pa.array(local)))
             where.append(pos)
         if not parts:
             return pa.Table.from_batches([], schema=self._schema(columns))
@@ -170,7 +173,7 @@ class ColumnReader:
         want = pa.array(list(dict.fromkeys(ids)), pa.string())
         found: dict[str, int] = {}
         for s in range(len(self.records)) if shards is None else shards:
-            col = self._open(s, digest=False).read(columns=["id"]).column(0)
+            col = self.read_shard(s, ["id"]).column(0)
             hit = pc.is_in(col, value_set=want)
             for i in np.flatnonzero(hit.to_numpy(zero_copy_only=False)):
                 found.setdefault(col[int(i)].as_py(), int(self.offsets.starts[s] + i))
@@ -187,7 +190,7 @@ class ColumnReader:
         if not names:
             return out
         for s in range(len(self.records)):
-            t = self._open(s, digest=False).read(columns=names)
+            t = self.read_shard(s, names)
             lo, hi = self.offsets.starts[s], self.offsets.starts[s + 1]
             keep = np.ones(hi - lo, dtype=bool)
             if split is not None:
@@ -206,7 +209,7 @@ class ColumnReader:
         """Sorted distinct non-empty values of a string column over every shard."""
         seen: set[str] = set()
         for s in range(len(self.records)):
-            col = self._open(s, digest=False).read(columns=[column]).column(0)
+            col = self.read_shard(s, [column]).column(0)
             seen.update(v for v in pc.unique(col).to_pylist() if v)
         return sorted(seen)
 
