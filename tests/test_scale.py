@@ -157,7 +157,7 @@ def test_hits_map_to_their_rows_across_shard_boundaries(tmp_path: Path) -> None:
 def test_an_add_reads_only_the_new_shards(tmp_path: Path, monkeypatch) -> None:
     run_dir = tmp_path / "run"
     synthetic_run(run_dir, 100_000, 32, 20_000)
-    first = _index(run_dir, memory_budget_gb=6 / 1024, flat_max=1_000)
+    first = _index(run_dir, memory_budget_gb=12 / 1024, flat_max=1_000)
     entry = first["entry"]
     assert entry.factory == "IVF256,SQ8" and entry.lists and entry.stats["on_disk"]
     assert entry.recall_at_10 >= 0.85
@@ -171,7 +171,7 @@ def test_an_add_reads_only_the_new_shards(tmp_path: Path, monkeypatch) -> None:
         return check(self, record, full)
 
     monkeypatch.setattr(EmbedFiles, "check_shard", spy)
-    added = _index(run_dir, memory_budget_gb=6 / 1024, flat_max=1_000)
+    added = _index(run_dir, memory_budget_gb=12 / 1024, flat_max=1_000)
     assert added["result"].action == "added" and added["entry"].ntotal == 110_000
     assert sorted(set(opened)) == ["images/part-00005.parquet", "images/part-00006.parquet"]
     assert added["entry"].recall_at_10 >= 0.85

@@ -33,6 +33,7 @@ RESERVE = 64 * 2**20  # small allocations of a build (ids, heaps, quantizer scra
 # at most an eighth of the budget
 CHUNK_MAX = 65_536  # rows read and added at a time
 SAMPLE_COPIES = 3  # the sample, its residuals for the codec, k-means scratch
+READER_GROUPS = 4  # row groups of a column a Parquet reader holds while streaming
 MEMORY_BUILD_SHARE = 0.5  # whole column in RAM only while it takes under half the budget
 
 
@@ -74,13 +75,19 @@ def chunk_rows(d: int, budget: int) -> int:
     return int(min(CHUNK_MAX, max(1024, budget // 8 // (d * 8))))
 
 
+def chunk_bytes(d: int, budget: int) -> int:
+    """A chunk and the Parquet reader under it (about 4 row groups of the column, 16,384
+    rows each as the store writes them; older shards with larger groups take more)."""
+    return chunk_rows(d, budget) * d * 8 + READER_GROUPS * 16_384 * d * 2
+
+
 def reserve(budget: int) -> int:
     return min(RESERVE, budget // 8)
 
 
 def usable(budget: int, d: int) -> int:
     """What a build may hold besides its reserve and the chunk being added."""
-    return budget - reserve(budget) - chunk_rows(d, budget) * d * 8
+    return budget - reserve(budget) - chunk_bytes(d, budget)
 
 
 def choose_index(n: int, d: int, memory_budget: int, flat_max: int = FLAT_MAX,
@@ -147,7 +154,7 @@ def plan_build(factory: str, n: int, d: int, budget: int, index_bytes: int, nlis
     the smallest sound plan is one error naming it.
     """
     rows = chunk_rows(d, budget)
-    chunk = rows * d * 8
+    chunk = chunk_bytes(d, budget)
     avail = budget - reserve(budget) - chunk
     pq = "PQ" in factory
     want = train_size(n, nlist, pq) if nlist or pq else 0

