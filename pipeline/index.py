@@ -83,7 +83,17 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
                 run.index.remove(old)
         if any(r.action != "unchanged" for r in results):
             run.filters.clear()
+            _warm_filters(run, {cols[c].kind for c in columns})
     return results
+
+
+def _warm_filters(run: Run, kinds: set[str]) -> None:
+    """Cache what serve and search filter by: the distinct splits and labels, and a bitmap
+    per split (label bitmaps are made on first use: there can be thousands)."""
+    values = run.filters.values("images")
+    for kind in sorted(kinds):
+        for split in values["splits"]:
+            run.filters.mask(kind, split, None)
 
 
 def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan],
@@ -226,7 +236,8 @@ def _save(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], plan: i
         provenance=col.provenance, recall_at_10=round(float(recall), 4), auto=auto,
         stats={"metric": "inner_product", "memory_budget_bytes": _budget(cfg),
                "builder": plan.builder, "on_disk": plan.on_disk,
-               "train_size": plan.train_size, "recall_queries": queries,
+               "train_size": plan.train_size, "rows_read": built.rows_read,
+               "recall_queries": queries,
                "target_recall": cfg.target_recall, "seconds": {
                    k: round(v, 3) for k, v in built.seconds.items()},
                "peak_rss_bytes": _peak_rss(), "device": "gpu" if gpu else "cpu",

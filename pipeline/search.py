@@ -109,6 +109,7 @@ class Searcher:
                               f"the index {self.index.ntotal}: rerun the index stage")
         self._encoder: Encoder | None = None
         self._filters: OrderedDict[tuple[str | None, str | None], Any] = OrderedDict()
+        self._images: Any = None  # the image rows' reader (caption hits' image paths)
         self._lock = threading.Lock()
 
     @property
@@ -198,7 +199,9 @@ class Searcher:
     def image_paths(self, caption_rows: np.ndarray, image_ids: list[str]) -> dict[str, str]:
         """Image path of each caption's image, looked up in the image shard of the same
         embed block (captions and their images are written together), else everywhere."""
-        images = self.files.embed.reader("images")
+        if self._images is None:
+            self._images = self.files.embed.reader("images")
+        images = self._images
         block_of = {r.block: i for i, r in enumerate(images.records)}
         shards = {block_of.get(self.reader.records[s].block)
                   for s in self.reader.offsets.shard_of(caption_rows)}

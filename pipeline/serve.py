@@ -98,6 +98,7 @@ class Service:
         self._picked: dict[tuple[str, str, str | None], str] = {}
         self._known: dict[str, OrderedDict[str, int]] = {k: OrderedDict() for k in KINDS}
         self._images: OrderedDict[str, str] = OrderedDict()  # image id -> path (from hits)
+        self._readers: dict[str, Any] = {}
         self._filters: dict[str, Any] | None = None
         self.problems: dict[str, str] = {}
         for column in self.files.index.entries():  # open every index once, memory-mapped
@@ -186,7 +187,9 @@ class Service:
         if row is None:
             what = "image" if kind == "images" else "caption"
             raise MissingError(f"no {what} row with id {row_id[:200]!r} in this run")
-        vector = self.files.embed.read_row(query_column, row)
+        info = self.columns[query_column]
+        vector = self._reader(kind).read_vectors(query_column, info.dim, [row])[0]
+        vector = vector.astype("float32")
         return self._remember(self.searcher(col).search_vector(
             vector[None], f"like:{row_id}", k, split, label))
 
@@ -273,6 +276,13 @@ class Service:
                 raise InputError(f"{name} too long (limit {self.cfg.max_filter_chars})")
         return k, split or None, label or None
 
+    def _reader(self, kind: str) -> Any:
+        """Point reads of one kind's shards, made once (row offsets, recent row groups)."""
+        with self._lock:
+            if kind not in self._readers:
+                self._readers[kind] = self.files.embed.reader(kind)
+            return self._readers[kind]
+
     def _remember(self, result: SearchResult) -> SearchResult:
         """Keep the rows of the hits handed out: their ids come back for thumbnails and
         more-like-this (bounded: the oldest are forgotten, then found by a scan)."""
@@ -288,7 +298,7 @@ class Service:
         with self._lock:
             row = self._known[kind].get(row_id)
         if row is None:
-            row = self.files.embed.reader(kind).find_ids([row_id]).get(row_id)
+            row = self._reader(kind).find_ids([row_id]).get(row_id)
             if row is not None:
                 with self._lock:
                     _put(self._known[kind], row_id, row)
@@ -301,8 +311,7 @@ class Service:
             row = self._row_of("images", image_id)
             if row is None:
                 return None
-            reader = self.files.embed.reader("images")
-            rel = reader.read_rows([row], ["image"]).column(0)[0].as_py()
+            rel = self._reader("images").read_rows([row], ["image"]).column(0)[0].as_py()
             with self._lock:
                 _put(self._images, image_id, rel)
         return rel

@@ -69,7 +69,7 @@ def build_in_memory(job: BuildJob) -> Built:
     truth.update(0, x)
     if job.progress:
         job.progress(job.n)
-    return Built(trained, truth, index=index,
+    return Built(trained, truth, index=index, rows_read=job.n,
                  seconds={"read": t1 - t0, "train": t2 - t1, "add": time.perf_counter() - t2})
 
 
@@ -111,12 +111,14 @@ def add_to(job: BuildJob, index: faiss.Index, truth: Truth, shards: Sequence[int
         old: Lists = ondisk_lists(index, lists)
         new = add_shards(job, trained, truth, shards)
         new_parts = new.parts if new.index is None else [InMemory(new.index)]
-        return Built(trained, truth, parts=[old, *new_parts], seconds=new.seconds)
+        return Built(trained, truth, parts=[old, *new_parts], seconds=new.seconds,
+                     rows_read=new.rows_read)
     if not job.plan.on_disk:  # still fits: add in place
         return add_shards(job, trained, truth, shards, into=index)
     old_part = spill(index, job.scratch)  # now too big for memory: lists go to disk
     new = add_shards(job, trained, truth, shards)
-    return Built(trained, truth, parts=[old_part, *new.parts], seconds=new.seconds)
+    return Built(trained, truth, parts=[old_part, *new.parts], seconds=new.seconds,
+                 rows_read=new.rows_read)
 
 
 # -------------------------------------------------------------------------- writing

@@ -69,6 +69,7 @@ class Built:
     index: faiss.Index | None = None
     parts: list[Lists] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    rows_read: int = 0  # rows streamed to add (an incremental add: the new rows only)
 
     @property
     def ntotal(self) -> int:
@@ -121,8 +122,8 @@ def add_shards(job: BuildJob, trained: faiss.Index, truth: Truth,
         if index.ntotal:
             parts.append(spill(index, job.scratch))
         trim_memory()
-        return Built(trained, truth, parts=parts, seconds=seconds)
-    return Built(trained, truth, index=index, seconds=seconds)
+        return Built(trained, truth, parts=parts, seconds=seconds, rows_read=done)
+    return Built(trained, truth, index=index, seconds=seconds, rows_read=done)
 
 
 def _held(index: faiss.Index) -> int:

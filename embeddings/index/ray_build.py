@@ -46,9 +46,11 @@ def build(job: BuildJob) -> Built:
     truth.scores, truth.ids = merge_topk([truth.scores, *[r["scores"] for r in results]],
                                          [truth.ids, *[r["ids"] for r in results]], truth.depth)
     seconds = {"sample": t1 - t0, "train": t2 - t1, "add": time.perf_counter() - t2}
+    rows = sum(r["rows"] for r in results)
     if job.plan.on_disk:
-        return Built(trained, truth, parts=parts, seconds=seconds)
-    return Built(trained, truth, index=assemble(trained, parts), parts=parts, seconds=seconds)
+        return Built(trained, truth, parts=parts, seconds=seconds, rows_read=rows)
+    return Built(trained, truth, index=assemble(trained, parts), parts=parts, seconds=seconds,
+                 rows_read=rows)
 
 
 def ranges(shard_rows: list[int], count: int) -> list[list[int]]:

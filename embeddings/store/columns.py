@@ -15,6 +15,8 @@ needs to).
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ class Shards(Protocol):
     def check_shard(self, record: Any, full: bool = True) -> Path: ...
 
 CHUNK_ROWS = 65_536  # rows per streamed chunk: 64 MiB at 512-d float16
+GROUP_CACHE_BYTES = 64 * 2**20  # decoded row groups a reader keeps for point reads
 REMEDY = "run `python -m pipeline verify RUN`, then rerun `python -m pipeline embed` to redo it"
 
 
@@ -101,6 +104,14 @@ class ColumnReader:
         self.schema = schema  # the kind's metadata fields
         self.verify = verify
         self.offsets = RowOffsets(records)
+        self._groups: OrderedDict[tuple[Any, ...], pa.Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # Ray tasks get the reader, not its cache
+        return {k: v for k, v in self.__dict__.items() if k not in ("_groups", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _groups=OrderedDict(), _lock=threading.Lock())
 
     @property
     def records(self) -> tuple[Any, ...]:
@@ -148,19 +159,65 @@ class ColumnReader:
             raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
 
     def read_rows(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str]) -> pa.Table:
-        """``columns`` of the given global rows, in the order asked, from only the shards
-        that hold them."""
+        """``columns`` of the given global rows, in the order asked, reading only the row
+        groups that hold them (a few recent groups are kept: ``GROUP_CACHE_BYTES``)."""
         rows = np.asarray(rows, dtype=np.int64)
         parts, where = [], []
         for s, pos, local in self.offsets.groups(rows):
-            parts.append(self.read_shard(s, columns).take(pa.array(local)))
-            where.append(pos)
+            pf: pq.ParquetFile | None = None
+            starts = self._group_starts(s)
+            group = np.searchsorted(starts, local, side="right") - 1
+            for g in np.unique(group):
+                key = (s, int(g), tuple(columns))
+                with self._lock:
+                    table = self._groups.get(key)
+                    if table is not None:
+                        self._groups.move_to_end(key)
+                if table is None:
+                    pf = pf or self._open(s, digest=False)
+                    table = self._read_group(s, pf, int(g), columns)
+                    self._keep(key, table)
+                mine = group == g
+                parts.append(table.take(pa.array(local[mine] - starts[g])))
+                where.append(pos[mine])
         if not parts:
             return pa.Table.from_batches([], schema=self._schema(columns))
         table = pa.concat_tables(parts)
         back = np.empty(len(rows), dtype=np.int64)
         back[np.concatenate(where)] = np.arange(len(rows))
         return table.take(pa.array(back))
+
+    def _group_starts(self, shard: int) -> np.ndarray:
+        key = ("starts", shard)
+        with self._lock:
+            got = self._groups.get(key)
+        if got is None:
+            meta = self._open(shard, digest=False).metadata
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            got = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            with self._lock:
+                self._groups[key] = got
+        return got
+
+    def _read_group(self, shard: int, pf: pq.ParquetFile, group: int,
+                    columns: Sequence[str]) -> pa.Table:
+        try:
+            return pf.read_row_group(group, columns=list(columns))
+        except (OSError, pa.ArrowException) as e:
+            path = self.files.shard_path(self.records[shard])
+            raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
+
+    def _keep(self, key: tuple[Any, ...], table: pa.Table) -> None:
+        with self._lock:
+            self._groups[key] = table
+            held = sum(t.nbytes for t in self._groups.values() if isinstance(t, pa.Table))
+            while held > GROUP_CACHE_BYTES and len(self._groups) > 1:
+                old_key, old = next((k, v) for k, v in self._groups.items()
+                                    if isinstance(v, pa.Table))
+                if old_key == key:
+                    break
+                del self._groups[old_key]
+                held -= old.nbytes
 
     def read_vectors(self, column: str, dim: int, rows: Sequence[int] | np.ndarray
                      ) -> np.ndarray:
