@@ -82,14 +82,14 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
             if old and old.file != entry.file:
                 run.index.remove(old)
         if any(r.action != "unchanged" for r in results):
-            run.filters.clear()
             _warm_filters(run, {cols[c].kind for c in columns})
     return results
 
 
 def _warm_filters(run: Run, kinds: set[str]) -> None:
     """Cache what serve and search filter by: the distinct splits and labels, and a bitmap
-    per split (label bitmaps are made on first use: there can be thousands)."""
+    per split (label bitmaps are made on first use: there can be thousands).  Bitmaps of
+    the shards already covered are reused, so after an add only the new shards are read."""
     values = run.filters.values("images")
     for kind in sorted(kinds):
         for split in values["splits"]:

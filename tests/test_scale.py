@@ -137,7 +137,7 @@ def test_stage_filters_a_rare_label_on_an_ivf_index(tmp_path: Path) -> None:
         assert 0 < len(both) == min(10, sum(lb == RARE and int(r[1:]) % 2 == 0 for lb, r in
                                             zip(labels, (f"r{i}" for i in range(len(x))))))
         assert all(h.split == "train" and h.label == RARE for h in both)
-    assert list((tmp_path / "run/index/filters").glob("images.*.bits"))  # cached bitmaps
+    assert len(list((tmp_path / "run/index/filters").glob("images.*"))) >= 4  # cached
 
 
 def test_hits_map_to_their_rows_across_shard_boundaries(tmp_path: Path) -> None:

@@ -241,18 +241,22 @@ class ColumnReader:
                 break
         return found
 
-    def mask(self, split: str | None = None, label: str | None = None) -> np.ndarray:
-        """Bool per row: the row's split is ``split`` and ``label`` is its label or one of
-        its labels (None: no condition).  Arrow compute, one shard at a time."""
-        out = np.ones(self.offsets.total, dtype=bool)
+    def mask(self, split: str | None = None, label: str | None = None,
+             shards: Sequence[int] | None = None) -> np.ndarray:
+        """Bool per row (of ``shards``, default all): the row's split is ``split`` and
+        ``label`` is its label or one of its labels (None: no condition).  Arrow compute,
+        one shard at a time."""
+        shards = range(len(self.records)) if shards is None else shards
+        sizes = [int(self.records[s].rows) for s in shards]
+        out = np.ones(sum(sizes), dtype=bool)
         names = (["split"] if split is not None else []) + (
             ["label", "labels"] if label is not None else [])
         if not names:
             return out
-        for s in range(len(self.records)):
+        lo = 0
+        for s, size in zip(shards, sizes):
             t = self.read_shard(s, names)
-            lo, hi = self.offsets.starts[s], self.offsets.starts[s + 1]
-            keep = np.ones(hi - lo, dtype=bool)
+            keep = np.ones(size, dtype=bool)
             if split is not None:
                 keep &= _true(pc.equal(t.column("split"), split))
             if label is not None:
@@ -262,13 +266,14 @@ class ColumnReader:
                 parents = pc.list_parent_indices(lists).to_numpy()
                 one[parents[inner]] = True
                 keep &= one
-            out[lo:hi] = keep
+            out[lo:lo + size] = keep
+            lo += size
         return out
 
-    def distinct(self, column: str) -> list[str]:
-        """Sorted distinct non-empty values of a string column over every shard."""
+    def distinct(self, column: str, shards: Sequence[int] | None = None) -> list[str]:
+        """Sorted distinct non-empty values of a string column (of ``shards``)."""
         seen: set[str] = set()
-        for s in range(len(self.records)):
+        for s in range(len(self.records)) if shards is None else shards:
             col = self.read_shard(s, [column]).column(0)
             seen.update(v for v in pc.unique(col).to_pylist() if v)
         return sorted(seen)

@@ -1,19 +1,21 @@
 """Filter bitmaps cached beside the index: which rows a split / label filter keeps.
 
-A filter's rows are computed once with Arrow compute over the shards' ``split``,
-``label`` and ``labels`` columns (:meth:`.columns.ColumnReader.mask`), then kept as a
-packed bitmap (one bit per row, little-endian: what FAISS's ``IDSelectorBitmap`` takes)
-in ``RUN/index/filters/``, named by a hash of the filter and of the shards it was computed
-from (their digests), so a bitmap of other shards is never used.  Each file starts with
-the ``xxh3_128`` digest of the bits; a bad file is recomputed.  The folder is a cache:
-deleting it costs one recomputation per filter.  Nothing is cached in a run without an
-index folder (a search needs an index: no stage folder appears because of a filter).
+A filter's rows are computed with Arrow compute over the shards' ``split``, ``label`` and
+``labels`` columns (:meth:`.columns.ColumnReader.mask`) and kept as a packed bitmap (one
+bit per row, little-endian: what FAISS's ``IDSelectorBitmap`` takes) in
+``RUN/index/filters/``.  Each file records the shards (file, digest) it covers; when the
+embed stage appends shards, the bitmap of the old ones is reused and only the new shards
+are read (a bitmap of any other shards is never used).  Each file starts with the
+``xxh3_128`` digest of the rest; a bad file is recomputed.  The folder is a cache: deleting
+it costs one recomputation per filter.  Nothing is cached in a run without an index
+folder (a search needs an index: no stage folder appears because of a filter).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .files import atomic_write_bytes, read_json
+from .files import atomic_write_bytes
 
 
 class FilterCache:
@@ -29,47 +31,36 @@ class FilterCache:
         self.embed = embed  # EmbedFiles
         self.folder = folder
 
-    def _key(self, kind: str, what: Sequence[Any]) -> str:
-        shards = [(r.file, r.digest) for r in self.embed.manifest().shards[kind]]
-        text = json.dumps([kind, list(what), shards])
-        return f"{kind}.{hashlib.sha256(text.encode()).hexdigest()[:32]}"
-
     def mask(self, kind: str, split: str | None = None,
              label: str | None = None) -> np.ndarray | None:
         """Bool per ``kind`` row kept by the filter (None when there is no filter)."""
         if split is None and label is None:
             return None
-        n = self.embed.manifest().rows(kind)
-        path = self.folder / f"{self._key(kind, ['mask', split, label])}.bits"
-        got = _read_bits(path, n)
-        if got is not None:
-            return got
-        mask = self.embed.reader(kind).mask(split, label)
-        bits = np.packbits(mask, bitorder="little").tobytes()
-        self._keep(path, xxhash.xxh3_128(bits).digest() + bits)
+        shards = self._shards(kind)
+        stem = self._stem(kind, ["mask", split, label])
+        covered, data = self._best(stem, shards)
+        rows = [r for _, _, r in shards]
+        old = np.unpackbits(np.frombuffer(data, np.uint8), count=sum(rows[:covered]),
+                            bitorder="little").astype(bool) if covered else np.zeros(0, bool)
+        if covered == len(shards):
+            return old
+        new = self.embed.reader(kind).mask(split, label, range(covered, len(shards)))
+        mask = np.concatenate([old, new])
+        self._keep(stem, shards, np.packbits(mask, bitorder="little").tobytes())
         return mask
 
     def values(self, kind: str = "images") -> dict[str, Any]:
         """The distinct splits and labels of the ``kind`` rows, and how many rows."""
-        path = self.folder / f"{self._key(kind, ['values'])}.json"
-        if path.is_file():
-            try:
-                return dict(read_json(path, "filter values", ""))
-            except ValueError:
-                pass
-        reader = self.embed.reader(kind)
-        out = {"rows": reader.offsets.total, "splits": reader.distinct("split"),
-               "labels": reader.distinct("label")}
-        self._keep(path, json.dumps(out).encode())
-        return out
-
-    def _keep(self, path: Path, data: bytes) -> None:
-        if not self.folder.parent.is_dir():
-            return
-        try:
-            atomic_write_bytes(path, data)
-        except OSError:  # a read-only run still answers, uncached
-            pass
+        shards = self._shards(kind)
+        stem = self._stem(kind, ["values"])
+        covered, data = self._best(stem, shards)
+        out = json.loads(data) if covered else {"splits": [], "labels": []}
+        if covered < len(shards):
+            reader, more = self.embed.reader(kind), range(covered, len(shards))
+            out = {"splits": sorted({*out["splits"], *reader.distinct("split", more)}),
+                   "labels": sorted({*out["labels"], *reader.distinct("label", more)})}
+            self._keep(stem, shards, json.dumps(out).encode())
+        return {"rows": sum(r for _, _, r in shards), **out}
 
     def clear(self) -> None:
         if self.folder.is_dir():
@@ -77,14 +68,58 @@ class FilterCache:
                 if path.is_file():
                     path.unlink(missing_ok=True)
 
+    # ------------------------------------------------------------------ files
 
-def _read_bits(path: Path, n: int) -> np.ndarray | None:
+    def _shards(self, kind: str) -> list[tuple[str, str, int]]:
+        return [(r.file, r.digest, r.rows) for r in self.embed.manifest().shards[kind]]
+
+    def _stem(self, kind: str, what: Sequence[Any]) -> str:
+        return f"{kind}.{hashlib.sha256(json.dumps(list(what)).encode()).hexdigest()[:24]}"
+
+    def _best(self, stem: str, shards: list[tuple[str, str, int]]) -> tuple[int, bytes]:
+        """(shards covered, payload) of the cached file covering the longest prefix of
+        ``shards`` (0 and nothing when none does)."""
+        best: tuple[int, bytes] = (0, b"")
+        if not self.folder.is_dir():
+            return best
+        for path in self.folder.glob(f"{stem}.*"):
+            got = _read(path)
+            if got is None:
+                continue
+            covers, payload = got
+            n = len(covers)
+            if n > best[0] and n <= len(shards) and \
+                    [tuple(c[:2]) for c in covers] == [s[:2] for s in shards[:n]]:
+                best = (n, payload)
+        return best
+
+    def _keep(self, stem: str, shards: list[tuple[str, str, int]], payload: bytes) -> None:
+        if not self.folder.parent.is_dir():
+            return
+        key = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+        head = json.dumps([list(s[:2]) for s in shards]).encode()
+        body = struct.pack("<I", len(head)) + head + payload
+        try:
+            for old in self.folder.glob(f"{stem}.*"):
+                if old.name != f"{stem}.{key}":
+                    old.unlink(missing_ok=True)
+            atomic_write_bytes(self.folder / f"{stem}.{key}", xxhash.xxh3_128(body).digest()
+                               + body)
+        except OSError:  # a read-only run still answers, uncached
+            pass
+
+
+def _read(path: Path) -> tuple[list[list[str]], bytes] | None:
     try:
         data = path.read_bytes()
     except OSError:
         return None
-    head, bits = data[:16], data[16:]
-    if len(bits) != (n + 7) // 8 or xxhash.xxh3_128(bits).digest() != head:
+    digest, body = data[:16], data[16:]
+    if len(body) < 4 or xxhash.xxh3_128(body).digest() != digest:
         return None
-    return np.unpackbits(np.frombuffer(bits, np.uint8), count=n,
-                         bitorder="little").astype(bool)
+    (size,) = struct.unpack("<I", body[:4])
+    try:
+        covers = json.loads(body[4:4 + size])
+    except ValueError:
+        return None
+    return covers, body[4 + size:]
