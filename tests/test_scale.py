@@ -261,3 +261,20 @@ def test_heads_too_large_for_memory_is_one_error(demo_run: Path, tmp_path: Path,
     err = capsys.readouterr().err
     assert err.startswith("error: the heads need about") and "memory available" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_neighbour_batches_and_list_assignments(tmp_path: Path) -> None:
+    """The seams wave 2 builds on: k-NN of every indexed vector chunk by chunk, and which
+    inverted list each row is in, with no FAISS in the caller."""
+    run, _, _ = synthetic_run(tmp_path / "run", 3_000, 16, 1_000)
+    index, _ = _built(run, "IVF16,Flat", tmp_path)
+    ix.set_search_params(index, {"nprobe": 16})
+    src = run.embed.source(COLUMN)
+    got = list(ix.neighbours(index, src.chunks(None, 700), 5))
+    starts = [s for s, _, _ in got]  # chunks of at most 700 rows, never across shards
+    assert starts == [0, 700, 1000, 1700, 2000, 2700]
+    ids = np.concatenate([i for _, _, i in got])
+    assert (ids[:, 0] == np.arange(3_000)).all()  # each vector finds itself first
+    lists = np.concatenate([a for _, a in ix.assignments(index, src.chunks(None, 700))])
+    for j in range(16):
+        assert set(ix.list_ids(index, j).tolist()) == set(np.flatnonzero(lists == j).tolist())
