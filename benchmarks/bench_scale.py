@@ -156,7 +156,9 @@ def phase_autofaiss(a, run, prov, queries, res) -> dict[str, Any]:
     py = AUTOFAISS_VENV / "bin" / "python"
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(AUTOFAISS_VENV)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "autofaiss"], check=True)
+        # autofaiss pins numpy < 2; the newest pyarrow needs numpy >= 2: pin one that fits.
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "autofaiss", "pyarrow<20"],
+                       check=True)
     version = subprocess.run([str(py), "-c", "import autofaiss, faiss; print(autofaiss."
                               "__version__ if hasattr(autofaiss, '__version__') else '?', "
                               "faiss.__version__)"], capture_output=True, text=True).stdout
