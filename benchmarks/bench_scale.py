@@ -136,18 +136,15 @@ def phase_build(a, run, prov, queries, res) -> dict[str, Any]:
 
 
 def phase_ray(a, run, prov, queries, res) -> dict[str, Any]:
+    """The same build on Ray; the local index is replaced by it (it is the same index when
+    the lists file's digest matches, and the disk holds one copy, not two)."""
     local = Run(run).index.entries()["clip_image"]
-    keep = run / "index-local"
-    shutil.rmtree(keep, ignore_errors=True)
-    shutil.copytree(run / "index", keep)
     got = _index(a, run, "--rebuild", "--engine", "ray", "--workers", "2")
     if got["returncode"]:
         return got
     ray = Run(run).index.entries()["clip_image"]
     same = (ray.lists["digest"] == local.lists["digest"]) if ray.lists and local.lists \
         else ray.digest == local.digest
-    shutil.rmtree(run / "index")
-    shutil.move(keep, run / "index")  # the local build stays for the next steps
     return {**_trim(got), "same_lists_as_local": same, "recall_at_10_recorded":
             ray.recall_at_10, "stats": ray.stats}
 
@@ -164,9 +161,13 @@ def phase_autofaiss(a, run, prov, queries, res) -> dict[str, Any]:
                               "faiss.__version__)"], capture_output=True, text=True).stdout
     out = a.dir / "autofaiss"
     shutil.rmtree(out, ignore_errors=True)
+    ours = float(res.get("build", {}).get("seconds", 0))
+    limit = max(3600.0, 3 * ours)  # stopped at 3x our build: slower than that is the answer
     got = sm.run_cmd([str(py), str(Path(__file__).parent / "scale_autofaiss.py"),
                       str(run / "embed" / "images"), str(out), str(a.budget_gb),
-                      str(os.cpu_count())])
+                      str(os.cpu_count())], timeout=limit)
+    if got["returncode"] and got["seconds"] >= limit:
+        got["stderr"] += f"\nstopped after {limit:.0f} s (3x our build)"
     line = (got["stdout"].strip().splitlines() or ["{}"])[-1]
     try:
         result = json.loads(line)
@@ -220,6 +221,9 @@ def phase_serve(a, run, prov, queries, res) -> dict[str, Any]:
 
 def phase_heads(a, run, prov, queries, res) -> dict[str, Any]:
     heads_run = a.dir / "heads-run"
+    if not a.keep:  # the main run is done with: its disk goes to this one
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(a.dir / "autofaiss", ignore_errors=True)
     if not (Run(heads_run).embed.has_manifest() and
             Run(heads_run).embed.manifest().rows("images") == a.heads_n):
         shutil.rmtree(heads_run, ignore_errors=True)
