@@ -195,6 +195,9 @@ class IndexFiles:
         for entry in self.entries().values():
             try:
                 self.check(entry, deep=True)
+                if entry.truth:
+                    check_file(confined(self.dir, entry.truth["file"], "recall state file"),
+                               entry.truth, "recall state file", REMEDY)
             except FormatError as e:
                 problems.append(str(e))
         return problems
