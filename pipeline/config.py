@@ -46,11 +46,38 @@ def knob(default: Any, help: str, *, flag: str | None = None, cli: bool = True,
 @dataclass(frozen=True)
 class DataConfig:
     path: str = knob("data/demo/manifest.csv", "manifest (csv/jsonl/parquet/COCO/Karpathy "
-                     "json) or image folder", flag="--data")
+                     "json), image folder, or webdataset tar shards (a brace pattern such as "
+                     "shards/{00000..00127}.tar; local, s3://, https://, ...)", flag="--data")
     root: str | None = knob(None, "folder image paths are relative to (default: the "
-                            "manifest's)")
-    format: str = knob("auto", "dataset format", choices=("auto", "csv", "jsonl", "parquet",
-                                                          "imagefolder", "coco", "karpathy"))
+                            "manifest's), or a remote root (s3://bucket/prefix, https://host/"
+                            "path) the image column's keys or URLs lie under")
+    format: str = knob("auto", "dataset format", choices=(
+        "auto", "csv", "jsonl", "parquet", "imagefolder", "coco", "karpathy", "webdataset"))
+    caption_field: str | None = knob(None, "webdataset: JSON field holding the caption "
+                                     "(unset: the txt member)")
+    label_field: str | None = knob(None, "webdataset: JSON field holding the label "
+                                   "(unset: the cls member)")
+    labels_field: str | None = knob(None, "webdataset: JSON field holding the labels (a list)")
+    split_field: str | None = knob(None, "webdataset: JSON field holding the split")
+    retries: int = knob(3, "remote reads: retries after a network error (with backoff), "
+                        "then the item or shard is rejected")
+    timeout: float = knob(60.0, "remote reads: seconds to connect, and between two reads")
+
+    def fields(self) -> Any:
+        """Where a tar sample's caption, label, labels and split come from."""
+        from embeddings.ingest import Fields
+
+        return Fields(self.caption_field, self.label_field, self.labels_field,
+                      self.split_field)
+
+    def network(self) -> Any:
+        """How remote reads are tried (not part of the run's identity)."""
+        from embeddings.sources import Network
+
+        if self.retries < 0 or self.timeout <= 0:
+            raise InputError(f"[data] retries must be >= 0 and timeout > 0, not "
+                             f"{self.retries} and {self.timeout}")
+        return Network(retries=self.retries, timeout=self.timeout)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,10 @@ def _embed(args: argparse.Namespace) -> int:
     print(f"embed: {r.rows['images']} image rows, {r.rows['captions']} caption rows in "
           f"{r.run_dir}/embed ({r.new_shards} new blocks, {r.seconds:.1f} s; "
           f"{r.rate_summary()})")
+    if r.sidecar:
+        from embeddings.ingest.sidecar import summary
+
+        print(summary(r.sidecar))
     skipped = sum(r.rejects.values())
     if skipped:
         detail = ", ".join(f"{why}: {n}" for why, n in sorted(r.rejects.items()))

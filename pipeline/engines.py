@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 from embeddings.errors import InputError
 from embeddings.ingest import Block
+from embeddings.ingest.readers import prefetch
 
 from . import unit
 from .unit import Done, EngineJob
@@ -21,12 +22,16 @@ RAY_INSTALL = 'pip install "ray[data]"  (or, from a checkout: pip install -e ".[
 
 
 def run_local(job: EngineJob, blocks: Iterable[Block]) -> Done:
-    """One block after another in this process (images decoded by DataLoader workers)."""
+    """One block after another in this process (images decoded by DataLoader workers).
+
+    A block that must be read first (a tar shard) is read in a thread one block ahead,
+    while the one before it is embedded."""
     done: Done = {}
-    for block in blocks:  # looked up on the module per block: tests patch them
-        result = unit.embed_block(block, job.root, job.models, job.cfg)
-        done[block.index] = unit.write_block(job.run, block, result, job.cfg.dtype)
-        job.progress.block_done(block)
+    for block in prefetch(map(unit.load_block, blocks), depth=1):
+        # looked up on the module per block: tests patch them
+        result = unit.embed_block(block, job.source, job.models, job.cfg)
+        done[block.index] = records = unit.write_block(job.run, block, result, job.cfg.dtype)
+        job.progress.block_done(records)
     return done
 
 

@@ -8,8 +8,10 @@ of one encoder) and makes thumbnails.  It imports no web framework: the HTTP lay
 Security policy, enforced here rather than in the routes:
 
 - an image is served only as the thumbnail of a row of the run, looked up by the row's
-  id; its path comes from the embed shards, is resolved (symlinks followed) and refused
-  unless it lies inside the dataset root;
+  id; its key comes from the embed shards and is read through the run's image source
+  (:mod:`embeddings.sources`), which refuses a key outside its root (symlinks followed,
+  remote prefixes and tar shards included); remote tar shards are copied into a bounded
+  cache under ``RUN/serve/cache``;
 - uploads are capped in bytes and in pixels and decoded by the embed stage's defensive
   :func:`embeddings.images.load_image` from a temporary file under ``RUN/serve/tmp``;
 - query text and filter values are capped in length, ``k`` in size;
@@ -36,7 +38,8 @@ from PIL import Image
 
 from embeddings.encoders import Encoder, encoder_for_column, resolve_device
 from embeddings.errors import FormatError, InputError, MissingError
-from embeddings.images import ImageError, load_image
+from embeddings.images import ImageError, decode_image, load_image
+from embeddings.sources import OutsideRoot, source_from_dict
 from embeddings.store import KINDS, Run, atomic_write_bytes, column_name
 
 from .index import IndexMismatch
@@ -73,6 +76,7 @@ class ServeConfig:
     max_query_chars: int = 500
     max_k: int = 200
     max_filter_chars: int = 200
+    source_cache_bytes: int = 2 * 2**30  # copies of remote tar shards for thumbnails
 
     def limits(self) -> dict[str, int]:
         return {"max_upload_bytes": self.max_upload_bytes, "max_k": self.max_k,
@@ -89,7 +93,8 @@ class Service:
         self.files = Run(self.run)
         manifest = self.files.embed.manifest()  # FormatError with a remedy if no embed stage
         self.columns = manifest.columns
-        self.root = manifest.root.resolve()
+        self.source = source_from_dict(manifest.image_source).with_cache(
+            self.files.serve.source_cache(), cfg.source_cache_bytes)
         self.max_pixels = manifest.max_pixels
         self._lock = threading.Lock()
         self._searchers: dict[str, Searcher] = {}
@@ -200,14 +205,16 @@ class Service:
         rel = self._image_of(image_id)
         if not rel:
             raise MissingError(f"no image row with id {image_id[:200]!r} in this run")
-        src = self.image_path(rel)
         size = self.cfg.thumb_size
         key = hashlib.sha256(f"{image_id}\0{rel}\0{size}".encode()).hexdigest()[:32]
         out = self.files.serve.thumbnail(key)
         if out.is_file():
             return out
         try:
-            image = load_image(src, max_pixels=self.max_pixels)
+            image = decode_image(self.source.read(rel), max_pixels=self.max_pixels)
+        except OutsideRoot:
+            raise Refused(f"refused: the image of this row lies outside the dataset root "
+                          f"{self.source.location}") from None
         except ImageError as e:
             raise MissingError(f"cannot read the image of row {image_id!r}: {e}") from None
         image.thumbnail((size, size), Image.Resampling.BICUBIC)
@@ -216,14 +223,6 @@ class Service:
         # unique temp name + os.replace: concurrent first requests never see half a file
         atomic_write_bytes(out, buf.getvalue())
         return out
-
-    def image_path(self, rel: str) -> Path:
-        """``rel`` under the dataset root, symlinks resolved; refused if it leaves the root."""
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root):
-            raise Refused(f"refused: the image of this row lies outside the dataset root "
-                          f"{self.root}")
-        return path
 
     # ------------------------------------------------------------------ state
 

@@ -33,7 +33,7 @@ def served_copy(demo_run: Path, base: Path) -> tuple[Path, str]:
     manifest_path = Run(run).embed.manifest_path
     manifest = json.loads(manifest_path.read_text())
     shutil.copytree(manifest["dataset"]["root"], data)
-    manifest["dataset"]["root"] = str(data)
+    manifest["dataset"]["root"] = manifest["dataset"]["image_source"]["root"] = str(data)
     manifest_path.write_text(json.dumps(manifest))
     rows = Run(run).embed.read_table("images", ["id", "image"]).to_pydict()
     outside.mkdir()

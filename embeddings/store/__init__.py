@@ -18,6 +18,7 @@ clear message)::
     RUN/heads/comparison.{csv,json,png}, confusion.png, splits.json, predictions/NAME.parquet
     RUN/eval/retrieval.{json,md}
     RUN/serve/thumbs/                     thumbnails made by the web page
+    RUN/serve/cache/                      remote tar shards thumbnails were read from (bounded)
     RUN/<stage>/.lock                     held (flock) by the one process writing that stage
 
 Guarantees: every file appears by an atomic rename of a uniquely named temporary file

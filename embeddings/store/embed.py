@@ -103,6 +103,7 @@ class ShardInfo:
     block: int
     inputs: list[str]
     rejects: list[dict[str, str]]
+    sidecar: dict[str, Any] | None = None  # img2dataset accounting of a tar shard's block
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,19 @@ class EmbedManifest:
     def root(self) -> Path:
         """The dataset root the image paths of the rows are relative to."""
         return Path(self.dataset["root"])
+
+    @property
+    def image_source(self) -> dict[str, Any]:
+        """Where the images are read (an image source's description: kind, root, ...);
+        runs from before sources were recorded read files under the root."""
+        d = self.dataset.get("image_source")
+        return dict(d) if isinstance(d, dict) else {"kind": "files", "root": str(self.root)}
+
+    @property
+    def sidecar(self) -> dict[str, Any] | None:
+        """img2dataset accounting summed over the shards, when the input had sidecars."""
+        d = self.dataset.get("sidecar")
+        return dict(d) if isinstance(d, dict) else None
 
     @property
     def max_pixels(self) -> int:
@@ -183,7 +197,9 @@ def shard_bytes(kind: str, rows: pa.Table | Mapping[str, Sequence[Any]],
         arrays.append(vectors_to_arrow(vec, dtype))
         names.append(name)
     table = pa.Table.from_arrays(arrays, names=names)
-    meta = {"block": info.block, "inputs": info.inputs, "rejects": info.rejects}
+    meta: dict[str, Any] = {"block": info.block, "inputs": info.inputs, "rejects": info.rejects}
+    if info.sidecar is not None:
+        meta["sidecar"] = info.sidecar
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     buf = io.BytesIO()
     # Dictionary encoding only pays on the metadata columns: on vectors it made reading
@@ -269,7 +285,9 @@ class EmbedFiles:
         try:
             meta = (pq.read_schema(path).metadata or {})[META_KEY]
             d = json.loads(meta)
-            return ShardInfo(int(d["block"]), list(d["inputs"]), list(d["rejects"]))
+            sidecar = d.get("sidecar")
+            return ShardInfo(int(d["block"]), list(d["inputs"]), list(d["rejects"]),
+                             dict(sidecar) if sidecar is not None else None)
         except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as e:
             raise FormatError(f"shard {path} is corrupt or not a shard of this tool "
                               f"({type(e).__name__}): {REMEDY}") from None

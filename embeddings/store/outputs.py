@@ -113,3 +113,8 @@ class ServeFiles:
 
     def scratch(self) -> Path:
         return self.dir / "tmp"
+
+    def source_cache(self) -> Path:
+        """Copies of remote tar shards the page's thumbnails were read from (bounded by
+        the image source, least recently used first out)."""
+        return self.dir / "cache"
