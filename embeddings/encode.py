@@ -18,7 +18,7 @@ import torch
 from .decode import iter_pixels
 from .decode_base import ImageFiles, collate_exact
 from .encoders import Encoder
-from .images import DEFAULT_MAX_PIXELS
+from .limits import DEFAULT_MAX_PIXELS
 from .sources import ImageSource
 
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import tomllib
 
-from embeddings.encoders import EncoderSpec
+from embeddings.encoder_base import EncoderSpec
 from embeddings.errors import InputError, MissingError
-from embeddings.images import DEFAULT_MAX_PIXELS
-from embeddings.store import check_name
+from embeddings.limits import DEFAULT_MAX_PIXELS
+from embeddings.names import check_name
 
 DEFAULT_CONFIG = Path("configs/default.toml")
 DEFAULT_RUN = "runs/default"
@@ -183,6 +183,10 @@ class ServerConfig:
     threads: int | None = knob(None, "torch threads per query encoding (default: one per "
                                "core; 1 is faster on a machine busy with other work)")
     max_upload_mb: float = knob(8.0, "largest image upload in MiB")
+    root: str | None = knob(None, "where the dataset's images are: their folder, a remote "
+                            "root (s3://bucket/prefix, https://host/path), or the folder or "
+                            "URL prefix of the tar shards (default: the place recorded at "
+                            "embed time, if the run was sealed on this machine)")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "embed": EmbedConfig, "index": IndexConfig,
@@ -295,6 +299,9 @@ def embed_config(raw: Mapping[str, Any], run: str | None = None,
                 run=run_dir(raw, run))
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise InputError("[embed] batch_size and shard_size must be >= 1")
+    if cfg.max_pixels < 1:
+        raise InputError(f"[embed] max_pixels must be >= 1 (pixels per image), not "
+                         f"{cfg.max_pixels}")
     if cfg.workers is not None and cfg.workers < 0:
         raise InputError(f"[embed] workers must be >= 0, not {cfg.workers}")
     return cfg
@@ -331,6 +338,13 @@ def _encoders(raw: Mapping[str, Any], model: str | None,
     if len(set(names)) != len(names):
         raise InputError(f"encoder names must be unique, got {names}")
     return tuple(encoders)
+
+
+def config_models(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """The model strings the config's ``[[encoders]]`` name (checked by :func:`load_toml`)."""
+    tables = raw.get("encoders", [])
+    return tuple(t["model"] for t in tables if isinstance(t, dict)
+                 and isinstance(t.get("model"), str))
 
 
 def stage_config(cls: type, name: str, raw: Mapping[str, Any], run: str | None = None,

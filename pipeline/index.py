@@ -24,7 +24,15 @@ from tqdm import tqdm
 
 from embeddings import index as ix
 from embeddings.errors import FormatError, InputError, RunMismatch
-from embeddings.store import Column, IndexEntry, Run, ShardSpan, check_name, check_same_model
+from embeddings.store import (
+    Column,
+    IndexEntry,
+    Run,
+    ShardSpan,
+    Tampered,
+    check_name,
+    check_same_model,
+)
 
 from .config import IndexConfig
 
@@ -51,14 +59,7 @@ class ColumnResult:
 
 def run_index(cfg: IndexConfig) -> list[ColumnResult]:
     """Build or update the index of every selected column of ``cfg.run``."""
-    if cfg.memory_budget_gb <= 0 or not 0 < cfg.target_recall <= 1:
-        raise InputError("[index] memory_budget_gb must be > 0 and target_recall in (0, 1]")
-    if cfg.workers is not None and cfg.workers < 1:
-        raise InputError(f"[index] workers must be >= 1, not {cfg.workers}")
-    if cfg.engine == "ray":
-        from .engines import check_engine
-
-        check_engine("ray")
+    check_config(cfg)
     run = Run(cfg.run)
     embed = run.embed.manifest()
     columns = [check_name(c, "column") for c in (cfg.columns or embed.columns)]
@@ -69,7 +70,7 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
     gpu = ix.use_gpu(cfg.device)
     results = []
     with run.lock("index"):
-        entries = run.index.entries()
+        entries = run.index.entries(ignore_damage=cfg.rebuild)  # --rebuild: any state
         for column in columns:
             old = entries.get(column)
             spans = [ShardSpan(s.file, s.rows) for s in embed.shards[cols[column].kind]]
@@ -83,6 +84,8 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
                 run.index.remove(old)
         if any(r.action != "unchanged" for r in results):
             _warm_filters(run, {cols[c].kind for c in columns})
+        if entries and not run.index.trusted and all(r.action == "unchanged" for r in results):
+            run.index.write_entries(entries)  # checked against the embed stage: seal it here
     return results
 
 
@@ -96,6 +99,23 @@ def _warm_filters(run: Run, kinds: set[str]) -> None:
             run.filters.mask(kind, split, None)
 
 
+def check_config(cfg: IndexConfig) -> None:
+    """Every [index] number in its range, before any work."""
+    if cfg.memory_budget_gb <= 0 or not 0 < cfg.target_recall <= 1:
+        raise InputError("[index] memory_budget_gb must be > 0 and target_recall in (0, 1]")
+    if cfg.recall_queries < 1:
+        raise InputError(f"[index] recall_queries (--recall-queries) must be >= 1, not "
+                         f"{cfg.recall_queries}")
+    if cfg.flat_max < 0 or not 0 <= cfg.recall_threshold <= 1:
+        raise InputError("[index] flat_max must be >= 0 and recall_threshold in [0, 1]")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise InputError(f"[index] workers must be >= 1, not {cfg.workers}")
+    if cfg.engine == "ray":
+        from .engines import check_engine
+
+        check_engine("ray", cfg.ray_address)
+
+
 def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan],
                    entry: IndexEntry | None, gpu: bool) -> tuple[ColumnResult, IndexEntry]:
     if entry is None or cfg.rebuild:
@@ -106,6 +126,8 @@ def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan]
     try:
         run.index.check(entry, full=cfg.verify, deep=cfg.verify)
         sound = ""
+    except Tampered:
+        raise  # a link in the run: refused, not rebuilt
     except FormatError as e:
         log.warning("%s", e)
         sound = "index file missing or corrupt"

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import Run
-from .embed import Column, EmbedManifest, ShardInfo, ShardRecord, shard_bytes
+from .embed import Column, EmbedManifest, ShardRecord
 from .provenance import Provenance
+from .shards import ShardInfo, shard_bytes
 
 
 @dataclass
