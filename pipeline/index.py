@@ -124,7 +124,7 @@ def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan]
     check_same_model(entry.provenance, col.provenance, f"the {col.name} index in "
                      f"{run.index.dir}", REBUILD + " (or delete the index folder)")
     try:
-        run.index.check(entry, full=cfg.verify, deep=cfg.verify)
+        run.index.check(entry, full=cfg.verify, deep=True)
         sound = ""
     except Tampered:
         raise  # a link in the run: refused, not rebuilt

@@ -150,7 +150,7 @@ class IndexFiles:
             "schema_version": SCHEMA_VERSION, "stage": "index",
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "indexes": {c: e.to_dict() for c, e in sorted(entries.items())}}))
-        self.clean(entries)
+        self.clean(entries, replaced=True)
 
     @contextlib.contextmanager
     def writing(self, column: str) -> Iterator[NewFiles]:
@@ -192,14 +192,18 @@ class IndexFiles:
 
     def check(self, entry: IndexEntry, full: bool = True, deep: bool = False) -> Path:
         """The index file, after checking its size (and digest unless ``full`` is off)
-        and those of its lists file (its digest only up to ``DIGEST_MAX`` unless ``deep``).
-        A link in place of either is refused (:class:`~.files.Tampered`), never followed."""
+        and those of its lists file (its digest only up to ``DIGEST_MAX`` unless ``deep``);
+        ``deep`` (the index stage, verify) checks the recall state file too.  A link in
+        place of any is refused (:class:`~.files.Tampered`), never followed."""
         path = self.path(entry)
         check_file(path, {"bytes": entry.bytes, "digest": entry.digest}, "index file", REMEDY,
                    full=full)
         if entry.lists:
             check_file(self.lists_path(entry), entry.lists, "index lists file", REMEDY,
                        full=full and (deep or entry.lists["bytes"] <= DIGEST_MAX))
+        if entry.truth and deep:
+            check_file(self.truth_path(entry), entry.truth, "recall state file", REMEDY,
+                       full=full)
         return path
 
     def read_truth(self, entry: IndexEntry) -> dict[str, Any] | None:
@@ -263,11 +267,15 @@ class IndexFiles:
                     found.append(folder / e.name)
         return sorted(found)
 
-    def clean(self, entries: dict[str, IndexEntry] | None = None) -> list[Path]:
+    def clean(self, entries: dict[str, IndexEntry] | None = None,
+              replaced: bool = False) -> list[Path]:
+        """Remove :meth:`leftovers`; ``replaced``: just after a manifest write, where they
+        are mostly the files of the entries it replaced (not worth a message)."""
         found = self.leftovers(entries)
         for path in found:
-            log.info("removing %s: no index manifest entry names it (left by a killed run)",
-                     path)
+            log.log(logging.DEBUG if replaced else logging.INFO,
+                    "removing %s: no index manifest entry names it (left by a killed run)",
+                    path)
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)  # rmtree never follows links
             else:
@@ -280,9 +288,6 @@ class IndexFiles:
         for entry in self.entries().values():
             try:
                 self.check(entry, deep=True)
-                if entry.truth:
-                    check_file(self.truth_path(entry), entry.truth, "recall state file",
-                               REMEDY)
             except FormatError as e:
                 problems.append(str(e))
         return problems
