@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from embeddings.store import (
     Tampered,
     check_name,
     check_same_model,
+    still_held,
 )
 
 from .config import IndexConfig
@@ -69,12 +71,14 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
             ix.check_factory(cfg.factory, cols[c].dim)
     gpu = ix.use_gpu(cfg.device)
     results = []
-    with run.lock("index"):
+    with run.lock("index") as lock:
+        # Ray tasks stop writing parts once this process no longer holds the lock.
+        alive = partial(still_held, run.index.dir, lock.token) if cfg.engine == "ray" else None
         entries = run.index.entries(ignore_damage=cfg.rebuild)  # --rebuild: any state
         for column in columns:
             old = entries.get(column)
             spans = [ShardSpan(s.file, s.rows) for s in embed.shards[cols[column].kind]]
-            result, entry = _update_column(cfg, run, cols[column], spans, old, gpu)
+            result, entry = _update_column(cfg, run, cols[column], spans, old, gpu, alive)
             results.append(result)
             if result.action == "unchanged":
                 continue
@@ -117,10 +121,11 @@ def check_config(cfg: IndexConfig) -> None:
 
 
 def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan],
-                   entry: IndexEntry | None, gpu: bool) -> tuple[ColumnResult, IndexEntry]:
+                   entry: IndexEntry | None, gpu: bool,
+                   alive: Any = None) -> tuple[ColumnResult, IndexEntry]:
     if entry is None or cfg.rebuild:
         return _build(cfg, run, col, now, gpu, "rebuilt" if entry else "built",
-                      "--rebuild" if entry else "")
+                      "--rebuild" if entry else "", alive)
     check_same_model(entry.provenance, col.provenance, f"the {col.name} index in "
                      f"{run.index.dir}", REBUILD + " (or delete the index folder)")
     try:
@@ -136,9 +141,9 @@ def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan]
         return (ColumnResult(col.name, "unchanged", entry.ntotal, entry.factory,
                              entry.recall_at_10, 0.0), entry)
     if not sound and not forced_other and now[:len(entry.shards)] == entry.shards:
-        return _add(cfg, run, col, entry, now, gpu)
+        return _add(cfg, run, col, entry, now, gpu, alive)
     why = sound or ("factory changed" if forced_other else "shards changed")
-    return _build(cfg, run, col, now, gpu, "rebuilt", why)
+    return _build(cfg, run, col, now, gpu, "rebuilt", why, alive)
 
 
 def _budget(cfg: IndexConfig) -> int:
@@ -155,11 +160,11 @@ def _plan(cfg: IndexConfig, factory: str, n: int, d: int,
 
 
 def _job(cfg: IndexConfig, run: Run, col: Column, plan: ix.BuildPlan, scratch: Path,
-         gpu: bool, bar: tqdm) -> Any:
+         gpu: bool, bar: tqdm, alive: Any) -> Any:
     return ix.BuildJob(run.embed.source(col.name, cfg.verify), plan, scratch,
                        n_queries=cfg.recall_queries, k=RECALL_K, gpu=gpu,
                        ray_address=cfg.ray_address, workers=cfg.workers or os.cpu_count() or 1,
-                       progress=lambda done: bar.update(done - bar.n))
+                       progress=lambda done: bar.update(done - bar.n), alive=alive)
 
 
 def _bar(cfg: IndexConfig, column: str, rows: int) -> tqdm:
@@ -168,7 +173,7 @@ def _bar(cfg: IndexConfig, column: str, rows: int) -> tqdm:
 
 
 def _build(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], gpu: bool,
-           action: str, note: str) -> tuple[ColumnResult, IndexEntry]:
+           action: str, note: str, alive: Any = None) -> tuple[ColumnResult, IndexEntry]:
     t0 = time.perf_counter()
     n = sum(s.rows for s in now)
     if n == 0:
@@ -181,7 +186,7 @@ def _build(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], gpu: b
     log.info("%s: %d x %d -> %s (%s); %s build%s", col.name, n, col.dim, choice.factory,
              choice.reason, plan.builder, ", lists on disk" if plan.on_disk else "")
     with run.index.scratch() as scratch, _bar(cfg, col.name, n) as bar:
-        built = ix.BUILDERS[plan.builder](_job(cfg, run, col, plan, scratch, gpu, bar))
+        built = ix.BUILDERS[plan.builder](_job(cfg, run, col, plan, scratch, gpu, bar, alive))
         entry = _save(cfg, run, col, now, plan, built, not cfg.factory, gpu)
     entry.stats.update(reason=choice.reason, build_seconds=round(time.perf_counter() - t0, 3),
                        built=entry.stats["updated"])
@@ -190,7 +195,7 @@ def _build(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], gpu: b
 
 
 def _add(cfg: IndexConfig, run: Run, col: Column, entry: IndexEntry, now: list[ShardSpan],
-         gpu: bool) -> tuple[ColumnResult, IndexEntry]:
+         gpu: bool, alive: Any = None) -> tuple[ColumnResult, IndexEntry]:
     t0 = time.perf_counter()
     n = sum(s.rows for s in now)
     notes = [f"+{n - entry.ntotal} vectors"]
@@ -210,7 +215,7 @@ def _add(cfg: IndexConfig, run: Run, col: Column, entry: IndexEntry, now: list[S
     plan = _plan(cfg, entry.factory, n, col.dim, True if lists else None)
     new_shards = list(range(len(entry.shards), len(now)))
     with run.index.scratch() as scratch, _bar(cfg, col.name, n - entry.ntotal) as bar:
-        job = _job(cfg, run, col, plan, scratch, gpu, bar)
+        job = _job(cfg, run, col, plan, scratch, gpu, bar, alive)
         if truth is None:  # an index from before recall states were kept: measure afresh
             truth = _fresh_truth(job, len(entry.shards), entry.ntotal)
         built = ix.add_to(job, index, truth, new_shards, lists)

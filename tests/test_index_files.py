@@ -181,3 +181,26 @@ def test_a_killed_build_leaves_nothing_for_long(case: dict, monkeypatch: pytest.
     q = np.ones(32, np.float32) / np.sqrt(32)
     hits = Searcher(run, COLUMN, device="cpu").search_vector(q, "q", k=10, label=RARE).hits
     assert len(hits) == 10 and {h.label for h in hits} == {RARE}
+
+
+def test_a_build_task_writes_nothing_once_its_driver_is_gone(tmp_path: Path) -> None:
+    """What a Ray task of a killed ``index --engine ray`` does: it asks for the driver's
+    lock (the lease) before each part file, and stops once the lock is released."""
+    from dataclasses import replace
+    from functools import partial
+
+    from embeddings import index as ix
+    from embeddings.index.jobs import DriverGone
+    from embeddings.store import still_held
+
+    run, _, _ = synthetic_run(tmp_path / "run", 4_000, 16, 1_000)
+    nlist, cs = ix.describe("IVF16,Flat", 16)
+    plan = ix.plan_build("IVF16,Flat", 4_000, 16, 2**30, 4_000 * (cs + 8), nlist, cs, True)
+    with run.lock("index") as lock:
+        job = ix.BuildJob(run.embed.source(COLUMN), plan, tmp_path / "a", n_queries=10,
+                          alive=partial(still_held, run.index.dir, lock.token))
+        assert ix.BUILDERS["out_of_core"](job).ntotal == 4_000
+        assert list((tmp_path / "a").iterdir())  # parts, while the driver holds the lock
+    with pytest.raises(DriverGone, match="driver of this index build is gone"):
+        ix.BUILDERS["out_of_core"](replace(job, scratch=tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
