@@ -5,8 +5,10 @@ Problems (exit 2): a missing, truncated or altered shard, index or head weights 
 manifest, run identity or head description whose content does not match its digest; a
 link or special file inside the run; a JSON file not sealed like the rest of a run that
 was sealed on this machine (edited and re-digested); a manifest whose dataset differs from
-the run identity's.  Leftovers (listed, removed by the stage's next run): temporary files
-and index or weights files no manifest names.  Notes: a run not sealed on this machine.
+the run identity's.  Leftovers (listed, removed by the stage's next run): temporary files,
+index, lists, recall state or weights files no manifest names, index build scratch
+folders, filter bitmaps of shards the embed manifest no longer lists.  Notes: a run not
+sealed on this machine.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def verify_run(run: Run) -> Report:
             continue
         if sealed and not meta["sealed"]:
             r.problems.append(_unsealed(desc, "retrain it with `python -m pipeline heads`"))
-    for found in (_guard(r, run.index.leftovers), _guard(r, run.heads.leftovers)):
+    for found in (_guard(r, run.index.leftovers), _guard(r, run.filters.leftovers),
+                  _guard(r, run.heads.leftovers)):
         r.leftovers += found or []
     r.leftovers += [p for p in run.path.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
     return r
