@@ -157,20 +157,27 @@ class HeadsConfig:
     inputs: tuple[str, ...] = knob(("clip_image", "clip_text", "minilm_text"),
                                    "embedding columns (text: mean of an image's captions)")
     heads: tuple[str, ...] = knob(("zeroshot", "logistic", "linear", "mlp", "concat", "sum",
-                                   "sum_mlp", "product", "gated", "late", "late_avg"),
+                                   "sum_mlp", "product", "gated", "attention", "bilinear",
+                                   "late", "late_avg", "stack"),
                                   "heads to train, e.g. logistic,concat,late")
     multilabel: str = knob("labels", "list-valued target column ('' = none)")
     multilabel_heads: tuple[str, ...] = knob(("mlp", "concat"), "heads for the multi-label "
                                              "target")
     multitask: tuple[str, ...] = knob(("label", "labels"), "columns sharing one trunk")
     multitask_head: str = knob("gated", "head of the multi-task run")
-    metric: str = knob("macro_f1", "picks the best head, drawn in the chart",
-                       choices=("accuracy", "macro_f1"))
+    labels_file: str = knob("", "CSV, JSONL or Parquet with an id column and label columns, "
+                            "joined by id to the run's images: a new task, no re-embedding",
+                            flag="--labels")
+    task: str = knob("auto", "what `label` is: auto (a floating-point column is a "
+                     "regression target), classification or regression",
+                     choices=("auto", "classification", "regression"))
+    metric: str = knob("macro_f1", "picks the best head, drawn in the chart (regression "
+                       "targets: r2)", choices=("accuracy", "macro_f1"))
     seed: int = knob(0, "seed of splits and training")
     val_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     test_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     params: dict[str, dict[str, Any]] = knob(  # noqa: RUF009 (a default_factory field)
-        {}, "per-head parameter overrides", cli=False)
+        {}, "per-head parameters, [heads.params.<head>] (--param HEAD.KEY=VALUE)", cli=False)
 
 
 @dataclass(frozen=True)
