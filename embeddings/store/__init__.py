@@ -67,6 +67,7 @@ from .filters import FilterCache
 from .index import IndexEntry, IndexFiles, ShardSpan
 from .lock import StageLock
 from .outputs import EvalFiles, HeadsFiles, ServeFiles, load_head_files, save_head_files
+from .prints import PRINT_FIELDS, Fingerprints, prints_table, read_prints
 from .provenance import Provenance, check_same_model
 
 
@@ -123,6 +124,7 @@ __all__ = [
     "FIELDS",
     "KINDS",
     "MODALITY_KIND",
+    "PRINT_FIELDS",
     "SCHEMA_VERSION",
     "Column",
     "DiskFull",
@@ -130,6 +132,7 @@ __all__ = [
     "EmbedManifest",
     "EvalFiles",
     "FilterCache",
+    "Fingerprints",
     "HeadsFiles",
     "IndexEntry",
     "IndexFiles",
@@ -150,7 +153,9 @@ __all__ = [
     "digest_file",
     "disk_errors",
     "load_head_files",
+    "prints_table",
     "read_json",
+    "read_prints",
     "read_table",
     "read_vectors",
     "save_head_files",
