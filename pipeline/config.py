@@ -7,7 +7,7 @@ directory is the top-level ``run``::
     [data]    path, root, format                     [embed]  device, batch_size, ...
     [[encoders]] name, type, model, pretrained       [index]  memory_budget_gb, ...
     [search]  k, modality, ...   [heads] label, inputs, heads, ...   [eval] split, ...
-    [serve]   host, port, ...
+    [serve]   host, port, ...    [dedup] by, threshold, method, keep, ...
 
 Precedence: dataclass default < TOML < command line.  A knob's field carries its help
 text and CLI flag (:func:`knob`); :func:`add_options` derives the argparse options from
@@ -148,6 +148,8 @@ class EvalConfig:
     encoders: tuple[str, ...] = knob((), "encoders to evaluate (default: every image+text "
                                      "encoder)")
     exact_only: bool = knob(False, "skip the index (no index needed)")
+    exclude_leaks: bool = knob(False, "also evaluate without the images that have a "
+                               "near-duplicate in train, and their captions (needs `dedup`)")
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,9 @@ class HeadsConfig:
     metric: str = knob("macro_f1", "picks the best head, drawn in the chart",
                        choices=("accuracy", "macro_f1"))
     seed: int = knob(0, "seed of splits and training")
+    exclude_leaks: bool = knob(False, "evaluate without the val/test images that have a "
+                               "near-duplicate in train (needs `dedup`); the table shows both")
+    dedup: bool = knob(False, "train and evaluate on the dedup keep-list's images only")
     val_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     test_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     params: dict[str, dict[str, Any]] = knob(  # noqa: RUF009 (a default_factory field)
@@ -185,9 +190,35 @@ class ServerConfig:
     max_upload_mb: float = knob(8.0, "largest image upload in MiB")
 
 
+@dataclass(frozen=True)
+class DedupConfig:
+    run: str = DEFAULT_RUN
+    by: tuple[str, ...] = knob(("digest", "phash", "vector"), "signals that join two images: "
+                               "equal content digest, perceptual hashes within --hash-distance"
+                               " bits, embeddings at cosine >= --threshold")
+    column: str | None = knob(None, "image column compared (default: the first one)")
+    threshold: float = knob(0.95, "cosine similarity at or above which two images are "
+                            "near-duplicates")
+    hash_distance: int = knob(8, "most differing bits of two perceptual hashes (of 64)")
+    method: str = knob("auto", "neighbours from the run's index (k-NN graph), exactly within "
+                       "its IVF lists (beyond memory), or exact search (small runs); auto: "
+                       "the index when there is one, else exact",
+                       choices=("auto", "index", "clusters", "exact"))
+    k: int = knob(10, "neighbours per image from the index")
+    lists: int = knob(3, "clusters method: nearest IVF lists compared per image")
+    keep: tuple[str, ...] = knob(("first",), "keep rules, most important first: first, "
+                                 "resolution, split")
+    prefer: tuple[str, ...] = knob(("train", "val", "test"), "split order of the split rule")
+    memory_budget_gb: float | None = knob(None, "memory for the vectors compared at once "
+                                          "(default: the index's budget, else 4)")
+    sheet_groups: int = knob(12, "groups drawn on the contact sheet (largest first)")
+    verify: bool = knob(True, "check shard and index checksums before use")
+    progress: bool = knob(True, "progress bars")
+
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "embed": EmbedConfig, "index": IndexConfig,
                              "search": SearchConfig, "eval": EvalConfig, "heads": HeadsConfig,
-                             "serve": ServerConfig}
+                             "serve": ServerConfig, "dedup": DedupConfig}
 NOT_IN_TOML = {"run", "data", "encoders"}  # top-level keys / own tables, not section keys
 
 

@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,14 @@ import numpy as np
 
 from embeddings import metrics
 from embeddings.encoders import encoder_for_column
-from embeddings.errors import InputError
+from embeddings.errors import InputError, RunMismatch
 from embeddings.heads import HEADS, Head, make_head, save_head
 from embeddings.store import Column, Run, atomic_write_bytes, atomic_write_json, column_name
 
 from . import heads_report
 from .config import HeadsConfig
 from .features import Features, load_features
+from .leaks import describe, kept_mask, leak_counts, leak_mask
 from .targets import SPLITS, make_splits, single_targets, targets
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Row:
     notes: str
     info: dict[str, Any]
     report: dict[str, Any]
+    with_leaks: dict[str, float] | None = field(default=None)  # --exclude-leaks: the metrics
+    # on every evaluation row (the fields above are then without the leaked rows)
 
     def public(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "report"}
@@ -134,9 +137,15 @@ def run_heads(cfg: HeadsConfig) -> HeadsResult:
                                           feats.table.column("split").to_pylist(), cfg)
         tgts = targets({c for j in jobs for c in j.targets}, feats, split)
         notes = [n for t in tgts.values() for n in t["notes"]]
+        leak = _leaks(run, split, cfg, notes)
+        allowed = kept_mask(run, len(split)) if cfg.dedup else None
+        if allowed is not None:
+            notes.append(f"--dedup: {int(allowed.sum())} of {len(allowed)} images kept "
+                         "(the dedup keep-list)")
         rows, saved = [], []
         for job in jobs:
-            row_set, head, meta = _train(job, cfg, feats, tgts, split, manifest.columns)
+            row_set, head, meta = _train(job, cfg, feats, tgts, split, manifest.columns,
+                                         allowed, leak if cfg.exclude_leaks else None)
             log.debug("trained %s on %s in %.2f s", job.display, job.inputs, row_set[0].train_s)
             rows += row_set
             saved.append((job, head, meta))
@@ -148,10 +157,40 @@ def run_heads(cfg: HeadsConfig) -> HeadsResult:
     return HeadsResult(run.path, rows, best, table, notes, time.perf_counter() - t0)
 
 
+def _leaks(run: Run, split: np.ndarray, cfg: HeadsConfig, notes: list[str]
+           ) -> np.ndarray | None:
+    """Evaluation rows with a near-duplicate in train (counted in the notes)."""
+    try:
+        leak = leak_mask(run, split)
+    except RunMismatch as e:
+        if cfg.exclude_leaks:
+            raise
+        notes.append(f"leaks not counted: {e}")
+        return None
+    if leak is None:
+        if cfg.exclude_leaks:
+            raise InputError(f"--exclude-leaks needs a dedup report: run `python -m pipeline "
+                             f"dedup --run {run.path}` first")
+        return None
+    notes.append(describe(leak_counts(leak, split), cfg.exclude_leaks))
+    return leak
+
+
+def _scores(task: Any, y: np.ndarray, prob: np.ndarray, pred: np.ndarray
+            ) -> tuple[float, float, float, dict[str, Any]]:
+    if task.multilabel:
+        m = metrics.multi_label(y, prob, pred, task.classes)
+        return float("nan"), m["macro_f1"], m["mAP"], m
+    m = metrics.single_label(y, pred, task.classes)
+    return m["accuracy"], m["macro_f1"], float("nan"), m
+
+
 def _train(job: Job, cfg: HeadsConfig, feats: Features, tgts: Mapping[str, Any],
-           split: np.ndarray, columns: Mapping[str, Column]) -> tuple[list[Row], Head, dict]:
+           split: np.ndarray, columns: Mapping[str, Column], allowed: np.ndarray | None = None,
+           leak: np.ndarray | None = None) -> tuple[list[Row], Head, dict]:
     keep = np.logical_and.reduce([feats.present[c] for c in job.inputs]
-                                 + [tgts[t]["has"] for t in job.targets])
+                                 + [tgts[t]["has"] for t in job.targets]
+                                 + ([allowed] if allowed is not None else []))
     dropped = int(np.logical_and.reduce([tgts[t]["has"] for t in job.targets]).sum()
                   - keep.sum())
     rows = {s: np.flatnonzero(keep & (split == s)) for s in SPLITS}
@@ -169,21 +208,22 @@ def _train(job: Job, cfg: HeadsConfig, feats: Features, tgts: Mapping[str, Any],
     seconds = time.perf_counter() - t
     eval_split = "test" if len(rows["test"]) else "val"
     probs = head.predict_proba(xs[eval_split])
+    clean = ~leak[rows[eval_split]] if leak is not None else None
     out = []
     for ti, task in enumerate(tasks):
         y = ys[eval_split][ti]
         pred = head.decide(ti, probs[ti])
-        if task.multilabel:
-            m = metrics.multi_label(y, probs[ti], pred, task.classes)
-            acc, f1, ap = float("nan"), m["macro_f1"], m["mAP"]
-        else:
-            m = metrics.single_label(y, pred, task.classes)
-            acc, f1, ap = m["accuracy"], m["macro_f1"], float("nan")
+        acc, f1, ap, m = _scores(task, y, probs[ti], pred)
+        with_leaks = None
+        if clean is not None:  # the same head, scored without the leaked rows
+            with_leaks = {"accuracy": acc, "macro_f1": f1, "mAP": ap,
+                          "rows": len(y), "leaked": int((~clean).sum())}
+            acc, f1, ap, m = _scores(task, y[clean], probs[ti][clean], pred[clean])
         note = f"{dropped} image(s) without captions left out" if dropped else ""
         out.append(Row(job.display, "+".join(job.inputs),
                        task.column + (" (multi-label)" if task.multilabel else ""), acc, f1, ap,
                        round(seconds, 3), len(rows["train"]), task.multilabel, eval_split,
-                       f"models/{job.slug}.json", note, head.info, m))
+                       f"models/{job.slug}.json", note, head.info, m, with_leaks))
     meta = {"trained_on": {"run": str(Path(cfg.run).resolve()), "label_columns": job.targets,
                            "rows": {s: len(r) for s, r in rows.items()}},
             "test_metrics": {r.target: {"accuracy": r.accuracy, "macro_f1": r.macro_f1,

@@ -17,17 +17,26 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+LEAK_COLUMNS = ("accuracy", "macro_f1", "mAP")  # shown again with leaks (--exclude-leaks)
+
+
 def format_table(rows: Sequence[Any]) -> str:
-    """A fixed-width text table of ``COLUMNS`` (``-`` where a metric does not apply)."""
-    cells = [[_cell(getattr(r, c)) for c in COLUMNS] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(COLUMNS)]
-    numeric = [c in ("accuracy", "macro_f1", "mAP", "train_s", "rows") for c in COLUMNS]
+    """A fixed-width text table of ``COLUMNS`` (``-`` where a metric does not apply); with
+    ``--exclude-leaks`` the metrics on every evaluation row follow, as ``... +leaks``."""
+    leaks = any(getattr(r, "with_leaks", None) for r in rows)
+    names = list(COLUMNS) + ([f"{c} +leaks" for c in LEAK_COLUMNS] if leaks else [])
+    cells = [[_cell(getattr(r, c)) for c in COLUMNS]
+             + ([_cell((r.with_leaks or {}).get(c, float("nan"))) for c in LEAK_COLUMNS]
+                if leaks else []) for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(names)]
+    numeric = [c.split()[0] in ("accuracy", "macro_f1", "mAP", "train_s", "rows")
+               for c in names]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w)
                          for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
 
-    return "\n".join([line(COLUMNS), line(["-" * w for w in widths])] + [line(c) for c in cells])
+    return "\n".join([line(names), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
 def csv_bytes(rows: Sequence[Any]) -> bytes:

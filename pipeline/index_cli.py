@@ -110,7 +110,8 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = stage_config(EvalConfig, "eval", load_toml(args.config), args.run,
                        **overrides(args, EvalConfig))
     report = run_retrieval_eval(cfg.run, split=cfg.split, encoders=cfg.encoders or None,
-                                use_index=not cfg.exact_only)
+                                use_index=not cfg.exact_only,
+                                exclude_leaks=cfg.exclude_leaks)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

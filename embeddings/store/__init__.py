@@ -17,6 +17,7 @@ clear message)::
     RUN/heads/models/NAME.<token>.safetensors
     RUN/heads/comparison.{csv,json,png}, confusion.png, splits.json, predictions/NAME.parquet
     RUN/eval/retrieval.{json,md}
+    RUN/dedup/groups.parquet, keep.parquet, sheet.png, summary.json (written last)
     RUN/serve/thumbs/                     thumbnails made by the web page
     RUN/serve/cache/                      remote tar shards thumbnails were read from (bounded)
     RUN/<stage>/.lock                     held (flock) by the one process writing that stage
@@ -38,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
+from .dedup import DedupFiles
 from .embed import (
     FIELDS,
     KINDS,
@@ -83,6 +85,7 @@ class Run:
         self.heads = HeadsFiles(self.path)
         self.eval = EvalFiles(self.path)
         self.serve = ServeFiles(self.path)
+        self.dedup = DedupFiles(self.path)
         self.filters = FilterCache(self.embed, self.index.dir / "filters")
 
     def lock(self, stage: str) -> StageLock:
@@ -127,6 +130,7 @@ __all__ = [
     "PRINT_FIELDS",
     "SCHEMA_VERSION",
     "Column",
+    "DedupFiles",
     "DiskFull",
     "EmbedFiles",
     "EmbedManifest",

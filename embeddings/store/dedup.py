@@ -1,0 +1,98 @@
+"""Files of the dedup stage, ``RUN/dedup``: the group report, the keep-list, the contact
+sheet and the summary (written last: it records the other files' sizes and digests, and
+the embed shards the grouping covered, so a keep-list of older shards is never applied to
+newer rows).
+
+    RUN/dedup/groups.parquet   group, row, id, representative, similarity, split
+    RUN/dedup/keep.parquet     row, id of every image row kept (one per group + the rest)
+    RUN/dedup/sheet.png        the largest groups, by eye
+    RUN/dedup/summary.json     counts, config, signals used, file records, shards covered
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import FormatError, MissingError
+from .files import atomic_write_bytes, atomic_write_json, check_file, file_record, read_json
+
+REMEDY = "rerun `python -m pipeline dedup`"
+FILES = {"groups": "groups.parquet", "keep": "keep.parquet", "sheet": "sheet.png"}
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
+    return buf.getvalue()
+
+
+class DedupFiles:
+    def __init__(self, run: Path) -> None:
+        self.dir = run / "dedup"
+        self.summary_path = self.dir / "summary.json"
+
+    def path(self, role: str) -> Path:
+        return self.dir / FILES[role]
+
+    def write(self, groups: pa.Table, keep: pa.Table, sheet: bytes,
+              summary: dict[str, Any]) -> dict[str, Any]:
+        """Write the report, keep-list and sheet, then the summary recording them (last)."""
+        records = {}
+        for role, data in (("groups", parquet_bytes(groups)), ("keep", parquet_bytes(keep)),
+                           ("sheet", sheet)):
+            atomic_write_bytes(self.path(role), data)
+            records[role] = file_record(self.path(role), FILES[role])
+        summary = {**summary, "files": records}
+        atomic_write_json(self.summary_path, summary)
+        return summary
+
+    def summary(self) -> dict[str, Any] | None:
+        """The last dedup run's summary, None when the stage never ran."""
+        if not self.summary_path.is_file():
+            return None
+        d = read_json(self.summary_path, "dedup summary", REMEDY)
+        if not isinstance(d.get("files"), dict) or not isinstance(d.get("shards"), list):
+            raise FormatError(f"dedup summary {self.summary_path} is incomplete: {REMEDY}")
+        return d
+
+    def read(self, role: str, columns: list[str] | None = None,
+             verify: bool = True) -> pa.Table:
+        """The groups report or the keep-list, checked against the summary's record."""
+        d = self.summary()
+        if d is None:
+            raise MissingError(f"no dedup report in {self.dir.parent}: run `python -m "
+                               "pipeline dedup` first")
+        path = self.path(role)
+        check_file(path, d["files"].get(role, {}), f"dedup {role} file", REMEDY, full=verify)
+        try:
+            return pq.read_table(path, columns=columns)
+        except (OSError, pa.ArrowException) as e:
+            raise FormatError(f"dedup {role} file {path} is corrupt ({e}): {REMEDY}") from None
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A scratch folder (a column spilled for the per-cluster pass), removed afterwards,
+        with any a killed run left (the caller holds the dedup lock)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in self.dir.glob(".scratch-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(dir=self.dir, prefix=".scratch-"))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def keep_rows(self, verify: bool = True) -> np.ndarray:
+        """Sorted image rows of the keep-list."""
+        rows = self.read("keep", ["row"], verify).column(0).to_numpy()
+        return np.sort(rows.astype(np.int64))
