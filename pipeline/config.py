@@ -209,8 +209,9 @@ class DedupConfig:
     keep: tuple[str, ...] = knob(("first",), "keep rules, most important first: first, "
                                  "resolution, split")
     prefer: tuple[str, ...] = knob(("train", "val", "test"), "split order of the split rule")
-    memory_budget_gb: float | None = knob(None, "memory for the vectors compared at once "
-                                          "(default: the index's budget, else 4)")
+    memory_budget_gb: float | None = knob(None, "memory in GiB for the vectors compared at "
+                                          "once (default: the index's budget, else 4)",
+                                          flag="--memory-budget")
     sheet_groups: int = knob(12, "groups drawn on the contact sheet (largest first)")
     verify: bool = knob(True, "check shard and index checksums before use")
     progress: bool = knob(True, "progress bars")
