@@ -9,6 +9,7 @@ applied to the wrong rows.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from embeddings.errors import RunMismatch
 from embeddings.store import Run
 
+log = logging.getLogger(__name__)
 TRAIN = "train"
 HINT = "rerun `python -m pipeline dedup`"
 
@@ -74,3 +76,37 @@ def kept_mask(run: Run, n: int) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[run.dedup.keep_rows()] = True
     return mask
+
+
+
+class Duplicates:
+    """Image row -> the ids of the other members of its duplicate group (the serve page
+    marks such hits), from the report's ``group``, ``row`` and ``id`` (arrays: no Python
+    object per row).  Empty when there is no report, or it covers other shards."""
+
+    SHOWN = 20  # ids listed per hit at most
+
+    def __init__(self, run: Run) -> None:
+        self.sorted_rows = np.zeros(0, dtype=np.int64)
+        try:
+            if _checked(run) is None:
+                return
+        except RunMismatch as e:
+            log.warning("duplicates not marked: %s", e)
+            return
+        t = run.dedup.read("groups", ["group", "row", "id"])
+        self.group = t.column("group").to_numpy()  # report order: sorted by group
+        self.rows = t.column("row").to_numpy()
+        self.ids = t.column("id").combine_chunks()
+        self.order = np.argsort(self.rows, kind="stable")
+        self.sorted_rows = self.rows[self.order]
+
+    def of(self, row: int) -> list[str]:
+        """Ids of the other members of ``row``'s group (none: not a duplicate)."""
+        at = int(np.searchsorted(self.sorted_rows, row))
+        if at == len(self.sorted_rows) or self.sorted_rows[at] != row:
+            return []
+        g = self.group[self.order[at]]
+        lo, hi = (int(x) for x in np.searchsorted(self.group, [g, g + 1]))
+        others = [lo + j for j in np.flatnonzero(self.rows[lo:hi] != row)[:self.SHOWN]]
+        return self.ids.take(np.asarray(others, dtype=np.int64)).to_pylist()

@@ -48,6 +48,7 @@ class Hit:
     label: str | None
     split: str | None
     image_id: str | None = None  # caption hits: the image the caption belongs to
+    duplicates: list[str] | None = None  # serve: ids of the image's duplicates (RUN/dedup)
 
 
 @dataclass

@@ -283,3 +283,26 @@ def test_ray_blocks_carry_fingerprints() -> None:
              (1, None, "unreadable image", None)]
     assert _unpack(_pack(items))[0][3] == (b"\x01" * 16, 5, 4)
     assert _unpack(_pack(items))[1] == (1, None, "unreadable image", None)
+
+
+def test_serve_marks_hits_that_have_duplicates(planted, tmp_path: Path) -> None:
+    from pipeline.config import IndexConfig
+    from pipeline.index import run_index
+    from pipeline.serve import ServeConfig, Service
+
+    run0, rows = planted
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    run_index(IndexConfig(run=str(run), columns=("clip_image",), progress=False))
+    src = next(i for i, _, _ in rows if i.endswith("_copy0")).removesuffix("_copy0")
+    service = Service(ServeConfig(run=str(run), device="cpu"))
+    hits = service.similar(src, "image", "image", 5).hits
+    assert all(h.duplicates is None for h in hits)  # no dedup report: nothing marked
+    run_dedup(DedupConfig(run=str(run), by=("digest",), progress=False))
+    service = Service(ServeConfig(run=str(run), device="cpu"))
+    hits = {h.id: h for h in service.similar(src, "image", "image", 5).hits}
+    assert hits[src].duplicates == [f"{src}_copy0"]
+    assert hits[f"{src}_copy0"].duplicates == [src]
+    groups, _, _ = _oracle(rows)
+    alone = [h for i, h in hits.items() if not any(i in g for g in groups)]
+    assert all(h.duplicates is None for h in alone)
