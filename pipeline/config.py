@@ -117,6 +117,8 @@ class IndexConfig:
     recall_queries: int = knob(500, "held-out queries for tuning, as many for measuring")
     device: str = knob("auto", "auto, cpu or cuda (GPU needs a GPU build of FAISS)")
     rebuild: bool = knob(False, "rebuild from scratch instead of adding new shards")
+    dedup: bool | None = knob(None, "search only the dedup keep-list's image rows (--no-dedup:"
+                              " all rows again); the vectors of the others stay indexed")
     verify: bool = knob(True, "check shard and index checksums before use")
     engine: str = knob("local", "what adds the vectors: this process, or Ray tasks (each "
                        "adds a range of shards; pip install -e \".[ray]\")",
@@ -205,6 +207,8 @@ class DedupConfig:
                        "the index when there is one, else exact",
                        choices=("auto", "index", "clusters", "exact"))
     k: int = knob(10, "neighbours per image from the index")
+    nprobe: int = knob(8, "index method, IVF index: lists searched per image (copies sit in "
+                       "the nearest few; the index's own nprobe is tuned for all neighbours)")
     lists: int = knob(3, "clusters method: nearest IVF lists compared per image")
     keep: tuple[str, ...] = knob(("first",), "keep rules, most important first: first, "
                                  "resolution, split")
@@ -382,7 +386,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
             continue
         flag = meta["flag"] or "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        if hints[f.name] is bool:
+        if _optional_base(hints[f.name]) is bool:
             parser.add_argument(flag, dest=f.name, default=None,
                                 action=argparse.BooleanOptionalAction,
                                 help=f"{meta['help']} (default: {default})")

@@ -80,8 +80,8 @@ def check_config(cfg: DedupConfig) -> None:
         raise InputError(f"[dedup] threshold is a cosine in [-1, 1], not {cfg.threshold}")
     if not 0 <= cfg.hash_distance < 32:
         raise InputError(f"[dedup] hash_distance must be in 0..31 bits, not {cfg.hash_distance}")
-    if cfg.k < 2 or cfg.lists < 1 or cfg.sheet_groups < 0:
-        raise InputError("[dedup] k must be >= 2, lists >= 1 and sheet_groups >= 0")
+    if cfg.k < 2 or cfg.lists < 1 or cfg.nprobe < 1 or cfg.sheet_groups < 0:
+        raise InputError("[dedup] k must be >= 2, lists and nprobe >= 1, sheet_groups >= 0")
     if cfg.memory_budget_gb is not None and cfg.memory_budget_gb <= 0:
         raise InputError("[dedup] memory_budget_gb must be > 0")
 
@@ -219,13 +219,16 @@ def _vector_groups(cfg: DedupConfig, run: Run, col: Column, uf: UnionFind) -> st
             return f"exact search, k={cfg.k}"
         index, entry = open_index(run.path, col.name, verify=cfg.verify)
         if method == "index":
+            if ix.ivf_of(index) is not None:
+                ix.set_search_params(index, {"nprobe": cfg.nprobe})
             for start, scores, nbrs in ix.neighbours(index, source.chunks(
                     chunk_rows=chunk), cfg.k):
                 ids = np.arange(start, start + len(nbrs))
                 a, b, _ = knn_edges((ids, nbrs, scores), cfg.threshold)
                 uf.union(a, b)
                 bar.update(len(ids))
-            return f"index {entry.factory}, k={cfg.k}"
+            probe = f", nprobe={cfg.nprobe}" if ix.ivf_of(index) is not None else ""
+            return f"index {entry.factory}, k={cfg.k}{probe}"
         if ix.ivf_of(index) is None:
             raise InputError(f"--method clusters needs an IVF index; the {col.name} index is "
                              f"{entry.factory}: use --method index")

@@ -306,3 +306,31 @@ def test_serve_marks_hits_that_have_duplicates(planted, tmp_path: Path) -> None:
     groups, _, _ = _oracle(rows)
     alone = [h for i, h in hits.items() if not any(i in g for g in groups)]
     assert all(h.duplicates is None for h in alone)
+
+
+def test_index_dedup_searches_the_keep_list(planted, tmp_path: Path, capsys) -> None:
+    from pipeline.search import search
+
+    run0, rows = planted
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    src = next(i for i, _, _ in rows if i.endswith("_copy0")).removesuffix("_copy0")
+    assert main(["index", "--run", str(run), "--columns", "clip_image", "--no-progress",
+                 "--dedup"]) == 2
+    assert "pipeline dedup" in capsys.readouterr().err
+    run_dedup(DedupConfig(run=str(run), by=("digest",), progress=False))
+    assert main(["index", "--run", str(run), "--columns", "clip_image", "--no-progress",
+                 "--dedup"]) == 0
+    assert "dedup keep-list" in capsys.readouterr().out
+    groups, _, _ = _oracle(rows)
+    dropped = {i for g in groups for i in sorted(g)[1:]}  # rule first: the earliest row
+    hits = search(run, image=None, text="a drawing", column="clip_image", k=len(rows),
+                  device="cpu").hits
+    ids = {h.id for h in hits}
+    assert len(hits) == len(rows) - len(dropped) and src in ids
+    assert f"{src}_copy0" not in ids
+    assert main(["index", "--run", str(run), "--columns", "clip_image", "--no-progress",
+                 "--no-dedup"]) == 0
+    hits = search(run, image=None, text="a drawing", column="clip_image", k=len(rows),
+                  device="cpu").hits
+    assert len(hits) == len(rows)
