@@ -334,3 +334,38 @@ def test_index_dedup_searches_the_keep_list(planted, tmp_path: Path, capsys) -> 
     hits = search(run, image=None, text="a drawing", column="clip_image", k=len(rows),
                   device="cpu").hits
     assert len(hits) == len(rows)
+
+
+def test_page_marks_duplicates_in_chromium(planted, tmp_path: Path) -> None:
+    """The search page draws a hit with duplicates framed, listing them (real Chromium)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from tests._serve_fixtures import serving
+    from tests.test_page import ARGS, CHROMIUM, _until
+
+    if not CHROMIUM.exists():
+        pytest.skip("no browser: /usr/bin/chromium is missing (apt-get install chromium)")
+    from pipeline.config import IndexConfig
+    from pipeline.index import run_index
+
+    run0, rows = planted
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    run_index(IndexConfig(run=str(run), columns=("clip_image",), progress=False))
+    run_dedup(DedupConfig(run=str(run), by=("digest",), progress=False))
+    src = next(i for i, _, _ in rows if i.endswith("_copy0")).removesuffix("_copy0")
+    with serving(run) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        pg = browser.new_page()
+        pg.goto(url)
+        _until(pg, "() => document.getElementById('models').textContent.includes('clip =')")
+        pg.fill("#k", str(len(rows)))
+        pg.fill("#q", "a drawing")
+        pg.press("#q", "Enter")
+        _until(pg, f"() => document.querySelectorAll('.card').length === {len(rows)}")
+        marked = pg.eval_on_selector_all(
+            ".card.dup", "cs => cs.map(c => [c.dataset.id, c.querySelector('.dups')"
+            ".textContent])")
+        browser.close()
+    groups, _, _ = _oracle(rows)
+    assert {i for i, _ in marked} == {i for g in groups for i in g}
+    assert dict(marked)[src] == f"duplicates: {src}_copy0"
