@@ -203,8 +203,8 @@ class DedupConfig:
                             "near-duplicates")
     hash_distance: int = knob(8, "most differing bits of two perceptual hashes (of 64)")
     method: str = knob("auto", "neighbours from the run's index (k-NN graph), exactly within "
-                       "its IVF lists (beyond memory), or exact search (small runs); auto: "
-                       "the index when there is one, else exact",
+                       "its IVF lists (SemDeDup), or exact search (small runs); auto: per "
+                       "IVF list on an IVF index, k-NN through any other, else exact",
                        choices=("auto", "index", "clusters", "exact"))
     k: int = knob(10, "neighbours per image from the index")
     nprobe: int = knob(8, "index method, IVF index: lists searched per image (copies sit in "

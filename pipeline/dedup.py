@@ -7,8 +7,8 @@ Signals (``[dedup] by``), all unioned into one set of groups (:mod:`embeddings.d
 - ``vector``: an image column at cosine >= ``threshold``.  Neighbours come from the run's
   index (the k-NN graph of every row: each row's ``k`` nearest, one chunk at a time), or
   exactly within each row's nearest IVF lists of that index (``clusters``: SemDeDup's
-  way, for runs whose index does not answer fast enough), or by exact search while the
-  column fits half the memory budget (``exact``: small runs without an index).
+  way, the default on an IVF index), or by exact search while the column fits half the
+  memory budget (``exact``: small runs without an index).
 
 Runs embedded before fingerprints were recorded have none: the stage says how many rows
 lack them and groups those by the embedding column alone.  Everything is written through
@@ -201,7 +201,7 @@ def _vector_groups(cfg: DedupConfig, run: Run, col: Column, uf: UnionFind) -> st
     """Union the near-duplicate pairs of ``col``; returns how neighbours were found."""
     n, d = uf.parent.shape[0], col.dim
     entry = run.index.entries().get(col.name)
-    method = cfg.method if cfg.method != "auto" else ("index" if entry else "exact")
+    method = cfg.method if cfg.method != "auto" else _auto(entry)
     budget = _budget(cfg, entry)
     chunk = chunk_rows(d, budget)
     source = run.embed.source(col.name, cfg.verify)
@@ -245,6 +245,15 @@ def _vector_groups(cfg: DedupConfig, run: Run, col: Column, uf: UnionFind) -> st
                 m / assign.shape[1]))
             del spilled
         return f"exactly within the {cfg.lists} nearest lists of {entry.factory}"
+
+
+def _auto(entry: Any) -> str:
+    """Per IVF list on an IVF index (at 1M rows 3.6x faster than its k-NN graph at the
+    same recall of planted copies, README), the k-NN graph through any other index
+    (Flat, HNSW: smaller runs), exact search without one."""
+    if entry is None:
+        return "exact"
+    return "clusters" if entry.factory.startswith("IVF") else "index"
 
 
 def _counted(batches: Iterator[Any], bar: tqdm) -> Iterator[Any]:
