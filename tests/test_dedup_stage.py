@@ -369,3 +369,31 @@ def test_page_marks_duplicates_in_chromium(planted, tmp_path: Path) -> None:
     groups, _, _ = _oracle(rows)
     assert {i for i, _ in marked} == {i for g in groups for i in g}
     assert dict(marked)[src] == f"duplicates: {src}_copy0"
+
+
+def test_vectors_per_ivf_list_and_through_the_index(planted, tmp_path: Path) -> None:
+    """On an IVF index the default compares pairs within each row's nearest lists; the
+    k-NN graph through the index and exact search find the same byte copies."""
+    from pipeline.config import IndexConfig
+    from pipeline.index import run_index
+
+    run0, rows = planted
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    groups, _, _ = _oracle(rows)
+    found = {}
+    for method in ("exact", "auto", "index"):
+        if method == "auto":
+            run_index(IndexConfig(run=str(run), columns=("clip_image",), factory="IVF4,Flat",
+                                  progress=False))
+        info = run_dedup(DedupConfig(run=str(run), by=("vector",), threshold=0.9999,
+                                     method=method, lists=4, progress=False)).summary
+        found[method] = _groups(run)
+        assert all(any(g <= f for f in found[method]) for g in groups), method
+        assert ("lists of IVF4,Flat" in info["signals"]["vector"]) == (method == "auto")
+    # every list compared (lists=4 of 4): exactly the pairs exact search finds
+    assert found["auto"] == found["exact"]
+    with pytest.raises(InputError, match="IVF"):
+        shutil.rmtree(run / "index")
+        run_index(IndexConfig(run=str(run), columns=("clip_image",), progress=False))
+        run_dedup(DedupConfig(run=str(run), by=("vector",), method="clusters", progress=False))
