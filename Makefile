@@ -24,7 +24,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup dedup bench-dedup-stage
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup dedup bench-dedup-stage
 
 setup: $(VENV)/.installed
 
@@ -101,6 +101,11 @@ N ?= 20000000
 SCALE_DIR ?= runs/bench-scale
 bench-scale: setup
 	$(PY) benchmarks/bench_scale.py --n $(N) --dir $(SCALE_DIR) $(ARGS)
+
+# Start-up: --help and one demo search in fresh interpreters (make demo first);
+# ARGS="--baseline DIR" compares with a checkout of another version in the same run.
+bench-startup: setup
+	$(PY) benchmarks/bench_startup.py $(ARGS)
 
 # Local engine vs Ray engine (local Ray cluster), same demo images and models, one run.
 bench-ray: setup

@@ -19,7 +19,7 @@ from .decode import iter_pixels
 from .decode_base import ImageFiles, Item, collate_exact
 from .encoders import Encoder
 from .fingerprint import Print
-from .images import DEFAULT_MAX_PIXELS
+from .limits import DEFAULT_MAX_PIXELS
 from .sources import ImageSource
 
 

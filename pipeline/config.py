@@ -25,10 +25,10 @@ from typing import Any
 
 import tomllib
 
-from embeddings.encoders import EncoderSpec
+from embeddings.encoder_base import EncoderSpec
 from embeddings.errors import InputError, MissingError
-from embeddings.images import DEFAULT_MAX_PIXELS
-from embeddings.store import check_name
+from embeddings.limits import DEFAULT_MAX_PIXELS
+from embeddings.names import check_name
 
 DEFAULT_CONFIG = Path("configs/default.toml")
 DEFAULT_RUN = "runs/default"
@@ -117,8 +117,7 @@ class IndexConfig:
     recall_queries: int = knob(500, "held-out queries for tuning, as many for measuring")
     device: str = knob("auto", "auto, cpu or cuda (GPU needs a GPU build of FAISS)")
     rebuild: bool = knob(False, "rebuild from scratch instead of adding new shards")
-    dedup: bool | None = knob(None, "search only the dedup keep-list's image rows (--no-dedup:"
-                              " all rows again); the vectors of the others stay indexed")
+    dedup: bool | None = knob(None, "searches keep to the dedup keep-list (--no-dedup: all)")
     verify: bool = knob(True, "check shard and index checksums before use")
     engine: str = knob("local", "what adds the vectors: this process, or Ray tasks (each "
                        "adds a range of shards; pip install -e \".[ray]\")",
@@ -150,8 +149,7 @@ class EvalConfig:
     encoders: tuple[str, ...] = knob((), "encoders to evaluate (default: every image+text "
                                      "encoder)")
     exact_only: bool = knob(False, "skip the index (no index needed)")
-    exclude_leaks: bool = knob(False, "also evaluate without the images that have a "
-                               "near-duplicate in train, and their captions (needs `dedup`)")
+    exclude_leaks: bool = knob(False, "also evaluate without images that have a copy in train")
 
 
 @dataclass(frozen=True)
@@ -171,8 +169,7 @@ class HeadsConfig:
     metric: str = knob("macro_f1", "picks the best head, drawn in the chart",
                        choices=("accuracy", "macro_f1"))
     seed: int = knob(0, "seed of splits and training")
-    exclude_leaks: bool = knob(False, "evaluate without the val/test images that have a "
-                               "near-duplicate in train (needs `dedup`); the table shows both")
+    exclude_leaks: bool = knob(False, "evaluate without images that have a copy in train too")
     dedup: bool = knob(False, "train and evaluate on the dedup keep-list's images only")
     val_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     test_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
@@ -190,32 +187,27 @@ class ServerConfig:
     threads: int | None = knob(None, "torch threads per query encoding (default: one per "
                                "core; 1 is faster on a machine busy with other work)")
     max_upload_mb: float = knob(8.0, "largest image upload in MiB")
+    root: str | None = knob(None, "where the dataset's images are: their folder, a remote "
+                            "root (s3://bucket/prefix, https://host/path), or the folder or "
+                            "URL prefix of the tar shards (default: the place recorded at "
+                            "embed time, if the run was sealed on this machine)")
 
 
 @dataclass(frozen=True)
-class DedupConfig:
+class DedupConfig:  # README "The dedup stage" says what each knob does
     run: str = DEFAULT_RUN
-    by: tuple[str, ...] = knob(("digest", "phash", "vector"), "signals that join two images: "
-                               "equal content digest, perceptual hashes within --hash-distance"
-                               " bits, embeddings at cosine >= --threshold")
+    by: tuple[str, ...] = knob(("digest", "phash", "vector"), "what joins two images")
     column: str | None = knob(None, "image column compared (default: the first one)")
-    threshold: float = knob(0.95, "cosine similarity at or above which two images are "
-                            "near-duplicates")
+    threshold: float = knob(0.95, "cosine at or above which two images are near-duplicates")
     hash_distance: int = knob(8, "most differing bits of two perceptual hashes (of 64)")
-    method: str = knob("auto", "neighbours from the run's index (k-NN graph), exactly within "
-                       "its IVF lists (SemDeDup), or exact search (small runs); auto: per "
-                       "IVF list on an IVF index, k-NN through any other, else exact",
-                       choices=("auto", "index", "clusters", "exact"))
+    method: str = knob("auto", "neighbours: index (k-NN), clusters (per IVF list), exact; auto:"
+                       " by the index", choices=("auto", "index", "clusters", "exact"))
     k: int = knob(10, "neighbours per image from the index")
-    nprobe: int = knob(8, "index method, IVF index: lists searched per image (copies sit in "
-                       "the nearest few; the index's own nprobe is tuned for all neighbours)")
+    nprobe: int = knob(8, "index method, IVF index: lists searched per image")
     lists: int = knob(3, "clusters method: nearest IVF lists compared per image")
-    keep: tuple[str, ...] = knob(("first",), "keep rules, most important first: first, "
-                                 "resolution, split")
+    keep: tuple[str, ...] = knob(("first",), "keep rules in order: first, resolution, split")
     prefer: tuple[str, ...] = knob(("train", "val", "test"), "split order of the split rule")
-    memory_budget_gb: float | None = knob(None, "memory in GiB for the vectors compared at "
-                                          "once (default: the index's budget, else 4)",
-                                          flag="--memory-budget")
+    memory_budget_gb: float | None = knob(None, "GiB (default: the index's)", flag="--memory-budget")
     sheet_groups: int = knob(12, "groups drawn on the contact sheet (largest first)")
     verify: bool = knob(True, "check shard and index checksums before use")
     progress: bool = knob(True, "progress bars")
@@ -331,6 +323,9 @@ def embed_config(raw: Mapping[str, Any], run: str | None = None,
                 run=run_dir(raw, run))
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise InputError("[embed] batch_size and shard_size must be >= 1")
+    if cfg.max_pixels < 1:
+        raise InputError(f"[embed] max_pixels must be >= 1 (pixels per image), not "
+                         f"{cfg.max_pixels}")
     if cfg.workers is not None and cfg.workers < 0:
         raise InputError(f"[embed] workers must be >= 0, not {cfg.workers}")
     return cfg
@@ -367,6 +362,13 @@ def _encoders(raw: Mapping[str, Any], model: str | None,
     if len(set(names)) != len(names):
         raise InputError(f"encoder names must be unique, got {names}")
     return tuple(encoders)
+
+
+def config_models(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """The model strings the config's ``[[encoders]]`` name (checked by :func:`load_toml`)."""
+    tables = raw.get("encoders", [])
+    return tuple(t["model"] for t in tables if isinstance(t, dict)
+                 and isinstance(t.get("model"), str))
 
 
 def stage_config(cls: type, name: str, raw: Mapping[str, Any], run: str | None = None,

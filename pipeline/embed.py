@@ -16,6 +16,7 @@ import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -65,14 +66,14 @@ class EmbedResult:
 
 def run_embed(cfg: EmbedConfig) -> EmbedResult:
     """Run (or resume) the embed stage described by ``cfg``."""
-    check_engine(cfg.engine)  # a missing engine fails before any work
+    check_engine(cfg.engine, cfg.ray_address)  # a missing engine fails before any work
     t0 = time.perf_counter()
     run = Run(cfg.run)
     # Under Ray the driver's models serve only the identity checks: the actors embed.
     models = Models(cfg, resolve_device("cpu" if cfg.engine == "ray" else cfg.device))
     source = open_dataset(cfg.data.path, cfg.data.root, cfg.data.format,
                           fields=cfg.data.fields(), net=cfg.data.network())
-    with run.lock("embed"):
+    with run.lock("embed") as lock:
         spec = _spec(cfg, source)
         recorded = run.embed.read_identity()
         if recorded is not None and _more_shards(recorded.spec, spec):
@@ -84,9 +85,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
         done = _finished(run, cfg)
         full = _final_blocks(run, cfg, source, done)
         stats = _Progress(cfg)
-        todo = (b for b in source.blocks(cfg.shard_size, skip=full)
-                if b.pending is not None  # a tar shard: not read here (see _final_blocks)
-                or not (b.index in done and _same_inputs(run, done[b.index], b)))
+        todo = _todo(run, source.blocks(cfg.shard_size, skip=full), done)
         try:
             first = next(todo, None)
             if first is not None:  # models are loaded, and checked, only when there is work
@@ -95,7 +94,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
                     recorded = RunIdentity(spec, models.columns)
                     run.embed.write_identity(recorded)
                 _check_columns(run, recorded, models.columns)
-                job = EngineJob(run, source.image_source, models, cfg, stats)
+                job = EngineJob(run, source.image_source, models, cfg, stats, lock.token)
                 done.update(ENGINES[cfg.engine](job, itertools.chain([first], todo)))
         except KeyboardInterrupt:
             log.warning("interrupted: the %d block(s) finished in this run are kept (%d in "
@@ -106,7 +105,10 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
             stats.close()
         if not done:
             raise InputError(f"{cfg.data.path}: the dataset has no rows to embed")
-        if not stats.blocks and run.embed.has_manifest() and _listed(run, done):
+        if not any(img.rows for img, _ in done.values()):
+            _nothing_embedded(run, cfg, source, done)
+        if not stats.blocks and run.embed.has_manifest() and _listed(run, done) \
+                and _sealed(run, recorded):
             m = run.embed.manifest()
             log.info("nothing to do: %s is complete", run.embed.dir)
             return EmbedResult(run.path, 0, {k: m.rows(k) for k in KINDS},
@@ -115,6 +117,10 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
         if recorded is None:
             raise FormatError(f"{run.embed.spec_path} is missing: delete {run.embed.dir} and "
                               "rerun to start over")
+        if not recorded.trusted:  # it matches this config (checked above): seal it here
+            log.info("sealing %s: its dataset and models are the ones your config names",
+                     run.path)
+            run.embed.write_identity(recorded)
         manifest = _finalise(run, cfg, source, recorded, done)
     return EmbedResult(run.path, stats.blocks, {k: manifest.rows(k) for k in KINDS},
                        manifest.reject_counts(), time.perf_counter() - t0,
@@ -207,6 +213,7 @@ def _finished(run: Run, cfg: EmbedConfig) -> dict[int, tuple[ShardRecord, ShardR
                 pair.append(run.embed.verify_shard(kind, block, recorded))
             except FormatError as e:
                 log.warning("%s: re-embedding block %d", e, block)
+                run.embed.withdraw([block])
                 for p in (files[k].get(block) for k in KINDS):
                     if p is not None:
                         p.unlink(missing_ok=True)
@@ -232,10 +239,51 @@ def _unreachable(info: ShardInfo) -> bool:
                for r in info.rejects)
 
 
+def _todo(run: Run, blocks: Iterator[Block],
+          done: dict[int, tuple[ShardRecord, ShardRecord]]) -> Iterator[Block]:
+    """The blocks still to embed.  A finished block the dataset grew into is redone, and a
+    tar shard handed back by :func:`_final_blocks` (not read here) is tried again; either is
+    withdrawn from the manifest first: readers never meet a listed shard being replaced."""
+    for b in blocks:
+        if b.index in done:
+            if b.pending is None and _same_inputs(run, done[b.index], b):
+                continue
+            run.embed.withdraw([b.index])
+        yield b
+
+
+def _nothing_embedded(run: Run, cfg: EmbedConfig, source: Source | TarDataset,
+                      done: dict[int, tuple[ShardRecord, ShardRecord]]) -> None:
+    """Not one image survived: say why in one line, keep the rejects for the details and
+    leave no identity behind, so the same command with the right options starts afresh."""
+    rejects = [r for kind in KINDS for b in sorted(done)
+               for r in run.embed.shard_info(run.embed.shard_path(done[b][KINDS.index(kind)]))
+               .rejects]
+    inputs = sum(img.inputs for img, _ in done.values()) or len(rejects)
+    why = Counter(_reason_class(r["reason"]) for r in rejects)
+    detail = ", ".join(f"{k}: {n}" for k, n in why.most_common(4)) or "no image rows"
+    run.embed.discard(rejects)
+    raise InputError(
+        f"nothing to embed: all {inputs} input row(s) of {cfg.data.path} were rejected "
+        f"({detail}); check the dataset root ({source.root}), the format ({source.format}) "
+        f"and the pixel budget (max_pixels {cfg.max_pixels}); each item's reason is in "
+        f"{run.embed.rejects_path}")
+
+
 def _same_inputs(run: Run, records: tuple[ShardRecord, ShardRecord], block: Block) -> bool:
     """A re-read partial block is done only if the dataset did not grow into it."""
     info = run.embed.shard_info(run.embed.shard_path(records[0]))
     return info.inputs == block.image_column("id")
+
+
+def _sealed(run: Run, recorded: RunIdentity | None) -> bool:
+    """Whether the identity and the manifest were sealed on this machine.  A run made
+    elsewhere (or by an older version) that matches the user's config, dataset and models
+    (the checks before this) gets its files rewritten and sealed: the config vouches."""
+    try:
+        return recorded is not None and recorded.trusted and run.embed.manifest().trusted
+    except FormatError:
+        return False
 
 
 def _listed(run: Run, done: dict[int, tuple[ShardRecord, ShardRecord]]) -> bool:

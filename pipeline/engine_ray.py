@@ -13,8 +13,11 @@ reports progress and, after the last block, writes the manifest.
 
 Faults: a task or actor that dies is restarted and its block retried by Ray; shards
 appear by atomic rename of uniquely named temporary files, so a retried block rewrites
-its shards whole.  A killed driver takes its job's workers with it; rerunning the same
-command resumes from the finished shards, like the local engine.
+its shards whole.  A killed driver takes its job's workers with it (Ray may take
+seconds to notice): before each block's shards an actor checks that the driver still
+holds the run's embed lock (:func:`embeddings.store.still_held`, the lease) and writes
+nothing once it does not.  Rerunning the same command resumes from the finished shards,
+like the local engine.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from embeddings.encoders import resolve_device
 from embeddings.errors import InputError, UserError
 from embeddings.ingest import Block
 from embeddings.sources import ImageSource
-from embeddings.store import Run
+from embeddings.store import Run, still_held
 
 from .config import EmbedConfig
 from .unit import (
@@ -110,7 +113,7 @@ def _run(job: EngineJob, blocks: list[Block]) -> Done:
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if gpus else 0, num_cpus=1,  # dead actors: restarted, block retried
         fn_constructor_kwargs={"cfg": cfg, "run": str(job.run.path.resolve()),
-                               "source": job.source,
+                               "source": job.source, "lease": job.lease,
                                "crash_marker": os.environ.get(CRASH_ONCE_ENV)})
     log.info("ray: %d blocks on %d %s actor(s) (cluster: %d CPUs, %d GPUs)", len(blocks),
              actors, "GPU" if gpus else "CPU", cpus, gpus)
@@ -185,12 +188,13 @@ def _unpack(packed: dict[str, Any]) -> list[Decoded]:
 class _Embedder:
     """One actor: the models, loaded once; embeds blocks and writes their shards."""
 
-    def __init__(self, cfg: EmbedConfig, run: str, source: ImageSource,
+    def __init__(self, cfg: EmbedConfig, run: str, source: ImageSource, lease: str = "",
                  crash_marker: str | None = None) -> None:
         device = _actor_device(cfg)
         if device.type == "cpu":
             torch.set_num_threads(min(CPU_THREADS, os.cpu_count() or 1))
         self.cfg, self.source, self.run = cfg, source, Run(Path(run))
+        self.lease = lease
         self.models = Models(cfg, device).load()
         self.crash_marker = crash_marker
 
@@ -202,8 +206,15 @@ class _Embedder:
                                  decoded=_unpack(pickle.loads(packed)))
             if self.crash_marker and _first_claim(self.crash_marker):
                 os._exit(1)  # a dying worker, mid-block (tests only)
+            if self.lease and not still_held(self.run.embed.dir, self.lease):
+                raise DriverGone(f"the driver of the embed run {self.run.path} is gone (its "
+                                 f"lock is no longer held): not writing block {block.index}")
             out.append(pickle.dumps(write_block(self.run, block, result, self.cfg.dtype)))
         return {"index": batch["index"], "records": np.array(out, dtype=object)}
+
+
+class DriverGone(RuntimeError):
+    """A worker found its driver's lock released: the run is no longer being written."""
 
 
 def _actor_device(cfg: EmbedConfig) -> torch.device:

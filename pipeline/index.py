@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,16 @@ from tqdm import tqdm
 
 from embeddings import index as ix
 from embeddings.errors import FormatError, InputError, RunMismatch
-from embeddings.store import Column, IndexEntry, Run, ShardSpan, check_name, check_same_model
+from embeddings.store import (
+    Column,
+    IndexEntry,
+    Run,
+    ShardSpan,
+    Tampered,
+    check_name,
+    check_same_model,
+    still_held,
+)
 
 from .config import IndexConfig
 from .leaks import kept_mask
@@ -52,14 +62,7 @@ class ColumnResult:
 
 def run_index(cfg: IndexConfig) -> list[ColumnResult]:
     """Build or update the index of every selected column of ``cfg.run``."""
-    if cfg.memory_budget_gb <= 0 or not 0 < cfg.target_recall <= 1:
-        raise InputError("[index] memory_budget_gb must be > 0 and target_recall in (0, 1]")
-    if cfg.workers is not None and cfg.workers < 1:
-        raise InputError(f"[index] workers must be >= 1, not {cfg.workers}")
-    if cfg.engine == "ray":
-        from .engines import check_engine
-
-        check_engine("ray")
+    check_config(cfg)
     run = Run(cfg.run)
     embed = run.embed.manifest()
     columns = [check_name(c, "column") for c in (cfg.columns or embed.columns)]
@@ -69,12 +72,14 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
             ix.check_factory(cfg.factory, cols[c].dim)
     gpu = ix.use_gpu(cfg.device)
     results = []
-    with run.lock("index"):
-        entries = run.index.entries()
+    with run.lock("index") as lock:
+        # Ray tasks stop writing parts once this process no longer holds the lock.
+        alive = partial(still_held, run.index.dir, lock.token) if cfg.engine == "ray" else None
+        entries = run.index.entries(ignore_damage=cfg.rebuild)  # --rebuild: any state
         for column in columns:
             old = entries.get(column)
             spans = [ShardSpan(s.file, s.rows) for s in embed.shards[cols[column].kind]]
-            result, entry = _update_column(cfg, run, cols[column], spans, old, gpu)
+            result, entry = _update_column(cfg, run, cols[column], spans, old, gpu, alive)
             results.append(result)
             if result.action == "unchanged":
                 continue
@@ -87,6 +92,8 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
                         cfg.dedup, results)
         if any(r.action != "unchanged" for r in results):
             _warm_filters(run, {cols[c].kind for c in columns})
+        if entries and not run.index.trusted and all(r.action == "unchanged" for r in results):
+            run.index.write_entries(entries)  # checked against the embed stage: seal it here
     return results
 
 
@@ -119,16 +126,36 @@ def _warm_filters(run: Run, kinds: set[str]) -> None:
             run.filters.mask(kind, split, None)
 
 
+def check_config(cfg: IndexConfig) -> None:
+    """Every [index] number in its range, before any work."""
+    if cfg.memory_budget_gb <= 0 or not 0 < cfg.target_recall <= 1:
+        raise InputError("[index] memory_budget_gb must be > 0 and target_recall in (0, 1]")
+    if cfg.recall_queries < 1:
+        raise InputError(f"[index] recall_queries (--recall-queries) must be >= 1, not "
+                         f"{cfg.recall_queries}")
+    if cfg.flat_max < 0 or not 0 <= cfg.recall_threshold <= 1:
+        raise InputError("[index] flat_max must be >= 0 and recall_threshold in [0, 1]")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise InputError(f"[index] workers must be >= 1, not {cfg.workers}")
+    if cfg.engine == "ray":
+        from .engines import check_engine
+
+        check_engine("ray", cfg.ray_address)
+
+
 def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan],
-                   entry: IndexEntry | None, gpu: bool) -> tuple[ColumnResult, IndexEntry]:
+                   entry: IndexEntry | None, gpu: bool,
+                   alive: Any = None) -> tuple[ColumnResult, IndexEntry]:
     if entry is None or cfg.rebuild:
         return _build(cfg, run, col, now, gpu, "rebuilt" if entry else "built",
-                      "--rebuild" if entry else "")
+                      "--rebuild" if entry else "", alive)
     check_same_model(entry.provenance, col.provenance, f"the {col.name} index in "
                      f"{run.index.dir}", REBUILD + " (or delete the index folder)")
     try:
-        run.index.check(entry, full=cfg.verify, deep=cfg.verify)
+        run.index.check(entry, full=cfg.verify, deep=True)
         sound = ""
+    except Tampered:
+        raise  # a link in the run: refused, not rebuilt
     except FormatError as e:
         log.warning("%s", e)
         sound = "index file missing or corrupt"
@@ -137,9 +164,9 @@ def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan]
         return (ColumnResult(col.name, "unchanged", entry.ntotal, entry.factory,
                              entry.recall_at_10, 0.0), entry)
     if not sound and not forced_other and now[:len(entry.shards)] == entry.shards:
-        return _add(cfg, run, col, entry, now, gpu)
+        return _add(cfg, run, col, entry, now, gpu, alive)
     why = sound or ("factory changed" if forced_other else "shards changed")
-    return _build(cfg, run, col, now, gpu, "rebuilt", why)
+    return _build(cfg, run, col, now, gpu, "rebuilt", why, alive)
 
 
 def _budget(cfg: IndexConfig) -> int:
@@ -156,11 +183,11 @@ def _plan(cfg: IndexConfig, factory: str, n: int, d: int,
 
 
 def _job(cfg: IndexConfig, run: Run, col: Column, plan: ix.BuildPlan, scratch: Path,
-         gpu: bool, bar: tqdm) -> Any:
+         gpu: bool, bar: tqdm, alive: Any) -> Any:
     return ix.BuildJob(run.embed.source(col.name, cfg.verify), plan, scratch,
                        n_queries=cfg.recall_queries, k=RECALL_K, gpu=gpu,
                        ray_address=cfg.ray_address, workers=cfg.workers or os.cpu_count() or 1,
-                       progress=lambda done: bar.update(done - bar.n))
+                       progress=lambda done: bar.update(done - bar.n), alive=alive)
 
 
 def _bar(cfg: IndexConfig, column: str, rows: int) -> tqdm:
@@ -169,7 +196,7 @@ def _bar(cfg: IndexConfig, column: str, rows: int) -> tqdm:
 
 
 def _build(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], gpu: bool,
-           action: str, note: str) -> tuple[ColumnResult, IndexEntry]:
+           action: str, note: str, alive: Any = None) -> tuple[ColumnResult, IndexEntry]:
     t0 = time.perf_counter()
     n = sum(s.rows for s in now)
     if n == 0:
@@ -182,7 +209,7 @@ def _build(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], gpu: b
     log.info("%s: %d x %d -> %s (%s); %s build%s", col.name, n, col.dim, choice.factory,
              choice.reason, plan.builder, ", lists on disk" if plan.on_disk else "")
     with run.index.scratch() as scratch, _bar(cfg, col.name, n) as bar:
-        built = ix.BUILDERS[plan.builder](_job(cfg, run, col, plan, scratch, gpu, bar))
+        built = ix.BUILDERS[plan.builder](_job(cfg, run, col, plan, scratch, gpu, bar, alive))
         entry = _save(cfg, run, col, now, plan, built, not cfg.factory, gpu)
     entry.stats.update(reason=choice.reason, build_seconds=round(time.perf_counter() - t0, 3),
                        built=entry.stats["updated"])
@@ -191,7 +218,7 @@ def _build(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], gpu: b
 
 
 def _add(cfg: IndexConfig, run: Run, col: Column, entry: IndexEntry, now: list[ShardSpan],
-         gpu: bool) -> tuple[ColumnResult, IndexEntry]:
+         gpu: bool, alive: Any = None) -> tuple[ColumnResult, IndexEntry]:
     t0 = time.perf_counter()
     n = sum(s.rows for s in now)
     notes = [f"+{n - entry.ntotal} vectors"]
@@ -211,7 +238,7 @@ def _add(cfg: IndexConfig, run: Run, col: Column, entry: IndexEntry, now: list[S
     plan = _plan(cfg, entry.factory, n, col.dim, True if lists else None)
     new_shards = list(range(len(entry.shards), len(now)))
     with run.index.scratch() as scratch, _bar(cfg, col.name, n - entry.ntotal) as bar:
-        job = _job(cfg, run, col, plan, scratch, gpu, bar)
+        job = _job(cfg, run, col, plan, scratch, gpu, bar, alive)
         if truth is None:  # an index from before recall states were kept: measure afresh
             truth = _fresh_truth(job, len(entry.shards), entry.ntotal)
         built = ix.add_to(job, index, truth, new_shards, lists)

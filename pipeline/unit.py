@@ -183,3 +183,4 @@ class EngineJob:
     models: Models  # loaded on the driver (identity checked); engines may load more
     cfg: EmbedConfig
     progress: Any  # pipeline.embed._Progress
+    lease: str = ""  # token of the driver's embed lock: workers write only while it is held

@@ -23,6 +23,7 @@ from pipeline.cli import main
 from pipeline.config import DataConfig, EmbedConfig, IndexConfig
 from pipeline.embed import run_embed
 from pipeline.index import run_index
+from tests._tamper import edit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,17 +176,14 @@ def test_paths_from_run_files_stay_inside(run: Path, tmp_path: Path) -> None:
     victim.write_text("keep me")
     run_index(IndexConfig(run=str(run)))
     manifest = run / "index/manifest.json"
-    data = json.loads(manifest.read_text())
-    data["indexes"]["clip_image"]["file"] = "../../victim.txt"
-    manifest.write_text(json.dumps(data))
+    edit(manifest, lambda d: d["indexes"]["clip_image"].update(file="../../victim.txt"))
     with pytest.raises(FormatError, match="escapes"):
-        run_index(IndexConfig(run=str(run), rebuild=True))
+        run_index(IndexConfig(run=str(run)))
     assert main(["search", "x", "--run", str(run), "--device", "cpu"]) == 2
+    run_index(IndexConfig(run=str(run), rebuild=True))  # the remedy: the names are dropped
     assert victim.read_text() == "keep me"
     embed = run / "embed/manifest.json"
-    data = json.loads(embed.read_text())
-    data["shards"]["images"][0]["file"] = "../../victim.txt"
-    embed.write_text(json.dumps(data))
+    edit(embed, lambda d: d["shards"]["images"][0].update(file="../../victim.txt"))
     with pytest.raises(FormatError, match="escapes"):
         Run(run).embed.read_vectors("clip_image")
     assert victim.read_text() == "keep me"

@@ -230,6 +230,17 @@ def test_bad_shards_and_samples_are_counted_with_reasons(tmp_path: Path) -> None
         ds.image_source.read("00000.tar/zz.jpg")
 
 
+def test_a_json_member_nested_too_deeply_is_rejected(tmp_path: Path) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000  # RecursionError in json, not a traceback
+    _tar(tmp_path / "00000.tar", [("a.jpg", _jpeg()), ("a.json", deep),
+                                  ("b.jpg", _jpeg()), ("b.json", b'{"label": "x"}')])
+    (block,) = [b.ready() for b in open_dataset(str(tmp_path / "00000.tar"),
+                                                fields=Fields(label="label")).blocks(10)]
+    assert [(r.id, r.reason) for r in block.rejects] == [
+        ("a", "invalid JSON: a.json: nested too deeply")]
+    assert block.image_column("id") == ["b"]
+
+
 def test_mistakes_are_one_line_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:
     from pipeline.cli import main
 

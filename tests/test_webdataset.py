@@ -84,7 +84,7 @@ def test_every_source_gives_the_same_ids_vectors_and_rejects(same_images: Path, 
         embed("files over http", manifest, root=f"{url}/files", workers=2)
         served = Service(ServeConfig(run=str(tmp_path / "files over http"), device="cpu"))
         first = runs["files over http"]["images"][0]["id"]
-        assert served.thumbnail(first).stat().st_size > 0  # read through the URL source
+        assert len(served.thumbnail(first)) > 0  # read through the URL source
     with s3_server():
         upload(same_images, "s3://bucket/data")
         embed("objects in s3", manifest, root="s3://bucket/data/files", workers=2)
@@ -230,8 +230,8 @@ def test_serve_thumbnails_and_more_like_this_from_tar_shards(same_images: Path, 
             thumb = service.thumbnail(image_id)
             from PIL import Image
 
-            with Image.open(io.BytesIO(thumb.read_bytes())) as im:
+            with Image.open(io.BytesIO(thumb)) as im:
                 assert im.format == "JPEG" and max(im.size) <= 256
         copies = list((run / "serve/cache").glob("*.tar"))
         assert len(copies) == 1  # bounded: only the most recent shard copy is kept
-    assert service.thumbnail(ids[0]).is_file()  # cached, the server is gone
+    assert service.thumbnail(ids[1]) == thumb  # cached, the server is gone

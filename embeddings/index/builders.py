@@ -115,7 +115,7 @@ def add_to(job: BuildJob, index: faiss.Index, truth: Truth, shards: Sequence[int
                      rows_read=new.rows_read)
     if not job.plan.on_disk:  # still fits: add in place
         return add_shards(job, trained, truth, shards, into=index)
-    old_part = spill(index, job.scratch)  # now too big for memory: lists go to disk
+    old_part = spill(index, job.scratch, job.alive)  # now too big for memory: lists go to disk
     new = add_shards(job, trained, truth, shards)
     return Built(trained, truth, parts=[old_part, *new.parts], seconds=new.seconds,
                  rows_read=new.rows_read)

@@ -54,6 +54,7 @@ class BuildJob:
     ray_address: str | None = None
     workers: int = 2
     progress: Callable[[int], None] | None = None  # rows added so far
+    alive: Callable[[], bool] | None = None  # whether the driver still holds its lock
 
     @property
     def n(self) -> int:
@@ -116,11 +117,11 @@ def add_shards(job: BuildJob, trained: faiss.Index, truth: Truth,
         if job.progress:
             job.progress(done)
         if ivf and job.plan.on_disk and _held(index) >= job.plan.part_bytes:
-            parts.append(spill(index, job.scratch))
+            parts.append(spill(index, job.scratch, job.alive))
     seconds = {"add": time.perf_counter() - t0}
     if ivf and job.plan.on_disk:
         if index.ntotal:
-            parts.append(spill(index, job.scratch))
+            parts.append(spill(index, job.scratch, job.alive))
         trim_memory()
         return Built(trained, truth, parts=parts, seconds=seconds, rows_read=done)
     return Built(trained, truth, index=index, seconds=seconds, rows_read=done)
@@ -131,8 +132,16 @@ def _held(index: faiss.Index) -> int:
     return int(index.ntotal * (ivf.code_size + 8) * GROWTH)
 
 
-def spill(index: faiss.Index, scratch: Path) -> Lists:
-    """Write the lists of ``index`` to a new part file and empty it."""
+class DriverGone(RuntimeError):
+    """A Ray task found its driver's lock released: the build is no longer wanted."""
+
+
+def spill(index: faiss.Index, scratch: Path, alive: Callable[[], bool] | None = None) -> Lists:
+    """Write the lists of ``index`` to a new part file and empty it; nothing once
+    ``alive`` says the driver is gone (a Ray task outliving a killed ``index``)."""
+    if alive is not None and not alive():
+        raise DriverGone(f"the driver of this index build is gone (its lock is no longer "
+                         f"held): not writing into {scratch}")
     scratch.mkdir(parents=True, exist_ok=True)
     part = write_part(index, scratch / f"part-{time.time_ns()}-{secrets.token_hex(4)}.lists")
     ivf = ivf_of(index)

@@ -181,8 +181,9 @@ def _row(key: str, members: dict[str, tuple[str, bytes]], shard: str, fields: Fi
         return None
     try:
         meta = _json(members.get("json")) if any(asdict(fields).values()) else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else \
+            "nested too deeply" if isinstance(e, RecursionError) else "not UTF-8"
         rejects.append(Reject("images", key, f"invalid JSON: {members['json'][0]}: {why}"))
         return None
     try:

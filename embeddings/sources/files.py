@@ -2,14 +2,18 @@
 
 A key is a path relative to the root (POSIX separators), or an absolute path inside it.
 Rejected: anything that leaves the root lexically (``../x``, ``/etc/x``) or through a
-symlinked folder or file.  :meth:`FileSource.check` decides a whole column with Arrow
-kernels (Python only for odd paths and symlinked folders, with a cache of folders);
-:meth:`FileSource.read` resolves the one path it reads (symlinks followed) and refuses it
-outside the root, so a run directory edited to point elsewhere reads nothing either.
+symlinked folder or file (a dataset's links that stay inside the root are followed).
+This is the one confinement rule for local images: :meth:`FileSource.check` decides a
+whole column with Arrow kernels at ingest (Python only for odd paths and symlinked
+folders, with a cache of folders); :meth:`FileSource.read` (the embed stage's decoders,
+Ray tasks, ``serve``'s thumbnails) applies it again to the one path it reads: resolved,
+refused outside the root, then opened without following a link, so a link swapped in
+after the check, or a run directory edited to point elsewhere, reads nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -20,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..arrow import np_values, replace_at
-from ..images import read_image_bytes
+from ..images import ImageError, read_image_fd
 from .base import ESCAPES, Checked, ImageSource, OutsideRoot
 from .remote import is_url, redact
 
@@ -60,7 +64,22 @@ class FileSource(ImageSource):
         return Path(target)
 
     def read(self, key: str) -> bytes:
-        return read_image_bytes(self.resolve(key))
+        return read_image_fd(self.open(key))
+
+    def open(self, key: str) -> int:
+        """A read-only descriptor of image ``key``: checked by :meth:`resolve`, then opened
+        without following a link (one swapped in since the check is refused); not blocking,
+        so a FIFO named as an image is refused, not waited on."""
+        target = self.resolve(key)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        try:
+            return os.open(target, flags)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise OutsideRoot(f"{ESCAPES}: {key}") from None
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise ImageError("missing file") from None
+            raise ImageError(f"unreadable image: {type(e).__name__}: {e.strerror}") from None
 
     # ------------------------------------------------------------------ a column
 
@@ -93,9 +112,11 @@ class FileSource(ImageSource):
         return Checked(rel, ids, reasons)
 
     def _inside(self, target: str) -> str | None:
-        """``target`` (absolute, normalised) relative to the root, or None outside it."""
-        if target.startswith(self._root + os.sep):
-            return target[len(self._root) + 1:]
+        """``target`` (absolute, normalised or real) relative to the root, or None when it
+        lies outside: the test every other method ends in."""
+        root = self._root.rstrip(os.sep)
+        if target.startswith(root + os.sep):
+            return target[len(root) + 1:]
         return None
 
     def _dir(self, d: str) -> tuple[str | None, frozenset[str]]:

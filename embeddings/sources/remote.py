@@ -97,6 +97,11 @@ class Network:
     timeout: float = 60.0
 
 
+class LocalError(Exception):
+    """A local failure met during a remote read (a cache that cannot be written): the
+    network's retries do not apply."""
+
+
 def classify(error: BaseException, url: str) -> tuple[bool, str]:
     """(worth retrying, reason) for an exception met reading ``url``."""
     where = redact(url)
@@ -118,7 +123,7 @@ def call(fn: Callable[[], T], url: str, net: Network,
     for attempt in range(net.retries + 1):
         try:
             return fn()
-        except (ImageError, InputError):
+        except (ImageError, InputError, LocalError):
             raise
         except Exception as e:
             retry, reason = classify(e, url)

@@ -9,19 +9,20 @@ a shell (webdataset's ``pipe:`` URLs are not accepted).
 
 An image's key is ``SHARD/MEMBER`` (``00003.tar/000030012.jpg``); :meth:`TarSource.read`
 finds one member, for the search page's thumbnails: a local shard by its headers, a remote
-one from a copy kept in a bounded cache (:meth:`TarSource.with_cache`).
+one from a copy kept in a bounded cache (:meth:`TarSource.with_cache`,
+:mod:`.shard_cache`: copies checked by their digest, never through a link), or read as a
+stream up to the member when there is no usable cache.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
+import logging
 import os
 import posixpath
 import re
 import shutil
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +30,18 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
-from ..errors import InputError, MissingError
+from ..errors import InputError
 from ..images import ImageError
 from .base import ESCAPES, Checked, ImageSource, OutsideRoot, nonempty
 from .remote import READ_CHUNK, Network, Remote, call, check_root, is_url, protocol, redact
+from .shard_cache import CacheUnusable, Folder, ShardCache
 
 SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MAX_MEMBER_BYTES = 256 << 20  # a member larger than this is skipped unread
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _TAR_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+log = logging.getLogger(__name__)
 
 
 def expand(pattern: str) -> list[str]:
@@ -118,7 +121,7 @@ class TarSource(ImageSource):
     kind = "webdataset"
 
     def __init__(self, shards: str | list[str] | tuple[str, ...], net: Network | None = None,
-                 cache: tuple[Path, int] | None = None) -> None:
+                 cache: ShardCache | None = None) -> None:
         urls = [s for p in ([shards] if isinstance(shards, str) else shards) for s in expand(p)]
         if not urls:
             raise InputError("no tar shards given")
@@ -133,16 +136,17 @@ class TarSource(ImageSource):
         self.remote = Remote(protocol(self.base), self.net, self.base) \
             if is_url(self.base) else None
         self.cache = cache
+        self._warned = False
         self._names = {s: i for i, s in enumerate(self.shards)}
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "root": redact(self.base), "shards": list(self.shards)}
 
-    def with_cache(self, folder: Path, max_bytes: int) -> TarSource:
+    def with_cache(self, folder: Folder, max_bytes: int) -> TarSource:
         if self.remote is None:
             return self  # local shards are read in place
         return TarSource([self.url(i) for i in range(len(self.shards))], self.net,
-                         (folder, max_bytes))
+                         ShardCache(folder, max_bytes))
 
     def url(self, i: int) -> str:
         return f"{self.base}/{self.shards[i]}"
@@ -202,20 +206,15 @@ class TarSource(ImageSource):
 
     def read(self, key: str) -> bytes:
         i, member = self.split(key)
-        path = self.url(i) if self.remote is None else self._cached(i)
         try:
-            try:
-                tf = tarfile.open(path, "r:*")
-            except FileNotFoundError:
-                if self.remote is None:
-                    raise
-                tf = tarfile.open(self._cached(i), "r:*")  # evicted by another thread
-            with tf:
-                info = tf.getmember(member)
-                data = tf.extractfile(info) if info.isfile() else None
-                if data is None:
-                    raise ImageError("missing file")
-                return nonempty(data.read())
+            if self.remote is None:
+                with tarfile.open(self.url(i), "r:*") as tf:
+                    return _member(tf, member)
+            copy = self._copy(i)
+            if copy is None:
+                return self._stream_member(i, member)
+            with copy, tarfile.open(fileobj=copy, mode="r:*") as tf:
+                return _member(tf, member)
         except KeyError:
             raise ImageError("missing file") from None
         except FileNotFoundError:
@@ -233,44 +232,52 @@ class TarSource(ImageSource):
             why.append(None if ok else f"{ESCAPES}: {key}")
         return Checked(keys, keys, pa.array(why, pa.string()))
 
-    def _cached(self, i: int) -> str:
-        """A local copy of remote shard ``i`` (downloaded in order, kept under the cache
-        folder, least recently used copies dropped past the size limit)."""
+    def _copy(self, i: int) -> BinaryIO | None:
+        """An open local copy of remote shard ``i`` (downloaded whole on first use), or None
+        when there is no usable cache (:class:`CacheUnusable`: logged once)."""
         if self.cache is None or self.remote is None:
-            raise MissingError("reading one member of a remote shard needs a cache folder")
-        folder, limit = self.cache
-        url = self.url(i)
-        path = folder / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".tar")
-        if path.is_file():
-            os.utime(path)
-            return str(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)  # unique: two threads may fetch the same shard at once
-        remote = self.remote
+            return None
+        url, remote = self.url(i), self.remote
 
-        def fetch() -> None:
-            with remote.open_stream(url) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, READ_CHUNK)
+        def fetch(out: Any) -> None:
+            def attempt() -> None:
+                out.restart()
+                with remote.open_stream(url) as src:
+                    shutil.copyfileobj(src, out, READ_CHUNK)
+            call(attempt, url, self.net)
         try:
-            call(fetch, url, self.net)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _evict(folder, limit, keep=path)
-        return str(path)
+            return self.cache.open(url, fetch)
+        except CacheUnusable as e:
+            if not self._warned:
+                self._warned = True
+                log.warning("shard cache unusable (%s): reading remote shards as streams", e)
+            return None
+
+    def _stream_member(self, i: int, member: str) -> bytes:
+        """One member of remote shard ``i``, read as a stream from its start (no cache)."""
+        url, remote = self.url(i), self.remote
+        assert remote is not None
+
+        def attempt() -> bytes | None:
+            with remote.open_stream(url) as f, \
+                    tarfile.open(fileobj=Chunked(f), mode="r|*") as tf:  # type: ignore[call-overload]
+                for m in tf:
+                    if m.name == member:
+                        data = tf.extractfile(m) if m.isfile() else None
+                        return data.read() if data is not None else None
+            return None
+        data = call(attempt, url, self.net)
+        if data is None:
+            raise ImageError("missing file")
+        return nonempty(data)
 
 
-def _evict(folder: Path, limit: int, keep: Path) -> None:
-    copies = sorted((p for p in folder.glob("*.tar") if p != keep),
-                    key=lambda p: p.stat().st_mtime)
-    total = sum(p.stat().st_size for p in copies) + keep.stat().st_size
-    for p in copies:
-        if total <= limit:
-            break
-        total -= p.stat().st_size
-        p.unlink(missing_ok=True)
+def _member(tf: tarfile.TarFile, member: str) -> bytes:
+    info = tf.getmember(member)
+    data = tf.extractfile(info) if info.isfile() else None
+    if data is None:
+        raise ImageError("missing file")
+    return nonempty(data.read())
 
 
 def _with_suffix(url: str, suffix: str) -> str:

@@ -8,7 +8,10 @@ embed stage appends shards, the bitmap of the old ones is reused and only the ne
 are read (a bitmap of any other shards is never used).  Each file starts with the
 ``xxh3_128`` digest of the rest; a bad file is recomputed.  The folder is a cache: deleting
 it costs one recomputation per filter.  Nothing is cached in a run without an index
-folder (a search needs an index: no stage folder appears because of a filter).
+folder (a search needs an index: no stage folder appears because of a filter).  Files are
+read without following links (a link there stops the command, like anywhere in a run);
+files covering shards the embed manifest no longer lists are leftovers, removed when the
+index stage next takes its lock.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from .files import atomic_write_bytes
+from ..errors import FormatError, InputError
+from .files import atomic_write_bytes, make_dirs, no_links, read_bytes
 
 
 class FilterCache:
@@ -63,12 +67,42 @@ class FilterCache:
         return {"rows": sum(r for _, _, r in shards), **out}
 
     def clear(self) -> None:
-        if self.folder.is_dir():
+        if self._folder().is_dir():
             for path in self.folder.iterdir():
-                if path.is_file():
+                if path.is_file() or path.is_symlink():
                     path.unlink(missing_ok=True)
 
+    def leftovers(self) -> list[Path]:
+        """Cached files no current filter can use: unreadable, or covering shards the embed
+        manifest does not list (the embed stage was redone).  None while the manifest
+        cannot be read."""
+        if not self._folder().is_dir():
+            return []
+        try:
+            shards = {k: [s[:2] for s in self._shards(k)] for k in ("images", "captions")}
+        except FormatError:
+            return []
+        found = []
+        for path in sorted(self.folder.iterdir()):
+            if path.name.startswith(".") or not path.is_file() or path.is_symlink():
+                continue  # temporary files and links: verify reports them
+            got = _read(path)
+            kind = path.name.split(".", 1)[0]
+            if got is None or kind not in shards or \
+                    [tuple(c[:2]) for c in got[0]] != shards[kind][:len(got[0])]:
+                found.append(path)
+        return found
+
+    def clean(self) -> list[Path]:
+        found = self.leftovers()
+        for path in found:
+            path.unlink(missing_ok=True)
+        return found
+
     # ------------------------------------------------------------------ files
+
+    def _folder(self) -> Path:
+        return no_links(self.embed.run, self.folder)
 
     def _shards(self, kind: str) -> list[tuple[str, str, int]]:
         return [(r.file, r.digest, r.rows) for r in self.embed.manifest().shards[kind]]
@@ -80,7 +114,7 @@ class FilterCache:
         """(shards covered, payload) of the cached file covering the longest prefix of
         ``shards`` (0 and nothing when none does)."""
         best: tuple[int, bytes] = (0, b"")
-        if not self.folder.is_dir():
+        if not self._folder().is_dir():
             return best
         for path in self.folder.glob(f"{stem}.*"):
             got = _read(path)
@@ -94,24 +128,25 @@ class FilterCache:
         return best
 
     def _keep(self, stem: str, shards: list[tuple[str, str, int]], payload: bytes) -> None:
-        if not self.folder.parent.is_dir():
+        if not no_links(self.embed.run, self.folder.parent).is_dir():
             return
         key = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
         head = json.dumps([list(s[:2]) for s in shards]).encode()
         body = struct.pack("<I", len(head)) + head + payload
         try:
+            make_dirs(self.embed.run, self.folder)
             for old in self.folder.glob(f"{stem}.*"):
                 if old.name != f"{stem}.{key}":
                     old.unlink(missing_ok=True)
             atomic_write_bytes(self.folder / f"{stem}.{key}", xxhash.xxh3_128(body).digest()
                                + body)
-        except OSError:  # a read-only run still answers, uncached
+        except (OSError, InputError):  # a read-only run (or a full disk) answers, uncached
             pass
 
 
 def _read(path: Path) -> tuple[list[list[str]], bytes] | None:
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)  # a link is refused (Tampered), never followed
     except OSError:
         return None
     digest, body = data[:16], data[16:]

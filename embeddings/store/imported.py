@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import Run
-from .embed import Column, EmbedManifest, ShardInfo, ShardRecord, shard_bytes
+from .embed import Column, EmbedManifest, RunIdentity, ShardRecord
 from .provenance import Provenance
+from .shards import ShardInfo, shard_bytes
 
 
 @dataclass
@@ -43,7 +44,8 @@ def write_vectors_run(path: str | os.PathLike, columns: dict[str, int | Provenan
                       shards: Iterable[VectorShard], dtype: str = "float16",
                       model: str = "imported", append: bool = False) -> Run:
     """Write (or, with ``append``, extend) a run holding ``columns`` (name -> dimension or
-    provenance).  The manifest is written last."""
+    provenance).  The manifest is written last; both it and the run identity are sealed
+    on this machine, like an embedded run's."""
     run = Run(path)
     old = run.embed.manifest() if append else None
     cols = dict(old.columns) if old else {
@@ -72,6 +74,10 @@ def write_vectors_run(path: str | os.PathLike, columns: dict[str, int | Provenan
         old.dataset if old else {"root": str(run.path), "source": "imported"},
         old.config if old else {"dtype": dtype}, cols, records,
         {"count": 0, "by_reason": {}}, {}, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if old is None:  # the run identity, as embed writes it (verify compares the two)
+        run.embed.write_identity(RunIdentity(
+            {"data": {"root": manifest.dataset["root"], "format": None}, "source": "imported",
+             "dtype": dtype}, cols))
     run.embed.write_manifest(manifest, [])
     return run
 
