@@ -207,7 +207,7 @@ class DedupConfig:  # README "The dedup stage" says what each knob does
     lists: int = knob(3, "clusters method: nearest IVF lists compared per image")
     keep: tuple[str, ...] = knob(("first",), "keep rules in order: first, resolution, split")
     prefer: tuple[str, ...] = knob(("train", "val", "test"), "split order of the split rule")
-    memory_budget_gb: float | None = knob(None, "GiB (default: the index's)", flag="--memory-budget")
+    memory_budget_gb: float | None = knob(None, "GiB (default: index's)", flag="--memory-budget")
     sheet_groups: int = knob(12, "groups drawn on the contact sheet (largest first)")
     verify: bool = knob(True, "check shard and index checksums before use")
     progress: bool = knob(True, "progress bars")
