@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +123,11 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
         rep = representatives(labels, cfg.keep, split=split, prefer=cfg.prefer,
                               pixels=prints.pixels if prints is not None else None)
         report = group_report(labels, rep, similarity, split=split)
-        ids = reader.read_rows(report.row, ["id"]).column(0).to_numpy(zero_copy_only=False)
-        report = type(report)(report.group, report.row, report.representative,
-                              report.similarity, ids, report.split)
+        report = replace(report, ids=reader.read_rows(report.row, ["id"]).column(0)
+                         .to_numpy(zero_copy_only=False))
+        if not manifest.trusted and report.groups:
+            notes.append(f"the contact sheet has no pictures: {run.path} was not sealed on "
+                         "this machine, so where it says its images are is not trusted")
         sheet = contact_sheet(report, _thumbnails(manifest, reader), groups=cfg.sheet_groups)
         counts = summary(labels, split)
         info = {**counts, "signals": signals, "notes": notes,
@@ -285,10 +287,13 @@ def _keep_table(reader: ColumnReader, keep: np.ndarray) -> pa.Table:
 
 
 def _thumbnails(manifest: EmbedManifest, reader: ColumnReader) -> Callable[[int], Any]:
-    """``row -> PIL image | None`` from the run's image source (None: drawn grey)."""
-    source = source_from_dict(manifest.image_source)
+    """``row -> PIL image | None`` from the run's image source (None: drawn grey); only
+    for a run sealed on this machine, as serve (an edited manifest names any folder)."""
+    source = source_from_dict(manifest.image_source) if manifest.trusted else None
 
     def thumb(row: int) -> Any:
+        if source is None:
+            return None
         try:
             key = reader.read_rows([row], ["image"]).column(0)[0].as_py()
             return decode_image(source.read(key), manifest.max_pixels) if key else None

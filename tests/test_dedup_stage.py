@@ -22,7 +22,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from embeddings.errors import FormatError, InputError, RunMismatch
+from embeddings.errors import FormatError, InputError, RunMismatch, UserError
 from embeddings.store import Run, read_prints
 from embeddings.store.imported import VectorShard, write_vectors_run
 from pipeline.cli import main
@@ -248,6 +248,12 @@ def test_bad_knobs_and_tampered_report(planted, tmp_path: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="rerun `python -m pipeline dedup`"):
+        Run(run).dedup.keep_rows()
+    elsewhere = tmp_path / "elsewhere.parquet"  # a link in the run is refused, not followed
+    elsewhere.write_bytes(bytes(data))
+    path.unlink()
+    path.symlink_to(elsewhere)
+    with pytest.raises(UserError, match="link"):
         Run(run).dedup.keep_rows()
 
 

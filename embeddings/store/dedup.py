@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,9 +23,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 
 from ..errors import FormatError, MissingError
-from .files import atomic_write_bytes, atomic_write_json, check_file, file_record, read_json
+from .files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    file_record,
+    make_dirs,
+    no_links,
+    read_bytes,
+    read_json,
+)
 
 REMEDY = "rerun `python -m pipeline dedup`"
 FILES = {"groups": "groups.parquet", "keep": "keep.parquet", "sheet": "sheet.png"}
@@ -37,30 +47,35 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 class DedupFiles:
+    """``RUN/dedup``: written atomically, read never through a link (an untrusted run)."""
+
     def __init__(self, run: Path) -> None:
+        self.run = run
         self.dir = run / "dedup"
         self.summary_path = self.dir / "summary.json"
 
     def path(self, role: str) -> Path:
-        return self.dir / FILES[role]
+        return no_links(self.run, self.dir / FILES[role])
 
     def write(self, groups: pa.Table, keep: pa.Table, sheet: bytes,
               summary: dict[str, Any]) -> dict[str, Any]:
         """Write the report, keep-list and sheet, then the summary recording them (last)."""
+        make_dirs(self.run, self.dir)
         records = {}
         for role, data in (("groups", parquet_bytes(groups)), ("keep", parquet_bytes(keep)),
                            ("sheet", sheet)):
             atomic_write_bytes(self.path(role), data)
             records[role] = file_record(self.path(role), FILES[role])
         summary = {**summary, "files": records}
-        atomic_write_json(self.summary_path, summary)
+        atomic_write_json(no_links(self.run, self.summary_path), summary)
         return summary
 
     def summary(self) -> dict[str, Any] | None:
         """The last dedup run's summary, None when the stage never ran."""
-        if not self.summary_path.is_file():
+        path = no_links(self.run, self.summary_path)
+        if not os.path.lexists(path):
             return None
-        d = read_json(self.summary_path, "dedup summary", REMEDY)
+        d = read_json(path, "dedup summary", REMEDY)
         if not isinstance(d.get("files"), dict) or not isinstance(d.get("shards"), list):
             raise FormatError(f"dedup summary {self.summary_path} is incomplete: {REMEDY}")
         return d
@@ -72,10 +87,17 @@ class DedupFiles:
         if d is None:
             raise MissingError(f"no dedup report in {self.dir.parent}: run `python -m "
                                "pipeline dedup` first")
-        path = self.path(role)
-        check_file(path, d["files"].get(role, {}), f"dedup {role} file", REMEDY, full=verify)
+        path, record = self.path(role), d["files"].get(role) or {}
         try:
-            return pq.read_table(path, columns=columns)
+            data = read_bytes(path)
+        except FileNotFoundError:
+            raise FormatError(f"dedup {role} file {path} is missing: {REMEDY}") from None
+        if len(data) != record.get("bytes") or (
+                verify and xxhash.xxh3_128_hexdigest(data) != record.get("digest")):
+            raise FormatError(f"dedup {role} file {path} is corrupt (its size or checksum "
+                              f"does not match the summary's): {REMEDY}")
+        try:
+            return pq.read_table(io.BytesIO(data), columns=columns)
         except (OSError, pa.ArrowException) as e:
             raise FormatError(f"dedup {role} file {path} is corrupt ({e}): {REMEDY}") from None
 
@@ -83,7 +105,7 @@ class DedupFiles:
     def scratch(self) -> Iterator[Path]:
         """A scratch folder (a column spilled for the per-cluster pass), removed afterwards,
         with any a killed run left (the caller holds the dedup lock)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.run, self.dir)
         for old in self.dir.glob(".scratch-*"):
             shutil.rmtree(old, ignore_errors=True)
         folder = Path(tempfile.mkdtemp(dir=self.dir, prefix=".scratch-"))

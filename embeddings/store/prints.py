@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..fingerprint import Print, digest_keys
 from .columns import ColumnReader
@@ -48,12 +47,6 @@ class Fingerprints:
         return int(len(self.known) - np.count_nonzero(self.known))
 
 
-def has_prints(path: str) -> bool:
-    """Whether a shard file holds the fingerprint columns (runs before them do not)."""
-    names = set(pq.read_schema(path).names)
-    return all(f.name in names for f in PRINT_FIELDS)
-
-
 def read_prints(reader: ColumnReader, progress: Callable[[int], object] | None = None
                 ) -> Fingerprints:
     """The fingerprint columns of every row, shard by shard (28 bytes a row in memory)."""
@@ -62,9 +55,9 @@ def read_prints(reader: ColumnReader, progress: Callable[[int], object] | None =
     phash = np.zeros(n, dtype=np.uint64)
     pixels = np.zeros(n, dtype=np.int64)
     known = np.zeros(n, dtype=bool)
-    for s, rec in enumerate(reader.records):
+    for s in range(len(reader.records)):
         lo, hi = int(reader.offsets.starts[s]), int(reader.offsets.starts[s + 1])
-        if hi > lo and has_prints(str(reader.files.shard_path(rec))):
+        if hi > lo and set(PRINT_FIELDS.names) <= set(reader.names(s)):
             t = reader.read_shard(s, PRINT_FIELDS.names)
             ok = np.asarray(t.column("digest").is_valid().to_numpy(zero_copy_only=False))
             ok &= np.asarray(t.column("phash").is_valid().to_numpy(zero_copy_only=False))
