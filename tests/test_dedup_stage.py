@@ -249,12 +249,17 @@ def test_bad_knobs_and_tampered_report(planted, tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(FormatError, match="rerun `python -m pipeline dedup`"):
         Run(run).dedup.keep_rows()
+    assert any("dedup keep file" in p for p in Run(run).verify())
     elsewhere = tmp_path / "elsewhere.parquet"  # a link in the run is refused, not followed
     elsewhere.write_bytes(bytes(data))
     path.unlink()
     path.symlink_to(elsewhere)
     with pytest.raises(UserError, match="link"):
         Run(run).dedup.keep_rows()
+    summary = run / "dedup" / "summary.json"  # an edited summary is refused
+    summary.write_text(summary.read_text().replace('"largest": ', '"largest": 9'))
+    with pytest.raises(FormatError, match="edited"):
+        Run(run).dedup.summary()
 
 
 def test_fast_path_records_the_same_fingerprints(tmp_path: Path, encoder_specs) -> None:

@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from ..errors import FormatError, MissingError
+from ..errors import FormatError, MissingError, UserError
+from . import seal
 from .files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -67,7 +68,7 @@ class DedupFiles:
             atomic_write_bytes(self.path(role), data)
             records[role] = file_record(self.path(role), FILES[role])
         summary = {**summary, "files": records}
-        atomic_write_json(no_links(self.run, self.summary_path), summary)
+        atomic_write_json(no_links(self.run, self.summary_path), seal.seal(summary))
         return summary
 
     def summary(self) -> dict[str, Any] | None:
@@ -76,9 +77,25 @@ class DedupFiles:
         if not os.path.lexists(path):
             return None
         d = read_json(path, "dedup summary", REMEDY)
+        seal.check(d, path, "dedup summary", REMEDY)  # an edited summary is refused
         if not isinstance(d.get("files"), dict) or not isinstance(d.get("shards"), list):
             raise FormatError(f"dedup summary {self.summary_path} is incomplete: {REMEDY}")
-        return d
+        return {k: v for k, v in d.items() if k != seal.FIELD}
+
+    def verify(self) -> list[str]:
+        """Every problem of the dedup files (none when the stage never ran)."""
+        try:
+            if self.summary() is None:
+                return []
+            problems = []
+            for role in FILES:
+                try:
+                    self._checked_bytes(role)
+                except UserError as e:
+                    problems.append(str(e))
+            return problems
+        except UserError as e:
+            return [str(e)]
 
     def read(self, role: str, columns: list[str] | None = None,
              verify: bool = True) -> pa.Table:
@@ -87,6 +104,17 @@ class DedupFiles:
         if d is None:
             raise MissingError(f"no dedup report in {self.dir.parent}: run `python -m "
                                "pipeline dedup` first")
+        data = self._checked_bytes(role, d, verify)
+        path = self.path(role)
+        try:
+            return pq.read_table(io.BytesIO(data), columns=columns)
+        except (OSError, pa.ArrowException) as e:
+            raise FormatError(f"dedup {role} file {path} is corrupt ({e}): {REMEDY}") from None
+
+    def _checked_bytes(self, role: str, summary: dict[str, Any] | None = None,
+                       verify: bool = True) -> bytes:
+        """A file's bytes (never through a link), checked against the summary's record."""
+        d = summary if summary is not None else self.summary() or {"files": {}}
         path, record = self.path(role), d["files"].get(role) or {}
         try:
             data = read_bytes(path)
@@ -96,10 +124,7 @@ class DedupFiles:
                 verify and xxhash.xxh3_128_hexdigest(data) != record.get("digest")):
             raise FormatError(f"dedup {role} file {path} is corrupt (its size or checksum "
                               f"does not match the summary's): {REMEDY}")
-        try:
-            return pq.read_table(io.BytesIO(data), columns=columns)
-        except (OSError, pa.ArrowException) as e:
-            raise FormatError(f"dedup {role} file {path} is corrupt ({e}): {REMEDY}") from None
+        return data
 
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:
