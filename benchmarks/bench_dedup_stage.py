@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-gb", type=float, default=1.0)
     parser.add_argument("--work", help="folder for the run (default: a temporary one)")
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--no-knn", dest="knn", action="store_false",
+                        help="leave out step 3 (the k-NN graph)")
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-dedup-"))
     run = work / "run"
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = [("index build (baseline)", ["index", "--memory-budget", budget]),
              ("dedup (default: per IVF list, 3 nearest)", ["dedup", "--by", "vector"]),
              ("dedup, k-NN graph through the index (nprobe 8)",
-              ["dedup", "--by", "vector", "--method", "index"])]
+              ["dedup", "--by", "vector", "--method", "index"])][:3 if args.knn else 2]
     rows = []
     for name, cmd in steps:
         res = run_cmd(pipeline_cmd(*cmd, "--run", str(run), "--no-progress",
