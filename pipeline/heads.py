@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from embeddings import metrics
 from embeddings.encoders import encoder_for_column
-from embeddings.errors import InputError, UserError
+from embeddings.errors import InputError, RunMismatch, UserError
 from embeddings.heads import HEADS, Head, head_type, make_head, save_head
 from embeddings.store import Column, Run, atomic_write_bytes, atomic_write_json, column_name
 
@@ -33,6 +33,7 @@ from . import heads_report
 from .config import HeadsConfig
 from .features import Features, load_features
 from .labels import LabelFile, join_labels, read_label_file
+from .leaks import describe, kept_mask, leak_counts, leak_mask
 from .targets import (
     is_numeric,
     job_rows,
@@ -80,6 +81,8 @@ class Row:
     notes: str
     info: dict[str, Any]
     report: dict[str, Any]
+    with_leaks: dict[str, float] | None = field(default=None)  # --exclude-leaks: the metrics
+    # on every evaluation row (the fields above are then without the leaked rows)
 
     def public(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "report"}
@@ -174,10 +177,16 @@ def run_heads(cfg: HeadsConfig) -> HeadsResult:
                                           feats.table.column("split").to_pylist(), cfg)
         tgts = targets({c for j in jobs for c in j.targets}, feats.table, split, regression)
         notes += [n for t in tgts.values() for n in t["notes"]]
+        leak = _leaks(run, split, cfg, notes)
+        allowed = kept_mask(run, len(split)) if cfg.dedup else None
+        if allowed is not None:
+            notes.append(f"--dedup: {int(allowed.sum())} of {len(allowed)} images kept "
+                         "(the dedup keep-list)")
         rows, saved = [], []
         for job in jobs:
             row_set, head, meta = _train(job, cfg, feats, tgts, split, manifest.columns,
-                                         label_file)
+                                         label_file, allowed,
+                                         leak if cfg.exclude_leaks else None)
             log.debug("trained %s on %s in %.2f s", job.display, job.inputs, row_set[0].train_s)
             rows += row_set
             saved.append((job, head, meta))
@@ -204,10 +213,47 @@ def _regression_columns(cfg: HeadsConfig, feats: Features) -> set[str]:
     return out
 
 
+def _leaks(run: Run, split: np.ndarray, cfg: HeadsConfig, notes: list[str]
+           ) -> np.ndarray | None:
+    """Evaluation rows with a near-duplicate in train (counted in the notes)."""
+    try:
+        leak = leak_mask(run, split)
+    except RunMismatch as e:
+        if cfg.exclude_leaks:
+            raise
+        notes.append(f"leaks not counted: {e}")
+        return None
+    if leak is None:
+        if cfg.exclude_leaks:
+            raise InputError(f"--exclude-leaks needs a dedup report: run `python -m pipeline "
+                             f"dedup --run {run.path}` first")
+        return None
+    notes.append(describe(leak_counts(leak, split), cfg.exclude_leaks))
+    return leak
+
+
+def _scores(task: Any, y: np.ndarray, prob: np.ndarray, pred: np.ndarray
+            ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The table's metrics of one task (NaN where one does not apply) and its report."""
+    nan = float("nan")
+    out = {"accuracy": nan, "macro_f1": nan, "mAP": nan, "rmse": nan, "r2": nan}
+    if task.regression:
+        m = metrics.regression(y, pred)
+        out.update(rmse=m["rmse"], r2=m["r2"])
+    elif task.multilabel:
+        m = metrics.multi_label(y, prob, pred, task.classes)
+        out.update(macro_f1=m["macro_f1"], mAP=m["mAP"])
+    else:
+        m = metrics.single_label(y, pred, task.classes)
+        out.update(accuracy=m["accuracy"], macro_f1=m["macro_f1"])
+    return out, m
+
+
 def _train(job: Job, cfg: HeadsConfig, feats: Features, tgts: Mapping[str, Any],
-           split: np.ndarray, columns: Mapping[str, Column],
-           label_file: LabelFile | None) -> tuple[list[Row], Head, dict]:
-    rows, dropped = job_rows(job.inputs, job.targets, feats, tgts, split)
+           split: np.ndarray, columns: Mapping[str, Column], label_file: LabelFile | None,
+           allowed: np.ndarray | None = None, leak: np.ndarray | None = None
+           ) -> tuple[list[Row], Head, dict]:
+    rows, dropped = job_rows(job.inputs, job.targets, feats, tgts, split, allowed)
     tasks = [tgts[t]["task"] for t in job.targets]
     xs = {s: [feats.arrays[c][r] for c in job.inputs] for s, r in rows.items()}
     ys = {s: [tgts[t]["y"][r] for t in job.targets] for s, r in rows.items()}
@@ -224,27 +270,22 @@ def _train(job: Job, cfg: HeadsConfig, feats: Features, tgts: Mapping[str, Any],
     seconds = time.perf_counter() - t
     eval_split = "test" if len(rows["test"]) else "val"
     probs = head.predict_proba(xs[eval_split])
+    clean = ~leak[rows[eval_split]] if leak is not None else None
     out = []
-    nan = float("nan")
     for ti, task in enumerate(tasks):
         y = ys[eval_split][ti]
         pred = head.decide(ti, probs[ti])
-        acc = f1 = ap = rmse = r2 = nan
-        if task.regression:
-            m = metrics.regression(y, pred)
-            rmse, r2 = m["rmse"], m["r2"]
-        elif task.multilabel:
-            m = metrics.multi_label(y, probs[ti], pred, task.classes)
-            f1, ap = m["macro_f1"], m["mAP"]
-        else:
-            m = metrics.single_label(y, pred, task.classes)
-            acc, f1 = m["accuracy"], m["macro_f1"]
+        sc, m = _scores(task, y, probs[ti], pred)
+        with_leaks = None
+        if clean is not None:  # the same head, scored without the leaked rows
+            with_leaks = {**sc, "rows": len(y), "leaked": int((~clean).sum())}
+            sc, m = _scores(task, y[clean], probs[ti][clean], pred[clean])
         note = f"{dropped} image(s) without captions left out" if dropped else ""
         kind = " (multi-label)" if task.multilabel else " (regression)" if task.regression else ""
-        out.append(Row(job.display, "+".join(job.inputs), task.column + kind, acc, f1, ap,
-                       rmse, r2, round(seconds, 3), len(rows["train"]), task.multilabel,
-                       task.regression, eval_split, f"models/{job.slug}.json", note,
-                       head.info, m))
+        out.append(Row(job.display, "+".join(job.inputs), task.column + kind, sc["accuracy"],
+                       sc["macro_f1"], sc["mAP"], sc["rmse"], sc["r2"], round(seconds, 3),
+                       len(rows["train"]), task.multilabel, task.regression, eval_split,
+                       f"models/{job.slug}.json", note, head.info, m, with_leaks))
     trained_on: dict[str, Any] = {"run": str(Path(cfg.run).resolve()),
                                   "label_columns": job.targets,
                                   "rows": {s: len(r) for s, r in rows.items()}}

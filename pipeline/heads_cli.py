@@ -10,8 +10,8 @@ import tomllib
 
 from embeddings.errors import InputError
 
-from .config import HeadsConfig, add_options, load_toml, overrides, stage_config
-from .options import common_options
+from .config import HeadsConfig, load_toml, stage_config
+from .options import add_options, common_options, overrides
 
 HEADS_MEMORY = "train fewer heads or inputs at once (--heads, --inputs)"
 

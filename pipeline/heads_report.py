@@ -19,19 +19,27 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+LEAK_COLUMNS = ("accuracy", "macro_f1", "mAP", "rmse", "r2")  # again with leaks (--exclude-leaks)
+
+
 def format_table(rows: Sequence[Any]) -> str:
     """A fixed-width text table of ``COLUMNS`` (``-`` where a metric does not apply; the
-    regression columns only when a row has them)."""
+    regression columns only when a row has them); with ``--exclude-leaks`` the metrics on
+    every evaluation row follow, as ``... +leaks``."""
     shown = [c for c in COLUMNS if c not in ("rmse", "r2") or any(r.regression for r in rows)]
-    cells = [[_cell(getattr(r, c)) for c in shown] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(shown)]
-    numeric = [c in NUMERIC for c in shown]
+    leaks = any(getattr(r, "with_leaks", None) for r in rows)
+    again = [c for c in shown if c in LEAK_COLUMNS] if leaks else []
+    names = shown + [f"{c} +leaks" for c in again]
+    cells = [[_cell(getattr(r, c)) for c in shown]
+             + [_cell((r.with_leaks or {}).get(c, float("nan"))) for c in again] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(names)]
+    numeric = [c.split()[0] in NUMERIC for c in names]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w)
                          for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
 
-    return "\n".join([line(shown), line(["-" * w for w in widths])] + [line(c) for c in cells])
+    return "\n".join([line(names), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
 def csv_bytes(rows: Sequence[Any]) -> bytes:

@@ -42,7 +42,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from embeddings.sources import ImageSource, OutsideRoot, source_at, source_from_
 from embeddings.store import KINDS, Run, column_name
 
 from .index import IndexMismatch
+from .leaks import Duplicates
 from .search import MODALITIES, Searcher, SearchResult, pick_column
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class Service:
         self._images: OrderedDict[str, str] = OrderedDict()  # image id -> path (from hits)
         self._readers: dict[str, Any] = {}
         self._filters: dict[str, Any] | None = None
+        self._dups: Duplicates | None = None  # read on the first image hits
         self.problems: dict[str, str] = {}
         for column in self.files.index.entries():  # open every index once, memory-mapped
             try:
@@ -336,7 +338,16 @@ class Service:
                 _put(self._known[kind], h.id, h.row)
                 if h.image is not None:
                     _put(self._images, h.image_id or h.id, h.image)
+        if kind == "images":  # a hit with copies in the run says so (RUN/dedup)
+            dups = self._duplicates()
+            result.hits = [replace(h, duplicates=dups.of(h.row) or None) for h in result.hits]
         return result
+
+    def _duplicates(self) -> Duplicates:
+        with self._lock:
+            if self._dups is None:
+                self._dups = Duplicates(self.files)
+            return self._dups
 
     def _row_of(self, kind: str, row_id: str) -> int | None:
         with self._lock:

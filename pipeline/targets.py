@@ -188,12 +188,14 @@ def targets(columns: Iterable[str], table: pa.Table, split: np.ndarray,
 
 
 def job_rows(inputs: Sequence[str], columns: Sequence[str], feats: Features,
-             tgts: Mapping[str, Mapping[str, Any]],
-             split: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
-    """The rows a head on ``inputs`` -> ``columns`` uses, per split, and how many labelled
-    rows were left out for a missing input (an image without captions).  Every row filter
-    of the stage belongs here."""
+             tgts: Mapping[str, Mapping[str, Any]], split: np.ndarray,
+             allowed: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """The rows a head on ``inputs`` -> ``columns`` uses, per split (only ``allowed`` rows:
+    the dedup keep-list), and how many labelled rows were left out for a missing input (an
+    image without captions).  Every row filter of the stage belongs here."""
     labelled = np.logical_and.reduce([tgts[t]["has"] for t in columns])
     keep = np.logical_and.reduce([feats.present[c] for c in inputs] + [labelled])
-    return ({s: np.flatnonzero(keep & (split == s)) for s in SPLITS},
-            int(labelled.sum() - keep.sum()))
+    dropped = int(labelled.sum() - keep.sum())
+    if allowed is not None:
+        keep &= allowed
+    return {s: np.flatnonzero(keep & (split == s)) for s in SPLITS}, dropped

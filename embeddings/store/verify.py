@@ -65,6 +65,7 @@ def verify_run(run: Run) -> Report:
             continue
         if sealed and not meta["sealed"]:
             r.problems.append(_unsealed(desc, "retrain it with `python -m pipeline heads`"))
+    r.problems += run.dedup.verify()
     for found in (_guard(r, run.index.leftovers), _guard(r, run.filters.leftovers),
                   _guard(r, run.heads.leftovers)):
         r.leftovers += found or []
