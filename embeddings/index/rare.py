@@ -9,9 +9,10 @@ index) this path instead
    lists' id arrays once (8 bytes a row: 160 MB at 20M rows, a sixtieth of a 512-byte-code
    lists file), kept on the :class:`~.query.Allowed` so the next query with the same
    filter (``serve``, a searcher's filter cache) skips it;
-2. gathers those entries' codes from the (memory-mapped) lists, decodes them with
-   ``sa_decode`` (the list number as the coarse code, so residual codecs add their
-   centroid back) and scores them exactly against the queries in the index's metric.
+2. gathers those entries' codes from the (memory-mapped) lists (kept with the entries
+   when small, so the next query reads no list at all), decodes them with ``sa_decode``
+   (the list number as the coarse code, so residual codecs add their centroid back) and
+   scores them exactly against the queries in the index's metric.
 
 For IVF-Flat that is the exact answer; for SQ / PQ codes it is the answer over the decoded
 codes, the one a scan of every list gives.  Only plain IVF-Flat, IVF-SQ and IVF-PQ (maybe
@@ -32,6 +33,7 @@ from .core import as_f32
 ENTRIES_MAX = 200_000  # kept rows: at most this many ...
 ENTRIES_SHARE = 0.02  # ... and at most this share of the index
 BLOCK = 16_384  # entries decoded and scored at a time (BLOCK x d floats)
+CODES_KEPT = 32 * 2**20  # gathered codes kept with a filter's entries (10k rows of SQ8x512: 5 MB)
 _CODECS = (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)
 _NOT = tuple(getattr(faiss, n) for n in ("IndexIVFFlatDedup", "IndexIVFPQR") if hasattr(faiss, n))
 
@@ -39,13 +41,15 @@ _NOT = tuple(getattr(faiss, n) for n in ("IndexIVFFlatDedup", "IndexIVFPQR") if 
 STATS = {"searches": 0, "id_scans": 0, "codes_scored": 0}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Entries:
-    """Where the kept rows sit: parallel arrays sorted by row."""
+    """Where the kept rows sit: parallel arrays sorted by row; and their codes, gathered
+    by the first search when they take at most ``CODES_KEPT`` bytes."""
 
     rows: np.ndarray
     lists: np.ndarray
     offsets: np.ndarray
+    codes: np.ndarray | None = None
 
 
 def codec_ivf(index: faiss.Index) -> Any:
@@ -88,19 +92,22 @@ def entries(ivf: Any, bits: np.ndarray, n: int) -> Entries:
     return Entries(r[order], li[order], of[order])
 
 
-def decode(ivf: Any, lists: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The decoded vectors (in the IVF's space) of the entries at (list, offset)."""
+def gather(ivf: Any, lists: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The codes of the entries at (list, offset), each prefixed by its list number (the
+    coarse code ``sa_decode`` reads): one pass per list holding any of them."""
     cs, ccs = int(ivf.code_size), int(ivf.coarse_code_size())
     codes = np.empty((len(lists), ccs + cs), np.uint8)
-    prefix = lists.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :ccs]
-    codes[:, :ccs] = prefix
+    codes[:, :ccs] = lists.astype("<u8").view(np.uint8).reshape(-1, 8)[:, :ccs]
     inv = ivf.invlists
-    for j in np.unique(lists):
-        at = np.flatnonzero(lists == j)
-        size = inv.list_size(int(j))
-        block = faiss.rev_swig_ptr(inv.get_codes(int(j)), size * cs).reshape(size, cs)
+    order = np.argsort(lists, kind="stable")
+    cut = np.flatnonzero(np.diff(lists[order])) + 1
+    for a, b in zip([0, *cut.tolist()], [*cut.tolist(), len(order)]):
+        at = order[a:b]
+        j = int(lists[at[0]])
+        size = inv.list_size(j)
+        block = faiss.rev_swig_ptr(inv.get_codes(j), size * cs).reshape(size, cs)
         codes[at, ccs:] = block[offsets[at]]
-    return ivf.sa_decode(codes)
+    return codes
 
 
 def search_entries(index: faiss.Index, q: np.ndarray, k: int, found: Entries
@@ -114,9 +121,14 @@ def search_entries(index: faiss.Index, q: np.ndarray, k: int, found: Entries
     STATS["searches"] += 1
     best_s = np.full((len(q), k), -np.inf, np.float32)
     best_i = np.full((len(q), k), -1, np.int64)
-    for start in range(0, len(found.rows), BLOCK):
+    n = len(found.rows)
+    if found.codes is None and n * (ivf.code_size + ivf.coarse_code_size()) <= CODES_KEPT:
+        found.codes = gather(ivf, found.lists, found.offsets)
+    for start in range(0, n, BLOCK):
         part = slice(start, start + BLOCK)
-        x = as_f32(decode(ivf, found.lists[part], found.offsets[part]))
+        codes = found.codes[part] if found.codes is not None else \
+            gather(ivf, found.lists[part], found.offsets[part])
+        x = as_f32(ivf.sa_decode(codes))
         STATS["codes_scored"] += len(x)
         s = q @ x.T if ip else -((q * q).sum(1)[:, None] - 2 * q @ x.T + (x * x).sum(1))
         kk = min(k, len(x))
