@@ -175,6 +175,7 @@ def test_stage_filters_a_rare_label_on_an_ivf_index(tmp_path: Path) -> None:
     _, x, labels = synthetic_run(tmp_path / "run", 20_000, 32, 4_000, rare=12)
     got = _index(tmp_path / "run", factory="IVF128,SQ8")
     assert got["entry"].params["nprobe"] < 128
+    first = rare.STATS["id_scans"]
     s = Searcher(tmp_path / "run", COLUMN, device="cpu")
     for q in x[:5]:
         hits = s.search_vector(q, "q", k=10, label=RARE).hits
@@ -184,6 +185,14 @@ def test_stage_filters_a_rare_label_on_an_ivf_index(tmp_path: Path) -> None:
                                             zip(labels, (f"r{i}" for i in range(len(x))))))
         assert all(h.split == "train" and h.label == RARE for h in both)
     assert len(list((tmp_path / "run/index/filters").glob("images.*"))) >= 4  # cached
+    # A new searcher (a new `search` process) takes the rare rows' entries from the cache.
+    scans = rare.STATS["id_scans"]
+    assert scans > first  # the rare label's rows were located in the lists
+    again = Searcher(tmp_path / "run", COLUMN, device="cpu")
+    for q in x[:3]:
+        assert again.search_vector(q, "q", k=10, label=RARE).hits == \
+            s.search_vector(q, "q", k=10, label=RARE).hits
+    assert rare.STATS["id_scans"] == scans
 
 
 def test_hits_map_to_their_rows_across_shard_boundaries(tmp_path: Path) -> None:

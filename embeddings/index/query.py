@@ -83,6 +83,22 @@ class Allowed:
             self.memo[id(index)] = got
         return got[1]
 
+    def packed_entries(self, index: faiss.Index) -> bytes | None:
+        """:meth:`entries` as bytes to cache (None where the few-rows path is not taken)."""
+        if not rare.takes(index, self.count):
+            return None
+        return rare.pack(self.entries(index))
+
+    def use_entries(self, index: faiss.Index, data: bytes) -> bool:
+        """Take entries cached as :meth:`packed_entries` wrote them (False: unusable)."""
+        found = rare.unpack(data, self.count, self.n)
+        if found is None or not rare.takes(index, self.count) or \
+                not rare.fits(found, rare.codec_ivf(index)):
+            return False
+        self.memo.clear()
+        self.memo[id(index)] = (index, found)
+        return True
+
 
 def search_filtered(index: faiss.Index, queries: np.ndarray, k: int,
                     allowed: np.ndarray | Allowed | None) -> tuple[np.ndarray, np.ndarray]:

@@ -92,6 +92,33 @@ def entries(ivf: Any, bits: np.ndarray, n: int) -> Entries:
     return Entries(r[order], li[order], of[order])
 
 
+def pack(found: Entries) -> bytes:
+    return np.concatenate([found.rows, found.lists, found.offsets]).astype("<i8").tobytes()
+
+
+def unpack(data: bytes, count: int, n: int) -> Entries | None:
+    """Entries packed by :func:`pack` for ``count`` rows of ``n`` (None if they do not
+    fit: a filter cache from other rows)."""
+    a = np.frombuffer(data, "<i8")
+    if len(a) != 3 * count:
+        return None
+    rows, lists, offsets = (a[i * count:(i + 1) * count].astype(np.int64) for i in range(3))
+    if count and (rows.min() < 0 or rows.max() >= n or lists.min() < 0 or offsets.min() < 0):
+        return None
+    return Entries(rows, lists, offsets)
+
+
+def fits(found: Entries, ivf: Any) -> bool:
+    """Whether every (list, offset) lies inside ``ivf``'s lists (a cached map is checked
+    before any code is read through it)."""
+    if not len(found.rows):
+        return True
+    if found.lists.max() >= ivf.nlist:
+        return False
+    sizes = np.array([ivf.invlists.list_size(j) for j in range(int(ivf.nlist))], np.int64)
+    return bool((found.offsets < sizes[found.lists]).all())
+
+
 def gather(ivf: Any, lists: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """The codes of the entries at (list, offset), each prefixed by its list number (the
     coarse code ``sa_decode`` reads): one pass per list holding any of them."""
