@@ -161,11 +161,24 @@ class Searcher:
         if self.kept is not None:
             mask = self.kept if mask is None else mask & self.kept
         got = ix.Allowed.of(mask)
+        if self.kept is None and mask is not None:
+            self._locate(got, split, label)
         with self._lock:
             self._filters[key] = got
             while len(self._filters) > FILTERS_KEPT:
                 self._filters.popitem(last=False)
         return got
+
+    def _locate(self, got: Any, split: str | None, label: str | None) -> None:
+        """A filter keeping few rows: where they sit in the lists, cached beside the index
+        (keyed by the index files' digests), so a search does not rescan the lists' ids."""
+        key = self.entry.digest + str((self.entry.lists or {}).get("digest", ""))
+        cached = self.files.filters.entries(self.kind, split, label, key)
+        if cached is not None and got.use_entries(self.index, cached):
+            return
+        packed = got.packed_entries(self.index)
+        if packed is not None:
+            self.files.filters.keep_entries(self.kind, split, label, key, packed)
 
     def search_vector(self, vector: np.ndarray, query: str, k: int = 10,
                       split: str | None = None, label: str | None = None) -> SearchResult:

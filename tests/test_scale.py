@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from embeddings import index as ix
+from embeddings.index import rare
 from embeddings.store import Run
 from embeddings.store.embed import EmbedFiles
 from pipeline.config import IndexConfig
@@ -67,6 +68,51 @@ def test_filtered_search_on_on_disk_lists(tmp_path: Path) -> None:
     ix.set_search_params(index, {"nprobe": 1})
     _, ids = ix.search_filtered(index, x[:30], 10, allowed)
     assert ((ids >= 0).sum(1) == 10).all() and allowed[ids].all()
+
+
+def _rare_vs_every_list(index: object, q: np.ndarray, allowed: np.ndarray,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The few-rows path (codes of the kept rows, decoded and scored) gives the ids a scan
+    of every list gives, and scores only the kept rows' codes, finding them once."""
+    rows = ix.Allowed.of(allowed)
+    before = dict(rare.STATS)
+    s1, got = ix.search_filtered(index, q, 10, rows)
+    _, again = ix.search_filtered(index, q, 10, rows)  # the entries are kept
+    assert rare.STATS["searches"] - before["searches"] == 2
+    assert rare.STATS["id_scans"] - before["id_scans"] == 1
+    assert rare.STATS["codes_scored"] - before["codes_scored"] == 2 * rows.count
+    np.testing.assert_array_equal(got, again)
+    monkeypatch.setattr(rare, "ENTRIES_MAX", 0)  # the widening: every list, every code
+    s3, want = ix.search_filtered(index, q, 10, rows)
+    assert rare.STATS["searches"] - before["searches"] == 2
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(s1, s3, rtol=1e-4, atol=1e-4)
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,SQ8", "IVF64,PQ16"])
+def test_rare_filter_scores_only_its_rows(base: np.ndarray, factory: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    index = ix.build_index(base, factory)
+    ix.set_search_params(index, {"nprobe": 1})
+    allowed = np.zeros(len(base), bool)
+    allowed[np.random.default_rng(4).choice(len(base), 40, replace=False)] = True
+    _rare_vs_every_list(index, clustered(20, 64, seed=6), allowed, monkeypatch)
+    if factory == "IVF64,Flat":  # exact codes: the exact answer
+        sub = np.flatnonzero(allowed)
+        q = clustered(20, 64, seed=6)
+        _, ids = ix.search_filtered(index, q, 10, allowed)
+        np.testing.assert_array_equal(ids, sub[exact_top(base[sub], q, 10)])
+
+
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "IVF32,SQ8", "IVF32,PQ8"])
+def test_rare_filter_on_on_disk_lists(tmp_path: Path, factory: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run, x, labels = synthetic_run(tmp_path / "run", 12_000, 32, 2_500, rare=30)
+    index, _ = _built(run, factory, tmp_path, on_disk=True, part_bytes=50_000)
+    ix.set_search_params(index, {"nprobe": 1})
+    _rare_vs_every_list(index, x[:25], np.array([lb == RARE for lb in labels]),
+                        monkeypatch)
 
 
 # --------------------------------------------------------- builders, through the store
@@ -129,6 +175,7 @@ def test_stage_filters_a_rare_label_on_an_ivf_index(tmp_path: Path) -> None:
     _, x, labels = synthetic_run(tmp_path / "run", 20_000, 32, 4_000, rare=12)
     got = _index(tmp_path / "run", factory="IVF128,SQ8")
     assert got["entry"].params["nprobe"] < 128
+    first = rare.STATS["id_scans"]
     s = Searcher(tmp_path / "run", COLUMN, device="cpu")
     for q in x[:5]:
         hits = s.search_vector(q, "q", k=10, label=RARE).hits
@@ -138,6 +185,14 @@ def test_stage_filters_a_rare_label_on_an_ivf_index(tmp_path: Path) -> None:
                                             zip(labels, (f"r{i}" for i in range(len(x))))))
         assert all(h.split == "train" and h.label == RARE for h in both)
     assert len(list((tmp_path / "run/index/filters").glob("images.*"))) >= 4  # cached
+    # A new searcher (a new `search` process) takes the rare rows' entries from the cache.
+    scans = rare.STATS["id_scans"]
+    assert scans > first  # the rare label's rows were located in the lists
+    again = Searcher(tmp_path / "run", COLUMN, device="cpu")
+    for q in x[:3]:
+        assert again.search_vector(q, "q", k=10, label=RARE).hits == \
+            s.search_vector(q, "q", k=10, label=RARE).hits
+    assert rare.STATS["id_scans"] == scans
 
 
 def test_hits_map_to_their_rows_across_shard_boundaries(tmp_path: Path) -> None:
@@ -204,6 +259,7 @@ def test_out_of_core_build_memory_stays_under_its_budget(tmp_path: Path) -> None
     code = f"""
 import json
 from embeddings import index as ix
+from embeddings.index import rare
 from pipeline.config import IndexConfig
 from pipeline.index import run_index
 from embeddings.store import Run

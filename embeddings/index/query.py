@@ -11,6 +11,10 @@ are ever scored, and widens the search until every query has ``min(k, allowed)``
   the rows, are answered exactly over the graph's flat storage.
 - Flat and other flat-code indexes: one exact pass with the selector.
 
+Before any of that, IVF-Flat / SQ / PQ indexes answer a filter keeping few rows (see
+:mod:`.rare`) by scoring exactly just those rows' codes, found in the lists once per
+filter: a rare label never makes a query read every list.
+
 GPU indexes take no selector: they oversample and filter, asking up to 2,048 neighbours.
 """
 
@@ -18,12 +22,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
 import numpy as np
 
+from . import rare
 from .core import GPU_MAX_K, _hnsw, as_f32, is_gpu, ivf_of
 
 SEARCH_BATCH = 4096
@@ -56,6 +61,9 @@ class Allowed:
     bits: np.ndarray  # uint8, little-endian bit order
     n: int
     count: int
+    # index id -> (index, rare.Entries): where the rows sit in that index's lists
+    memo: dict[int, tuple[Any, Any]] = field(default_factory=dict, compare=False,
+                                             repr=False)
 
     @classmethod
     def of(cls, mask: np.ndarray) -> Allowed:
@@ -64,6 +72,32 @@ class Allowed:
 
     def mask(self) -> np.ndarray:
         return np.unpackbits(self.bits, count=self.n, bitorder="little").astype(bool)
+
+    def entries(self, index: faiss.Index) -> rare.Entries:
+        """Where these rows sit in ``index``'s inverted lists, found once per index (the
+        memo holds the index too, so its id is not reused while the entry is kept)."""
+        got = self.memo.get(id(index))
+        if got is None or got[0] is not index:
+            got = (index, rare.entries(rare.codec_ivf(index), self.bits, self.n))
+            self.memo.clear()
+            self.memo[id(index)] = got
+        return got[1]
+
+    def packed_entries(self, index: faiss.Index) -> bytes | None:
+        """:meth:`entries` as bytes to cache (None where the few-rows path is not taken)."""
+        if not rare.takes(index, self.count):
+            return None
+        return rare.pack(self.entries(index))
+
+    def use_entries(self, index: faiss.Index, data: bytes) -> bool:
+        """Take entries cached as :meth:`packed_entries` wrote them (False: unusable)."""
+        found = rare.unpack(data, self.count, self.n)
+        if found is None or not rare.takes(index, self.count) or \
+                not rare.fits(found, rare.codec_ivf(index)):
+            return False
+        self.memo.clear()
+        self.memo[id(index)] = (index, found)
+        return True
 
 
 def search_filtered(index: faiss.Index, queries: np.ndarray, k: int,
@@ -83,6 +117,10 @@ def search_filtered(index: faiss.Index, queries: np.ndarray, k: int,
         return out_s, out_i
     if is_gpu(index):
         return _oversample(index, q, k, rows.mask(), rows.count, out_s, out_i)
+    if rare.takes(index, rows.count):
+        out_s, out_i = rare.search_entries(index, q, k, rows.entries(index))
+        out_s[out_i < 0] = -np.inf
+        return out_s, out_i
     sel = faiss.IDSelectorBitmap(rows.n, faiss.swig_ptr(rows.bits))  # points into bits
     want = min(k, rows.count)
     todo = np.arange(len(q))

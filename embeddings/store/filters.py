@@ -53,6 +53,20 @@ class FilterCache:
         self._keep(stem, shards, np.packbits(mask, bitorder="little").tobytes())
         return mask
 
+    def entries(self, kind: str, split: str | None, label: str | None,
+                index: str) -> bytes | None:
+        """Where a filter's rows sit in the inverted lists of the index file ``index`` (its
+        digests), as the index package packed them; None when not cached (or cached for
+        other shards: the rows, and so the entries, differ)."""
+        shards = self._shards(kind)
+        covered, data = self._best(self._stem(kind, ["entries", split, label, index]), shards)
+        return data if covered == len(shards) and covered else None
+
+    def keep_entries(self, kind: str, split: str | None, label: str | None, index: str,
+                     payload: bytes) -> None:
+        self._keep(self._stem(kind, ["entries", split, label, index]), self._shards(kind),
+                   payload)
+
     def values(self, kind: str = "images") -> dict[str, Any]:
         """The distinct splits and labels of the ``kind`` rows, and how many rows."""
         shards = self._shards(kind)
