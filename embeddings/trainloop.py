@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 MIN_STEPS = 25  # per round: a handful of steps tells nothing yet
+WARMUP = 100  # steps of linearly rising learning rate: Adam's first steps are its noisiest
 
 
 def rounds(n: int, batch_size: int, round_rows: int, max_rounds: int,

@@ -59,7 +59,7 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
 def hashed_uniform(ids: list[str], seed: int, salt: str) -> np.ndarray:
     """A number in [0, 1) per id, fixed by (seed, salt, id)."""
     prefix = f"{seed}:{salt}:"
-    return np.fromiter((xxhash.xxh64_intdigest(prefix + i) for i in ids), np.uint64,
+    return np.fromiter((xxhash.xxh64_intdigest((prefix + i).encode()) for i in ids), np.uint64,
                        count=len(ids)) / np.float64(2 ** 64)
 
 

@@ -166,7 +166,7 @@ class AlignConfig:
     structure: float = knob(1.0, "two_layer: weight of the batch-similarity term")
     lr: float = knob(1e-3, "two_layer: AdamW learning rate")
     batch_size: int = knob(512, "two_layer: pairs per step")
-    max_rounds: int = knob(50, "two_layer: at most this many rounds of 100,000 pairs (or "
+    max_rounds: int = knob(10, "two_layer: at most this many rounds of 100,000 pairs (or "
                            "an epoch) between validations")
     patience: int = knob(3, "two_layer: rounds without a better validation MSE to stop")
     max_pairs: int = knob(2_000_000, "two_layer: pairs held in memory (float16), sampled; "

@@ -7,9 +7,9 @@ Loss per mini-batch (M2M-style; targets are unit length)::
 the second term over the first ``structure_rows`` pairs of the batch (an ``m x m``
 similarity matrix; a batch is a random sample, so are its first rows), so the map
 keeps which targets are near each other, not only where each one lies.  The linear part
-is the ridge solution, frozen; the branch starts at zero, so epoch 0 *is* ridge and
-early stopping on validation MSE (every ``round_rows`` training rows,
-:mod:`embeddings.trainloop`) never returns something worse on validation.
+is the ridge solution, frozen; the branch starts at zero, so round 0 *is* ridge, and
+early stopping on the validation objective (the same sum, every ``round_rows`` training
+rows, :mod:`embeddings.trainloop`) never returns something worse on it than ridge.
 AdamW, seeded initialisation and shuffling: a rerun with the same seed and threads gives
 the same weights.
 """
@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ..trainloop import EarlyStop, rounds, sample_rows
+from ..trainloop import WARMUP, EarlyStop, rounds, sample_rows
 from .ridge import RidgeFit
 
 log = logging.getLogger(__name__)
-WARMUP = 100  # steps of linearly rising learning rate: Adam's first steps are its noisiest
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class TwoLayerParams:
     structure: float = 1.0
     structure_rows: int = 256
     round_rows: int = 100_000  # validation after this many training rows (or an epoch)
-    max_rounds: int = 50
+    max_rounds: int = 10
     patience: int = 3  # rounds without a better validation MSE before stopping
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: torch's default)
@@ -98,36 +97,50 @@ def fit_two_layer(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.nda
             yb = yb / yb.norm(dim=1, keepdim=True).clamp_min(1e-12)
             return (xb - mu_t) / sd_t, torch.addmm(b, xb, w), yb
 
-        def val_mse() -> float:
-            branch.eval()
-            total = 0.0
-            with torch.no_grad():
-                for s in range(0, len(x_val), 8192):
-                    xs, lin, yb = batch(x_val, y_val, slice(s, s + 8192))
-                    total += float(((lin + scale * branch(xs) - yb) ** 2).sum())
-            branch.train()
-            return total / (len(x_val) * d_out)
-
-        stop = EarlyStop(p.patience, val_mse(), torch_state(branch))  # round 0: ridge
         m = p.structure_rows
+
+        def terms(pred: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """MSE, and the similarity-structure error over the first ``m`` rows."""
+            mse = nn.functional.mse_loss(pred, yb)
+            k = min(m, len(pred))  # a batch is in random order: its first rows are a sample
+            if not p.structure or k < 2:
+                return mse, torch.zeros(())
+            pn = nn.functional.normalize(pred[:k], dim=1)
+            return mse, nn.functional.mse_loss(pn @ pn.T, yb[:k] @ yb[:k].T)
+
+        def validate() -> tuple[float, float]:
+            """Validation objective (what training minimises) and MSE, in fixed blocks."""
+            branch.eval()
+            total = mse_sum = 0.0
+            blocks = 0
+            with torch.no_grad():
+                for s in range(0, len(x_val), m):
+                    xs, lin, yb = batch(x_val, y_val, slice(s, s + m))
+                    mse, struct = terms(lin + scale * branch(xs), yb)
+                    mse_sum += float(mse) * len(xs)
+                    total += float(mse + p.structure * struct) * len(xs)
+                    blocks += len(xs)
+            branch.train()
+            mse_by_round.append(mse_sum / blocks)
+            return total / blocks, mse_sum / blocks
+
+        mse_by_round: list[float] = []
+        stop = EarlyStop(p.patience, validate()[0], torch_state(branch))  # round 0: ridge
         for r, batches in enumerate(rounds(len(x), p.batch_size, p.round_rows,
                                            p.max_rounds, rng), start=1):
             for idx in batches:
                 xs, lin, yb = batch(x, y, idx)
-                pred = lin + scale * branch(xs)
-                loss = nn.functional.mse_loss(pred, yb)
-                if p.structure and len(idx) > 1:
-                    k = min(m, len(idx))  # a batch is in random order: its first rows
-                    pn = nn.functional.normalize(pred[:k], dim=1)
-                    yn = yb[:k]
-                    loss = loss + p.structure * nn.functional.mse_loss(pn @ pn.T, yn @ yn.T)
+                mse, struct = terms(lin + scale * branch(xs), yb)
+                loss = mse + p.structure * struct
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 warm.step()
-            done = stop.update(val_mse(), lambda: torch_state(branch))
+            objective, mse_now = validate()
+            done = stop.update(objective, lambda: torch_state(branch))
             if progress:
-                log.info("two_layer round %d: validation mse %.6f", r, stop.history[-1])
+                log.info("two_layer round %d: validation objective %.6f, mse %.6f", r,
+                         objective, mse_now)
             if done:
                 break
         branch.load_state_dict(stop.state)
@@ -135,6 +148,7 @@ def fit_two_layer(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.nda
     tensors = {"w": ridge.w, "b": ridge.b, "mu": mu, "sd": sd,
                "w1": sd_branch["0.weight"].T.copy(), "b1": sd_branch["0.bias"],
                "w2": scale * sd_branch["2.weight"].T, "b2": scale * sd_branch["2.bias"]}
-    info = {**stop.summary(), "train_s": round(time.perf_counter() - t0, 3),
+    info = {**stop.summary(), "val_mse_by_round": [round(v, 8) for v in mse_by_round],
+            "train_s": round(time.perf_counter() - t0, 3),
             "params": asdict(p)}
     return tensors, info

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..trainloop import EarlyStop, rounds, sample_rows
+from ..trainloop import WARMUP, EarlyStop, rounds, sample_rows
 from .model import KINDS, LatentModel
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class LatentParams:
     beta: float = 1.0  # VAE: weight of the KL term (per input coordinate)
     pca_rows: int = 100_000  # rows the principal directions are computed on
     round_rows: int = 100_000
-    max_rounds: int = 50
+    max_rounds: int = 10
     patience: int = 3
     seed: int = 0
     threads: int | None = None
@@ -102,6 +102,7 @@ def fit_latent(xs: Sequence[np.ndarray], present: Sequence[np.ndarray] | None,
         parts = nn.ModuleDict({"enc": enc, "to_z": to_z, "dec": dec,
                                **({"to_logvar": to_logvar} if to_logvar else {})})
         opt = torch.optim.AdamW(parts.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / WARMUP))
 
         def forward(s: torch.Tensor, flags: torch.Tensor, sample: bool
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -142,6 +143,7 @@ def fit_latent(xs: Sequence[np.ndarray], present: Sequence[np.ndarray] | None,
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                warm.step()
             done = stop.update(val_error(), lambda: torch_state(parts))
             if progress:
                 log.info("latent %s round %d: validation mse %.5f", p.kind, r, stop.history[-1])
