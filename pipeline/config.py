@@ -163,7 +163,7 @@ class AlignConfig:
     exclude_splits: tuple[str, ...] = knob(("test",), "rows of these splits are never "
                                            "used (kept for evaluation)")
     hidden: int = knob(512, "two_layer: width of the branch")
-    structure: float = knob(1.0, "two_layer: weight of the batch-similarity term")
+    structure: float = knob(0.1, "two_layer: weight of the batch-similarity term")
     lr: float = knob(1e-3, "two_layer: AdamW learning rate")
     batch_size: int = knob(512, "two_layer: pairs per step")
     max_rounds: int = knob(10, "two_layer: at most this many rounds of 100,000 pairs (or "

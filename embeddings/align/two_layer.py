@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..trainloop import WARMUP, EarlyStop, rounds, sample_rows
+from ..trainloop import WARMUP, EarlyStop, rounds, sample_rows, torch_state, torch_threads
 from .ridge import RidgeFit
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class TwoLayerParams:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 512
-    structure: float = 1.0
+    structure: float = 0.1
     structure_rows: int = 256
     round_rows: int = 100_000  # validation after this many training rows (or an epoch)
     max_rounds: int = 10
@@ -62,8 +62,6 @@ def fit_two_layer(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.nda
     """
     import torch
     from torch import nn
-
-    from ..heads.base import torch_state, torch_threads
 
     p = params or TwoLayerParams()
     if not len(x_val):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..trainloop import WARMUP, EarlyStop, rounds, sample_rows
+from ..trainloop import WARMUP, EarlyStop, rounds, sample_rows, torch_state, torch_threads
 from .model import KINDS, LatentModel
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,6 @@ def fit_latent(xs: Sequence[np.ndarray], present: Sequence[np.ndarray] | None,
     """
     import torch
     from torch import nn
-
-    from ..heads.base import torch_state, torch_threads
 
     p = params or LatentParams()
     n, dims = len(xs[0]), [int(x.shape[1]) for x in xs]
