@@ -325,9 +325,10 @@ def _encoders(raw: Mapping[str, Any], model: str | None,
     return tuple(encoders)
 
 
-def stage_config(cls: type, name: str, raw: Mapping[str, Any], run: str | None = None,
+def stage_config(cls: type, name: str, raw: Mapping[str, Any], run: str | None = None, /,
                  **overrides: Any) -> Any:
-    """A non-embed stage's config: its TOML section, the top-level run, CLI overrides."""
+    """A non-embed stage's config: its TOML section, the top-level run, CLI overrides
+    (positional-only parameters, so a knob may be called ``name`` or ``run``)."""
     return build(cls, raw, name, overrides, run=run_dir(raw, run))
 
 

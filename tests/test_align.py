@@ -55,7 +55,7 @@ def test_ridge_sums_streamed_in_chunks_equal_one_pass() -> None:
 
 
 def _cfg(run: Path, **kw: object) -> AlignConfig:
-    base = dict(run=str(run), progress=False, threads=1, max_rounds=20)
+    base = dict(run=str(run), progress=False, threads=1)
     base.update(kw)
     return AlignConfig(**base)  # type: ignore[arg-type]
 

@@ -38,7 +38,7 @@ def test_latent_reconstructs_held_out_rows(columns: tuple, kind: str) -> None:
     d, _ = columns
     k = 16
     model = fit_latent(d["train"], None, d["val"],
-                       params=LatentParams(kind=kind, dim=k, threads=1, max_rounds=20))
+                       params=LatentParams(kind=kind, dim=k, threads=1))
     z = model.encode(d["test"])
     assert z.shape == (len(d["test"][0]), k) and np.isfinite(z).all()
     s_train, _, _ = model.standardise(d["train"])
