@@ -24,7 +24,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve align bench-align
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-dedup bench-startup align bench-align
 
 setup: $(VENV)/.installed
 
@@ -79,7 +79,8 @@ lint: setup
 bench: bench-embed bench-search bench-heads
 
 # Decode paths (naive PIL loop, exact, fast) on generated 640x480 JPEGs, decode-only and
-# end to end with the tiny and ViT-B-32 architectures (random weights), CPU; then the
+# end to end with the tiny and ViT-B-32 architectures (random weights), CPU; the same
+# photos as loose files, local tar shards and tar shards over loopback HTTP; then the
 # streaming ingest of a 1M-row CSV vs a bare pyarrow.csv.read_csv of it.
 bench-embed: setup
 	$(PY) benchmarks/bench_embed.py $(ARGS)
@@ -88,6 +89,11 @@ bench-embed: setup
 # On one GPU: encoder-only limit, naive 16-worker PIL loader, exact and fast paths.
 bench-embed-gpu: setup
 	$(PY) benchmarks/bench_embed_gpu.py $(ARGS)
+
+# Start-up: --help and one demo search in fresh interpreters (make demo first);
+# ARGS="--baseline DIR" compares with a checkout of another version in the same run.
+bench-startup: setup
+	$(PY) benchmarks/bench_startup.py $(ARGS)
 
 # Local engine vs Ray engine (local Ray cluster), same demo images and models, one run.
 bench-ray: setup
@@ -138,3 +144,8 @@ serve: setup
 # (make demo first): q/s, p50/p99 latency, errors; vs the same queries in-process.
 bench-serve: setup
 	$(PY) benchmarks/bench_serve.py --run $(or $(RUN),runs/demo) $(ARGS)
+
+# Near-duplicates on the duplicate test set (scikit-image photos, openclipart drawings and
+# their copies): precision and recall per transformation for CLIP, pHash and both.
+bench-dedup: setup tiny-model
+	$(PY) benchmarks/bench_dedup.py $(ARGS)

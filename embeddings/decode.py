@@ -1,4 +1,7 @@
-"""Image decoding for the embed stage: files -> model-ready pixels, two paths by name.
+"""Image decoding for the embed stage: image bytes -> model-ready pixels, two paths by name.
+
+Bytes come from an image source (:mod:`embeddings.sources`: local files, objects under a
+remote root, tar members held in memory); the paths below never know where they live.
 
 ``exact``: PIL decode (:func:`embeddings.images.load_image`) and the encoder's own
 open_clip preprocess in DataLoader workers; bit-for-bit what a direct open_clip call
@@ -19,8 +22,8 @@ more paths; :func:`decode_provenance` says what a path did, for the manifest.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +32,7 @@ from .decode_base import PixelBatch, decode_exact, exact_provenance
 from .decode_fast import decode_fast, fast_capable, fast_provenance
 from .errors import InputError
 from .images import DEFAULT_MAX_PIXELS
+from .sources import ImageSource, as_source
 
 __all__ = ["DECODERS", "PixelBatch", "decode_provenance", "iter_pixels", "register_decoder",
            "resolve_decode"]
@@ -39,7 +43,7 @@ DECODERS: dict[str, tuple[Decoder, Provenance]] = {}
 
 
 def register_decoder(name: str, decoder: Decoder, provenance: Provenance) -> None:
-    """Add a path: ``decoder(root, paths, encoders, *, device, batch_size, workers,
+    """Add a path: ``decoder(source, keys, encoders, *, device, batch_size, workers,
     max_pixels) -> Iterator[PixelBatch]``; ``provenance(device)`` describes it."""
     DECODERS[name] = (decoder, provenance)
 
@@ -71,13 +75,15 @@ def decode_provenance(name: str, device: torch.device | str = "cpu",
     return DECODERS[resolve_decode(name, device, encoders)][1](device)
 
 
-def iter_pixels(root: Path, paths: Sequence[str], encoders: Sequence[Any], *,
-                decode: str = "auto", device: torch.device, batch_size: int = 64,
-                workers: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[PixelBatch]:
-    """Decode ``root / path`` for every path, batch by batch, in input order.
+def iter_pixels(source: ImageSource | str | os.PathLike, keys: Sequence[str],
+                encoders: Sequence[Any], *, decode: str = "auto", device: torch.device,
+                batch_size: int = 64, workers: int = 0,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[PixelBatch]:
+    """Decode the image of every key of ``source`` (a folder or URL: opened as a source),
+    batch by batch, in input order.
 
     ``encoders`` are the image encoders; ``pixels[k]`` of each batch is for ``encoders[k]``.
     """
     decoder = DECODERS[resolve_decode(decode, device, encoders)][0]
-    return decoder(root, paths, encoders, device=device, batch_size=batch_size,
+    return decoder(as_source(source), keys, encoders, device=device, batch_size=batch_size,
                    workers=workers, max_pixels=max_pixels)

@@ -7,17 +7,18 @@ without an import cycle.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from .sources import ImageSource, as_source, read_key
 
 Transform = Callable[[Any], torch.Tensor]
 T = TypeVar("T")
@@ -47,18 +48,24 @@ def loader(dataset: Dataset, collate: Callable[[list[Any]], Any], *, batch_size:
 # ------------------------------------------------------------------------------ exact
 
 class ImageFiles(Dataset):
-    """Image paths -> ``(index, tensors per transform | None, reason | None)``."""
+    """Image keys of a source -> ``(index, tensors per transform | None, reason | None)``.
 
-    def __init__(self, root: Path, paths: Sequence[str], transforms: Sequence[Transform],
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.root, self.paths, self.transforms = root, paths, transforms
+    ``source``: an :class:`~embeddings.sources.ImageSource` (a folder or URL is opened as
+    one); the bytes come from :func:`~embeddings.sources.read_key`, whatever the source."""
+
+    def __init__(self, source: ImageSource | str | os.PathLike, keys: Sequence[str],
+                 transforms: Sequence[Transform], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.source, self.keys, self.transforms = as_source(source), keys, transforms
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.keys)
+
+    def read(self, i: int) -> bytes:
+        return read_key(self.source, self.keys[i])
 
     def __getitem__(self, i: int) -> tuple[int, tuple[torch.Tensor, ...] | None, str | None]:
-        return exact_item(i, lambda: load_image(self.root / self.paths[i], self.max_pixels),
+        return exact_item(i, lambda: decode_image(self.read(i), self.max_pixels),
                           self.transforms)
 
 
@@ -86,14 +93,14 @@ def exact_provenance(device: torch.device) -> dict[str, Any]:
     return {"decode": "exact", "decoder": "PIL", "resize": "open_clip preprocess (PIL)"}
 
 
-def decode_exact(root: Path, paths: Sequence[str], encoders: Sequence[Any], *,
+def decode_exact(source: ImageSource, keys: Sequence[str], encoders: Sequence[Any], *,
                  device: torch.device, batch_size: int = 64, workers: int = 0,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[PixelBatch]:
     """PIL + each encoder's ``image_transform`` in workers: float32 CPU tensors (pinned on
     CUDA), exactly what a direct open_clip call gives."""
     transforms = [e.image_transform for e in encoders]
     for indices, pixels, failures in loader(
-            ImageFiles(root, paths, transforms, max_pixels), collate_exact,
+            ImageFiles(source, keys, transforms, max_pixels), collate_exact,
             batch_size=batch_size, workers=workers, pin=device.type == "cuda"):
         yield PixelBatch(indices, pixels, failures)
 

@@ -19,7 +19,6 @@ import io
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,8 +36,8 @@ from .images import (
     ImageHeader,
     decode_image,
     read_header,
-    read_image_bytes,
 )
+from .sources import ImageSource
 
 Item = tuple[Any, ...]  # (i, "jpeg", bytes, header) | (i, "ready", tensors) | (i, "reject", why)
 
@@ -135,11 +134,11 @@ def batchable(head: ImageHeader, data: bytes) -> bool:
 
 
 class JpegFiles(ImageFiles):
-    """Paths -> bytes of batchable JPEGs; anything else decoded here by the exact path."""
+    """Keys -> bytes of batchable JPEGs; anything else decoded here by the exact path."""
 
     def __getitem__(self, i: int) -> Item:
         try:
-            data = read_image_bytes(self.root / self.paths[i])
+            data = self.read(i)
             head = read_header(data, self.max_pixels)
         except ImageError as e:
             return i, "reject", str(e)
@@ -292,7 +291,7 @@ def _decode_gpu(packed: Any, collate: FastCollate, device: torch.device) -> Pixe
                   collate.dtypes, device)
 
 
-def decode_fast(root: Path, paths: Sequence[str], encoders: Sequence[Any], *,
+def decode_fast(source: ImageSource, keys: Sequence[str], encoders: Sequence[Any], *,
                 device: torch.device, batch_size: int = 64, workers: int = 0,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[PixelBatch]:
     """Batched JPEG decode + tensor preprocessing, overlapped with the caller's model."""
@@ -303,7 +302,7 @@ def decode_fast(root: Path, paths: Sequence[str], encoders: Sequence[Any], *,
     gpu = device.type == "cuda"
     collate = FastCollate(configs, [pixel_dtype(e, device) for e in encoders], transforms,
                           max_pixels, on_worker=not gpu)
-    batches = loader(JpegFiles(root, paths, transforms, max_pixels), collate,
+    batches = loader(JpegFiles(source, keys, transforms, max_pixels), collate,
                      batch_size=batch_size, workers=workers, pin=gpu)
     if gpu:
         return prefetch((_decode_gpu(b, collate, device) for b in batches), device)

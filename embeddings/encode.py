@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +18,8 @@ import torch
 from .decode import iter_pixels
 from .decode_base import ImageFiles, collate_exact
 from .encoders import Encoder
-from .images import DEFAULT_MAX_PIXELS
+from .limits import DEFAULT_MAX_PIXELS
+from .sources import ImageSource
 
 
 @dataclass
@@ -35,18 +35,20 @@ def default_workers(device: torch.device) -> int:
 
 
 def iter_image_embeddings(
-    root: Path, paths: Sequence[str], encoders: Sequence[Encoder], *, device: torch.device,
+    source: ImageSource | str | os.PathLike, keys: Sequence[str], encoders: Sequence[Encoder],
+    *, device: torch.device,
     batch_size: int = 64, workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
     decode: str = "auto",
 ) -> Iterator[ImageBatch]:
-    """Embed images in input order, batch by batch, with every image encoder.
+    """Embed the images of ``keys`` (read from ``source``) in input order, batch by batch,
+    with every image encoder.
 
     ``decode`` names the path (:func:`embeddings.decode.resolve_decode`): ``auto`` is
     ``fast`` on CUDA and ``exact`` (bit-for-bit open_clip) on CPU.
     """
     image_encoders = [e for e in encoders if "image" in e.modalities]
     workers = default_workers(device) if workers is None else workers
-    for batch in iter_pixels(root, paths, image_encoders, decode=decode, device=device,
+    for batch in iter_pixels(source, keys, image_encoders, decode=decode, device=device,
                              batch_size=batch_size, workers=workers, max_pixels=max_pixels):
         vectors = {e.spec.name: e.encode_images(x)
                    for e, x in zip(image_encoders, batch.pixels)} if batch.indices else {}

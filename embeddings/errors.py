@@ -35,3 +35,7 @@ class WeightsUnavailable(UserError, RuntimeError):
 
 class Locked(UserError, RuntimeError):
     """Another live process is writing the same run directory stage."""
+
+
+class UntrustedModel(UserError, PermissionError):
+    """A run directory names a local model (a ``pkg:`` module, a path) nobody vouched for."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; real photos are far below this
+from .limits import DEFAULT_MAX_PIXELS
+
 EXIF_ORIENTATION = 0x0112
 
 
@@ -102,6 +104,22 @@ def read_image_bytes(path: str | os.PathLike) -> bytes:
         data = path.read_bytes()
     except OSError as e:
         raise ImageError(f"unreadable image: {type(e).__name__}: {e}") from None
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    return data
+
+
+def read_image_fd(fd: int) -> bytes:
+    """The bytes of an image file opened by its source (``fd`` is closed here), or
+    :class:`ImageError` with the reasons of :func:`load_image` (a folder, a FIFO or a
+    device is a "missing file": never read)."""
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ImageError("missing file")
+        try:
+            data = f.read()
+        except OSError as e:
+            raise ImageError(f"unreadable image: {type(e).__name__}: {e.strerror}") from None
     if not data:
         raise ImageError("empty file (0 bytes)")
     return data

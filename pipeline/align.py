@@ -125,7 +125,7 @@ def run_align(cfg: AlignConfig) -> AlignResult:
     adapter.params, adapter.source, adapter.target, adapter.info = (
         params, plan.source, plan.target, info)
     with run.lock("align"):
-        path = save_adapter(adapter, run.align.path(name))
+        path = save_adapter(adapter, run.align.writable(name))
     return AlignResult(name, str(path), cfg.source, cfg.target, cfg.adapter, train.n, val.n,
                        seconds, table, info)
 

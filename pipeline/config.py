@@ -25,10 +25,10 @@ from typing import Any
 
 import tomllib
 
-from embeddings.encoders import EncoderSpec
+from embeddings.encoder_base import EncoderSpec
 from embeddings.errors import InputError, MissingError
-from embeddings.images import DEFAULT_MAX_PIXELS
-from embeddings.store import check_name
+from embeddings.limits import DEFAULT_MAX_PIXELS
+from embeddings.names import check_name
 
 DEFAULT_CONFIG = Path("configs/default.toml")
 DEFAULT_RUN = "runs/default"
@@ -46,11 +46,38 @@ def knob(default: Any, help: str, *, flag: str | None = None, cli: bool = True,
 @dataclass(frozen=True)
 class DataConfig:
     path: str = knob("data/demo/manifest.csv", "manifest (csv/jsonl/parquet/COCO/Karpathy "
-                     "json) or image folder", flag="--data")
+                     "json), image folder, or webdataset tar shards (a brace pattern such as "
+                     "shards/{00000..00127}.tar; local, s3://, https://, ...)", flag="--data")
     root: str | None = knob(None, "folder image paths are relative to (default: the "
-                            "manifest's)")
-    format: str = knob("auto", "dataset format", choices=("auto", "csv", "jsonl", "parquet",
-                                                          "imagefolder", "coco", "karpathy"))
+                            "manifest's), or a remote root (s3://bucket/prefix, https://host/"
+                            "path) the image column's keys or URLs lie under")
+    format: str = knob("auto", "dataset format", choices=(
+        "auto", "csv", "jsonl", "parquet", "imagefolder", "coco", "karpathy", "webdataset"))
+    caption_field: str | None = knob(None, "webdataset: JSON field holding the caption "
+                                     "(unset: the txt member)")
+    label_field: str | None = knob(None, "webdataset: JSON field holding the label "
+                                   "(unset: the cls member)")
+    labels_field: str | None = knob(None, "webdataset: JSON field holding the labels (a list)")
+    split_field: str | None = knob(None, "webdataset: JSON field holding the split")
+    retries: int = knob(3, "remote reads: retries after a network error (with backoff), "
+                        "then the item or shard is rejected")
+    timeout: float = knob(60.0, "remote reads: seconds to connect, and between two reads")
+
+    def fields(self) -> Any:
+        """Where a tar sample's caption, label, labels and split come from."""
+        from embeddings.ingest import Fields
+
+        return Fields(self.caption_field, self.label_field, self.labels_field,
+                      self.split_field)
+
+    def network(self) -> Any:
+        """How remote reads are tried (not part of the run's identity)."""
+        from embeddings.sources import Network
+
+        if self.retries < 0 or self.timeout <= 0:
+            raise InputError(f"[data] retries must be >= 0 and timeout > 0, not "
+                             f"{self.retries} and {self.timeout}")
+        return Network(retries=self.retries, timeout=self.timeout)
 
 
 @dataclass(frozen=True)
@@ -147,6 +174,10 @@ class ServerConfig:
     threads: int | None = knob(None, "torch threads per query encoding (default: one per "
                                "core; 1 is faster on a machine busy with other work)")
     max_upload_mb: float = knob(8.0, "largest image upload in MiB")
+    root: str | None = knob(None, "where the dataset's images are: their folder, a remote "
+                            "root (s3://bucket/prefix, https://host/path), or the folder or "
+                            "URL prefix of the tar shards (default: the place recorded at "
+                            "embed time, if the run was sealed on this machine)")
 
 
 @dataclass(frozen=True)
@@ -287,6 +318,9 @@ def embed_config(raw: Mapping[str, Any], run: str | None = None,
                 run=run_dir(raw, run))
     if cfg.batch_size < 1 or cfg.shard_size < 1:
         raise InputError("[embed] batch_size and shard_size must be >= 1")
+    if cfg.max_pixels < 1:
+        raise InputError(f"[embed] max_pixels must be >= 1 (pixels per image), not "
+                         f"{cfg.max_pixels}")
     if cfg.workers is not None and cfg.workers < 0:
         raise InputError(f"[embed] workers must be >= 0, not {cfg.workers}")
     return cfg
@@ -323,6 +357,13 @@ def _encoders(raw: Mapping[str, Any], model: str | None,
     if len(set(names)) != len(names):
         raise InputError(f"encoder names must be unique, got {names}")
     return tuple(encoders)
+
+
+def config_models(raw: Mapping[str, Any]) -> tuple[str, ...]:
+    """The model strings the config's ``[[encoders]]`` name (checked by :func:`load_toml`)."""
+    tables = raw.get("encoders", [])
+    return tuple(t["model"] for t in tables if isinstance(t, dict)
+                 and isinstance(t.get("model"), str))
 
 
 def stage_config(cls: type, name: str, raw: Mapping[str, Any], run: str | None = None, /,

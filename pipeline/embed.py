@@ -16,6 +16,7 @@ import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,13 +26,16 @@ from tqdm import tqdm
 
 from embeddings.encoders import resolve_device
 from embeddings.errors import FormatError, InputError, RunMismatch
-from embeddings.ingest import Block, Source, open_dataset
+from embeddings.ingest import Block, Source, TarDataset, open_dataset
+from embeddings.ingest.sidecar import summary as sidecar_summary
+from embeddings.ingest.sidecar import totals as sidecar_totals
 from embeddings.store import (
     KINDS,
     Column,
     EmbedManifest,
     Run,
     RunIdentity,
+    ShardInfo,
     ShardRecord,
     check_same_model,
 )
@@ -54,6 +58,7 @@ class EmbedResult:
     seconds: float
     nothing_to_do: bool = False
     throughput: dict[str, float] = field(default_factory=dict)  # items/s of this run's work
+    sidecar: dict[str, Any] | None = None  # img2dataset accounting (tar shards with sidecars)
 
     def rate_summary(self) -> str:
         return ", ".join(f"{k} {v:.1f}/s" for k, v in self.throughput.items())
@@ -61,23 +66,26 @@ class EmbedResult:
 
 def run_embed(cfg: EmbedConfig) -> EmbedResult:
     """Run (or resume) the embed stage described by ``cfg``."""
-    check_engine(cfg.engine)  # a missing engine fails before any work
+    check_engine(cfg.engine, cfg.ray_address)  # a missing engine fails before any work
     t0 = time.perf_counter()
     run = Run(cfg.run)
     # Under Ray the driver's models serve only the identity checks: the actors embed.
     models = Models(cfg, resolve_device("cpu" if cfg.engine == "ray" else cfg.device))
-    source = open_dataset(cfg.data.path, cfg.data.root, cfg.data.format)
-    with run.lock("embed"):
+    source = open_dataset(cfg.data.path, cfg.data.root, cfg.data.format,
+                          fields=cfg.data.fields(), net=cfg.data.network())
+    with run.lock("embed") as lock:
         spec = _spec(cfg, source)
         recorded = run.embed.read_identity()
+        if recorded is not None and _more_shards(recorded.spec, spec):
+            recorded = RunIdentity(spec, recorded.columns)  # shards appended: a longer list
+            run.embed.write_identity(recorded)
         _check_spec(run, recorded, spec)
         if recorded is not None and _names_other_weights(recorded, cfg):
             _check_columns(run, recorded, models.load().columns)  # even with nothing to do
         done = _finished(run, cfg)
-        full = {k for k, (img, _) in done.items() if img.inputs == cfg.shard_size}
+        full = _final_blocks(run, cfg, source, done)
         stats = _Progress(cfg)
-        todo = (b for b in source.blocks(cfg.shard_size, skip=full)
-                if not (b.index in done and _same_inputs(run, done[b.index], b)))
+        todo = _todo(run, source.blocks(cfg.shard_size, skip=full), done)
         try:
             first = next(todo, None)
             if first is not None:  # models are loaded, and checked, only when there is work
@@ -86,7 +94,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
                     recorded = RunIdentity(spec, models.columns)
                     run.embed.write_identity(recorded)
                 _check_columns(run, recorded, models.columns)
-                job = EngineJob(run, source.root, models, cfg, stats)
+                job = EngineJob(run, source.image_source, models, cfg, stats, lock.token)
                 done.update(ENGINES[cfg.engine](job, itertools.chain([first], todo)))
         except KeyboardInterrupt:
             log.warning("interrupted: the %d block(s) finished in this run are kept (%d in "
@@ -97,28 +105,49 @@ def run_embed(cfg: EmbedConfig) -> EmbedResult:
             stats.close()
         if not done:
             raise InputError(f"{cfg.data.path}: the dataset has no rows to embed")
-        if not stats.blocks and run.embed.has_manifest() and _listed(run, done):
+        if not any(img.rows for img, _ in done.values()):
+            _nothing_embedded(run, cfg, source, done)
+        if not stats.blocks and run.embed.has_manifest() and _listed(run, done) \
+                and _sealed(run, recorded):
             m = run.embed.manifest()
             log.info("nothing to do: %s is complete", run.embed.dir)
             return EmbedResult(run.path, 0, {k: m.rows(k) for k in KINDS},
-                               m.reject_counts(), time.perf_counter() - t0, True)
+                               m.reject_counts(), time.perf_counter() - t0, True,
+                               sidecar=m.sidecar)
         if recorded is None:
             raise FormatError(f"{run.embed.spec_path} is missing: delete {run.embed.dir} and "
                               "rerun to start over")
+        if not recorded.trusted:  # it matches this config (checked above): seal it here
+            log.info("sealing %s: its dataset and models are the ones your config names",
+                     run.path)
+            run.embed.write_identity(recorded)
         manifest = _finalise(run, cfg, source, recorded, done)
     return EmbedResult(run.path, stats.blocks, {k: manifest.rows(k) for k in KINDS},
                        manifest.reject_counts(), time.perf_counter() - t0,
-                       throughput=stats.rates())
+                       throughput=stats.rates(), sidecar=manifest.sidecar)
 
 
 # -------------------------------------------------------------------- identity, resume
 
-def _spec(cfg: EmbedConfig, source: Source) -> dict[str, Any]:
+def _spec(cfg: EmbedConfig, source: Source | TarDataset) -> dict[str, Any]:
     """What must not change within a run (models are checked through their columns)."""
-    return {"data": {"source": str(Path(source.source).resolve()), "root": str(source.root),
-                     "format": source.format},
+    return {"data": source.describe(),
             "encoders": [{"name": e.name, "type": e.type} for e in cfg.encoders],
             "dtype": cfg.dtype, "shard_size": cfg.shard_size, "max_pixels": cfg.max_pixels}
+
+
+def _more_shards(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether ``new`` only appends tar shards to ``old``'s (block k stays shard k)."""
+    before, after = old.get("data", {}), new.get("data", {})
+    was, now = before.get("image_source", {}), after.get("image_source", {})
+    if was.get("kind") != "webdataset" or now.get("kind") != "webdataset":
+        return False
+    shards, longer = was.get("shards", []), now.get("shards", [])
+    same_rest = ({**old, "data": {}} == {**new, "data": {}} and
+                 {k: v for k, v in before.items() if k not in ("source", "image_source")} ==
+                 {k: v for k, v in after.items() if k not in ("source", "image_source")} and
+                 {**was, "shards": None} == {**now, "shards": None})
+    return same_rest and len(longer) > len(shards) and longer[:len(shards)] == shards
 
 
 def _check_spec(run: Run, recorded: RunIdentity | None, spec: dict[str, Any]) -> None:
@@ -184,6 +213,7 @@ def _finished(run: Run, cfg: EmbedConfig) -> dict[int, tuple[ShardRecord, ShardR
                 pair.append(run.embed.verify_shard(kind, block, recorded))
             except FormatError as e:
                 log.warning("%s: re-embedding block %d", e, block)
+                run.embed.withdraw([block])
                 for p in (files[k].get(block) for k in KINDS):
                     if p is not None:
                         p.unlink(missing_ok=True)
@@ -193,10 +223,67 @@ def _finished(run: Run, cfg: EmbedConfig) -> dict[int, tuple[ShardRecord, ShardR
     return done
 
 
+def _final_blocks(run: Run, cfg: EmbedConfig, source: Source | TarDataset,
+                  done: dict[int, tuple[ShardRecord, ShardRecord]]) -> set[int]:
+    """Finished blocks that are not read again: full blocks of a manifest (a partial last
+    block is re-read, the dataset may have grown into it); every tar shard, but one that
+    could not be read at all (tried again: the network may be back, the file there)."""
+    if not source.fixed_blocks:
+        return {k for k, (img, _) in done.items() if img.inputs == cfg.shard_size}
+    return {k for k, (img, _) in done.items()
+            if img.inputs or not _unreachable(run.embed.shard_info(run.embed.shard_path(img)))}
+
+
+def _unreachable(info: ShardInfo) -> bool:
+    return any(r["kind"] == "shards" and r["reason"].startswith(("unreachable", "not found"))
+               for r in info.rejects)
+
+
+def _todo(run: Run, blocks: Iterator[Block],
+          done: dict[int, tuple[ShardRecord, ShardRecord]]) -> Iterator[Block]:
+    """The blocks still to embed.  A finished block the dataset grew into is redone, and a
+    tar shard handed back by :func:`_final_blocks` (not read here) is tried again; either is
+    withdrawn from the manifest first: readers never meet a listed shard being replaced."""
+    for b in blocks:
+        if b.index in done:
+            if b.pending is None and _same_inputs(run, done[b.index], b):
+                continue
+            run.embed.withdraw([b.index])
+        yield b
+
+
+def _nothing_embedded(run: Run, cfg: EmbedConfig, source: Source | TarDataset,
+                      done: dict[int, tuple[ShardRecord, ShardRecord]]) -> None:
+    """Not one image survived: say why in one line, keep the rejects for the details and
+    leave no identity behind, so the same command with the right options starts afresh."""
+    rejects = [r for kind in KINDS for b in sorted(done)
+               for r in run.embed.shard_info(run.embed.shard_path(done[b][KINDS.index(kind)]))
+               .rejects]
+    inputs = sum(img.inputs for img, _ in done.values()) or len(rejects)
+    why = Counter(_reason_class(r["reason"]) for r in rejects)
+    detail = ", ".join(f"{k}: {n}" for k, n in why.most_common(4)) or "no image rows"
+    run.embed.discard(rejects)
+    raise InputError(
+        f"nothing to embed: all {inputs} input row(s) of {cfg.data.path} were rejected "
+        f"({detail}); check the dataset root ({source.root}), the format ({source.format}) "
+        f"and the pixel budget (max_pixels {cfg.max_pixels}); each item's reason is in "
+        f"{run.embed.rejects_path}")
+
+
 def _same_inputs(run: Run, records: tuple[ShardRecord, ShardRecord], block: Block) -> bool:
     """A re-read partial block is done only if the dataset did not grow into it."""
     info = run.embed.shard_info(run.embed.shard_path(records[0]))
     return info.inputs == block.image_column("id")
+
+
+def _sealed(run: Run, recorded: RunIdentity | None) -> bool:
+    """Whether the identity and the manifest were sealed on this machine.  A run made
+    elsewhere (or by an older version) that matches the user's config, dataset and models
+    (the checks before this) gets its files rewritten and sealed: the config vouches."""
+    try:
+        return recorded is not None and recorded.trusted and run.embed.manifest().trusted
+    except FormatError:
+        return False
 
 
 def _listed(run: Run, done: dict[int, tuple[ShardRecord, ShardRecord]]) -> bool:
@@ -224,10 +311,11 @@ class _Progress:
                              dynamic_ncols=True, smoothing=0.1)
         return self._bar
 
-    def block_done(self, block: Block) -> None:
+    def block_done(self, records: tuple[ShardRecord, ShardRecord]) -> None:
+        """A block's two shards are in (their records count its inputs)."""
         self.blocks += 1
-        n = block.image_table.num_rows
-        self.items.update(images=n, captions=block.caption_table.num_rows)
+        n = records[0].inputs
+        self.items.update(images=n, captions=records[1].inputs)
         self.bar.update(n)
         self.bar.set_postfix(captions=self.items["captions"], blocks=self.blocks, refresh=False)
 
@@ -250,18 +338,28 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _finalise(run: Run, cfg: EmbedConfig, source: Source, recorded: RunIdentity,
+def _finalise(run: Run, cfg: EmbedConfig, source: Source | TarDataset,
+              recorded: RunIdentity,
               done: dict[int, tuple[ShardRecord, ShardRecord]]) -> EmbedManifest:
     blocks = sorted(done)
     shards = {kind: [done[b][i] for b in blocks] for i, kind in enumerate(KINDS)}
-    rejects = [r for kind in KINDS for rec in shards[kind]
-               for r in run.embed.shard_info(run.embed.shard_path(rec)).rejects]
+    infos = {kind: [run.embed.shard_info(run.embed.shard_path(rec)) for rec in shards[kind]]
+             for kind in KINDS}
+    rejects = [r for kind in KINDS for info in infos[kind] for r in info.rejects]
     by_reason = Counter(_reason_class(r["reason"]) for r in rejects)
     columns = recorded.columns
+    dataset = {"source": source.source, "format": source.format, "root": str(source.root),
+               "image_source": source.image_source.describe(),
+               "images": sum(r.inputs for r in shards["images"]),
+               "captions": sum(r.inputs for r in shards["captions"])}
+    accounting = sidecar_totals(i.sidecar for i in infos["images"] if i.sidecar is not None)
+    if accounting is not None:
+        dataset["sidecar"] = accounting
+        if not accounting["reconciled"]:
+            log.warning("the sidecar accounting does not add up (%s): please report this",
+                        sidecar_summary(accounting))
     manifest = EmbedManifest(
-        dataset={"source": source.source, "format": source.format, "root": str(source.root),
-                 "images": sum(r.inputs for r in shards["images"]),
-                 "captions": sum(r.inputs for r in shards["captions"])},
+        dataset=dataset,
         config={"dtype": cfg.dtype, "shard_size": cfg.shard_size,
                 "max_pixels": cfg.max_pixels, "normalized": True},
         columns=columns, shards=shards,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from embeddings.encoders import write_tiny_open_clip
-
 from .config import DataConfig, EmbedConfig, add_options, embed_config, load_toml, overrides
-from .embed import run_embed
 from .options import common_options
+
+EMBED_MEMORY = "lower --batch-size, --workers or --shard-size"
 
 
 def register(sub: Any) -> None:
@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
                    help="open_clip model name or local-dir:/path (first open_clip encoder)")
     p.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion2b_s34b_b79k")
     add_options(p, EmbedConfig)
-    p.set_defaults(func=_embed)
+    p.set_defaults(func=_embed, memory_hint=EMBED_MEMORY)
 
     t = sub.add_parser("tiny-model", help="write a tiny RANDOM open_clip model for offline tests",
                        description="Write a tiny open_clip model with random weights in "
@@ -34,6 +34,8 @@ def register(sub: Any) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from .embed import run_embed
+
     cfg = embed_config(load_toml(args.config), run=args.run, data=overrides(args, DataConfig),
                        model=args.model, pretrained=args.pretrained,
                        **overrides(args, EmbedConfig))
@@ -45,6 +47,10 @@ def _embed(args: argparse.Namespace) -> int:
     print(f"embed: {r.rows['images']} image rows, {r.rows['captions']} caption rows in "
           f"{r.run_dir}/embed ({r.new_shards} new blocks, {r.seconds:.1f} s; "
           f"{r.rate_summary()})")
+    if r.sidecar:
+        from embeddings.ingest.sidecar import summary
+
+        print(summary(r.sidecar))
     skipped = sum(r.rejects.values())
     if skipped:
         detail = ", ".join(f"{why}: {n}" for why, n in sorted(r.rejects.items()))
@@ -53,7 +59,11 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    out = write_tiny_open_clip(args.out, seed=args.seed)
+    from embeddings.encoders import write_tiny_open_clip
+    from embeddings.store import write_errors
+
+    with write_errors(Path(args.out)):
+        out = write_tiny_open_clip(args.out, seed=args.seed)
     print(f"wrote a tiny random open_clip model to {out} (use model = \"local-dir:{out}\")",
           file=sys.stdout)
     return 0

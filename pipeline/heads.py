@@ -11,10 +11,11 @@ train, compare), :mod:`.heads_report` (table, plots), :mod:`.predict` (apply a h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import numpy as np
 
 from embeddings import metrics
 from embeddings.encoders import encoder_for_column
-from embeddings.errors import InputError
+from embeddings.errors import InputError, UserError
 from embeddings.heads import HEADS, Head, make_head, save_head
 from embeddings.store import Column, Run, atomic_write_bytes, atomic_write_json, column_name
 
@@ -159,13 +160,16 @@ def _train(job: Job, cfg: HeadsConfig, feats: Features, tgts: Mapping[str, Any],
     xs = {s: [feats.arrays[c][r] for c in job.inputs] for s, r in rows.items()}
     ys = {s: [tgts[t]["y"][r] for t in job.targets] for s, r in rows.items()}
     seed = {"seed": cfg.seed} if "seed" in HEADS[job.head].defaults else {}
-    head = make_head(job.head, tasks, [feats.arrays[c].shape[1] for c in job.inputs],
-                     **dict(cfg.params.get(job.head, {})), **seed)
+    params = dict(cfg.params.get(job.head, {}))
+    with _param_errors(job.head, params):
+        head = make_head(job.head, tasks, [feats.arrays[c].shape[1] for c in job.inputs],
+                         **params, **seed)
     if HEADS[job.head].needs_text_tower:
         image = columns[job.inputs[0]]
         head.text_encoder = encoder_for_column(columns[column_name(image.encoder, "text")])
     t = time.perf_counter()
-    head.fit(xs["train"], ys["train"], xs["val"], ys["val"])
+    with _param_errors(job.head, params):
+        head.fit(xs["train"], ys["train"], xs["val"], ys["val"])
     seconds = time.perf_counter() - t
     eval_split = "test" if len(rows["test"]) else "val"
     probs = head.predict_proba(xs[eval_split])
@@ -191,12 +195,26 @@ def _train(job: Job, cfg: HeadsConfig, feats: Features, tgts: Mapping[str, Any],
     return out, head, meta
 
 
+@contextlib.contextmanager
+def _param_errors(head: str, params: Mapping[str, Any]) -> Iterator[None]:
+    """A head that fails on the user's ``[heads.params.<head>]`` overrides (a wrong type or
+    value) is one line naming them; without overrides a failure is a bug and stays one."""
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        if not params or isinstance(e, UserError):
+            raise
+        raise InputError(f"[heads.params.{head}] {params} cannot be used: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                         ) from None
+
+
 def _write(run: Run, cfg: HeadsConfig, rows: list[Row], best: Row, saved: list,
            split_record: dict | None, table: str, notes: list[str],
            columns: Mapping[str, Column]) -> None:
     files = run.heads
     if split_record is not None:
-        atomic_write_json(files.splits_path(), split_record)
+        files.write_splits(split_record)
     for job, head, meta in saved:
         save_head(head, files.model_json(job.slug), [(c, columns[c]) for c in job.inputs],
                   _jsonable(meta))

@@ -6,9 +6,9 @@ import argparse
 from typing import Any
 
 from .config import HeadsConfig, add_options, load_toml, overrides, stage_config
-from .heads import run_heads
 from .options import common_options
-from .predict import run_predict
+
+HEADS_MEMORY = "train fewer heads or inputs at once (--heads, --inputs)"
 
 
 def register(sub: Any) -> None:
@@ -18,7 +18,7 @@ def register(sub: Any) -> None:
                        "(comparison.csv/.json/.png, confusion.png, models/).")
     common_options(p)
     add_options(p, HeadsConfig)
-    p.set_defaults(func=_heads)
+    p.set_defaults(func=_heads, memory_hint=HEADS_MEMORY)
 
     q = sub.add_parser("predict", help="apply a saved head to a run's shards",
                        description="Predict with a saved head (RUN/heads/models/NAME.json) on "
@@ -27,10 +27,12 @@ def register(sub: Any) -> None:
     common_options(q)
     q.add_argument("--head", required=True, help="saved head (.json)")
     q.add_argument("--output", help="Parquet file (default: RUN/heads/predictions/NAME.parquet)")
-    q.set_defaults(func=_predict)
+    q.set_defaults(func=_predict, memory_hint="predict on a smaller run")
 
 
 def _heads(args: argparse.Namespace) -> int:
+    from .heads import run_heads
+
     cfg = stage_config(HeadsConfig, "heads", load_toml(args.config), args.run,
                        **overrides(args, HeadsConfig))
     r = run_heads(cfg)
@@ -45,6 +47,8 @@ def _heads(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .predict import run_predict
+
     run = stage_config(HeadsConfig, "heads", load_toml(args.config), args.run).run
     r = run_predict(args.head, run, args.output)
     extra = f" ({r.dropped} image(s) without captions left out)" if r.dropped else ""

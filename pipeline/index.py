@@ -21,7 +21,15 @@ import numpy as np
 
 from embeddings import index as ix
 from embeddings.errors import FormatError, InputError, RunMismatch
-from embeddings.store import Column, IndexEntry, Run, ShardSpan, check_name, check_same_model
+from embeddings.store import (
+    Column,
+    IndexEntry,
+    Run,
+    ShardSpan,
+    Tampered,
+    check_name,
+    check_same_model,
+)
 
 from .config import IndexConfig
 
@@ -48,8 +56,7 @@ class ColumnResult:
 
 def run_index(cfg: IndexConfig) -> list[ColumnResult]:
     """Build or update the index of every selected column of ``cfg.run``."""
-    if cfg.memory_budget_gb <= 0 or not 0 < cfg.target_recall <= 1:
-        raise InputError("[index] memory_budget_gb must be > 0 and target_recall in (0, 1]")
+    check_config(cfg)
     run = Run(cfg.run)
     embed = run.embed.manifest()
     columns = [check_name(c, "column") for c in (cfg.columns or embed.columns)]
@@ -60,7 +67,7 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
     gpu = ix.use_gpu(cfg.device)
     results = []
     with run.lock("index"):
-        entries = run.index.entries()
+        entries = run.index.entries(ignore_damage=cfg.rebuild)  # --rebuild: any state
         for column in columns:
             old = entries.get(column)
             spans = [ShardSpan(s.file, s.rows) for s in embed.shards[cols[column].kind]]
@@ -72,7 +79,20 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
             run.index.write_entries(entries)
             if old and old.file != entry.file:
                 run.index.remove(old.file)
+        if entries and not run.index.trusted and all(r.action == "unchanged" for r in results):
+            run.index.write_entries(entries)  # checked against the embed stage: seal it here
     return results
+
+
+def check_config(cfg: IndexConfig) -> None:
+    """Every [index] number in its range, before any work."""
+    if cfg.memory_budget_gb <= 0 or not 0 < cfg.target_recall <= 1:
+        raise InputError("[index] memory_budget_gb must be > 0 and target_recall in (0, 1]")
+    if cfg.recall_queries < 1:
+        raise InputError(f"[index] recall_queries (--recall-queries) must be >= 1, not "
+                         f"{cfg.recall_queries}")
+    if cfg.flat_max < 0 or not 0 <= cfg.recall_threshold <= 1:
+        raise InputError("[index] flat_max must be >= 0 and recall_threshold in [0, 1]")
 
 
 def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan],
@@ -85,6 +105,8 @@ def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan]
     try:
         run.index.check(entry, full=cfg.verify)
         sound = ""
+    except Tampered:
+        raise  # a link in the run: refused, not rebuilt
     except FormatError as e:
         log.warning("%s", e)
         sound = "index file missing or corrupt"

@@ -7,7 +7,6 @@ import json
 from typing import Any
 
 from embeddings.errors import FormatError, InputError
-from embeddings.store import Run
 
 from .config import (
     EvalConfig,
@@ -18,10 +17,10 @@ from .config import (
     overrides,
     stage_config,
 )
-from .evaluate import format_report, run_retrieval_eval
-from .index import run_index
 from .options import common_options
-from .search import format_table, search
+
+INDEX_MEMORY = ("lower --memory-budget (compressed codes: IVF...,SQ8 or PQ) or index fewer "
+                "--columns at once")
 
 
 def register(sub: Any) -> None:
@@ -37,7 +36,7 @@ def register(sub: Any) -> None:
         "--factory IVF256,Flat")
     common_options(p)
     add_options(p, IndexConfig)
-    p.set_defaults(func=_index)
+    p.set_defaults(func=_index, memory_hint=INDEX_MEMORY)
 
     s = sub.add_parser(
         "search", help="nearest neighbours of a text or an image",
@@ -55,7 +54,7 @@ def register(sub: Any) -> None:
     s.add_argument("--label", help="only rows with this label")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_options(s, SearchConfig)
-    s.set_defaults(func=_search)
+    s.set_defaults(func=_search, memory_hint="search with --mmap (the default), not --no-mmap")
 
     e = sub.add_parser(
         "eval-retrieval", help="text->image / image->text recall@1/5/10",
@@ -67,18 +66,23 @@ def register(sub: Any) -> None:
     common_options(e)
     add_options(e, EvalConfig)
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.set_defaults(func=_eval)
-
+    e.set_defaults(func=_eval, memory_hint="evaluate one --split at a time")
 
     v = sub.add_parser("verify", help="check every file of a run against its checksums",
                        description="Check the shards, indexes and saved heads of a run "
-                       "against the sizes and digests their manifests record; list every bad "
-                       "or missing file. Exit 0 when all are sound, 2 otherwise.")
+                       "against the sizes and digests their manifests record, every manifest "
+                       "and head description against its own digest and this machine's seal, "
+                       "and that nothing in the run is a link; list every bad or missing "
+                       "file, the files killed runs left behind and whether the run was "
+                       "sealed here. Exit 0 when all are sound, 2 otherwise (also when there "
+                       "is no run).")
     common_options(v)
     v.set_defaults(func=_verify)
 
 
 def _index(args: argparse.Namespace) -> int:
+    from .index import run_index
+
     cfg = stage_config(IndexConfig, "index", load_toml(args.config), args.run,
                        **overrides(args, IndexConfig))
     for r in run_index(cfg):
@@ -92,6 +96,8 @@ def _index(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     if args.query is not None and args.image is not None:
         raise InputError("give either a query text or --image, not both")
+    from .search import format_table, search
+
     cfg = stage_config(SearchConfig, "search", load_toml(args.config), args.run,
                        **overrides(args, SearchConfig))
     result = search(cfg.run, text=args.query, image=args.image, modality=cfg.modality,
@@ -103,6 +109,8 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import format_report, run_retrieval_eval
+
     cfg = stage_config(EvalConfig, "eval", load_toml(args.config), args.run,
                        **overrides(args, EvalConfig))
     report = run_retrieval_eval(cfg.run, split=cfg.split, encoders=cfg.encoders or None,
@@ -112,11 +120,17 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from embeddings.store import Run
+
     run = stage_config(EvalConfig, "eval", load_toml(args.config), args.run).run
-    problems = Run(run).verify()
-    for p in problems:
+    report = Run(run).report()
+    for p in report.problems:
         print(f"bad: {p}")
-    if problems:
-        raise FormatError(f"{len(problems)} bad or missing file(s) in {run}")
+    for path in report.leftovers:
+        print(f"leftover: {path} (no manifest names it: the stage's next run removes it)")
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.problems:
+        raise FormatError(f"{len(report.problems)} bad or missing file(s) in {run}")
     print(f"verify: every recorded file of {run} is sound")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def run_predict(head_path: str | Path, run: str | Path, output: str | Path | Non
     the file metadata)."""
     head, meta = load_head(head_path)
     files = Run(run)
+    path = Path(output) if output else files.heads.prediction(Path(head_path).stem)
+    _check_output(path, Path(head_path).with_suffix(".json"), files)
     check_inputs_match(meta, files.embed.manifest().columns, where=f"run {run}")
     columns = [i["column"] for i in meta["inputs"]]
     feats = load_features(run, columns)
@@ -53,10 +56,22 @@ def run_predict(head_path: str | Path, run: str | Path, output: str | Path | Non
     table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata({
         b"embeddings.head": (Path(head_path).with_suffix(".json").name).encode(),
         b"classes": json.dumps({t.column: list(t.classes) for t in head.tasks}).encode()})
-    path = Path(output) if output else files.heads.prediction(Path(head_path).stem)
-    if path.is_dir():
-        raise InputError(f"--output {path} is a directory: name a .parquet file")
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     atomic_write_bytes(path, buf.getvalue())
     return PredictResult(path, len(ids), int((~keep).sum()))
+
+
+def _check_output(path: Path, head: Path, run: Run) -> None:
+    """Refuse an output that would overwrite the head, its weights or a file of the run
+    (only ``RUN/heads/predictions/`` takes predictions), or that names a folder."""
+    if path.is_dir():
+        raise InputError(f"--output {path} is a directory: name a .parquet file")
+    real = Path(os.path.realpath(path))
+    models = Path(os.path.realpath(head.parent))
+    predictions = Path(os.path.realpath(run.heads.dir / "predictions"))
+    inside_run = real.is_relative_to(os.path.realpath(run.path))
+    if real.is_relative_to(models) or (inside_run and not real.is_relative_to(predictions)):
+        raise InputError(f"--output {path} is a file of the run or of the head, which a "
+                         f"prediction must never overwrite: name a file outside {run.path} "
+                         f"(or leave --output out: {run.heads.dir}/predictions/)")

@@ -5,11 +5,24 @@ memory-mapped once, at start), loads query encoders on first use (shared by the 
 of one encoder) and makes thumbnails.  It imports no web framework: the HTTP layer is
 :mod:`pipeline.serve_app`, so everything here is callable (and tested) in-process too.
 
-Security policy, enforced here rather than in the routes:
+Security policy, enforced here rather than in the routes (the run directory is
+untrusted input, :mod:`embeddings.store`):
 
 - an image is served only as the thumbnail of a row of the run, looked up by the row's
-  id; its path comes from the embed shards, is resolved (symlinks followed) and refused
-  unless it lies inside the dataset root;
+  id; its key comes from the embed shards and is read through the run's image source
+  (:mod:`embeddings.sources`: files under a folder, objects under a remote root, members
+  of tar shards), whose one confinement rule refuses a key outside its root (dataset
+  links resolved and refused if they lead outside, checked again at open);
+- where the images are (the image source's kind and location) is the one recorded at
+  embed time when the run was sealed on this machine; for a run made elsewhere (or
+  edited) the user names it (``serve --root``: a folder, a remote root, the tar shards'
+  folder or URL prefix), else thumbnails are refused: a run never makes the server read a
+  file or fetch a URL the user did not vouch for;
+- thumbnails are cached under ``RUN/serve/thumbs`` named by their content's digest, read
+  without following links and served from memory after the check: an altered cached file
+  is remade, never served; when the cache cannot be written they are served uncached;
+  remote tar shards are copied into a bounded cache under ``RUN/serve/cache`` (copies
+  checked by their digest too; read as streams when it cannot be written);
 - uploads are capped in bytes and in pixels and decoded by the embed stage's defensive
   :func:`embeddings.images.load_image` from a temporary file under ``RUN/serve/tmp``;
 - query text and filter values are capped in length, ``k`` in size;
@@ -20,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -34,9 +48,10 @@ from typing import Any
 from PIL import Image
 
 from embeddings.encoders import Encoder, encoder_for_column, resolve_device
-from embeddings.errors import FormatError, InputError, MissingError
-from embeddings.images import ImageError, load_image
-from embeddings.store import Run, atomic_write_bytes, column_name
+from embeddings.errors import FormatError, InputError, MissingError, UserError
+from embeddings.images import ImageError, decode_image, load_image
+from embeddings.sources import ImageSource, OutsideRoot, source_at, source_from_dict
+from embeddings.store import Run, column_name
 
 from .index import IndexMismatch
 from .search import MODALITIES, Searcher, SearchResult, pick_column
@@ -72,6 +87,8 @@ class ServeConfig:
     max_query_chars: int = 500
     max_k: int = 200
     max_filter_chars: int = 200
+    source_cache_bytes: int = 2 * 2**30  # copies of remote tar shards for thumbnails
+    root: str | None = None  # where the images are, named by the user (default: the sealed)
 
     def limits(self) -> dict[str, int]:
         return {"max_upload_bytes": self.max_upload_bytes, "max_k": self.max_k,
@@ -88,7 +105,24 @@ class Service:
         self.files = Run(self.run)
         manifest = self.files.embed.manifest()  # FormatError with a remedy if no embed stage
         self.columns = manifest.columns
-        self.root = manifest.root.resolve()
+        self.source: ImageSource | None = None
+        self.root_problem = ""
+        recorded = manifest.image_source
+        if cfg.root:
+            self.source = source_at(recorded, cfg.root)
+        elif manifest.trusted:
+            self.source = source_from_dict(recorded)
+        else:
+            self.root_problem = (
+                f"refused: {self.run} was not sealed on this machine (made elsewhere, or "
+                f"edited), so where it says its images are ({recorded.get('root')!r}) is not "
+                "trusted: restart the server with --root naming the folder (or remote root, "
+                "or tar shards' folder) of the images")
+        if self.source is not None:
+            self.source = self.source.with_cache(self.files.serve.source_cache,
+                                                 cfg.source_cache_bytes)
+            self._source_tag = json.dumps(self.source.describe(), sort_keys=True)
+        self._cache_warned = False
         self.max_pixels = manifest.max_pixels
         self._lock = threading.Lock()
         self._searchers: dict[str, Searcher] = {}
@@ -190,35 +224,45 @@ class Service:
 
     # ------------------------------------------------------------------ thumbnails
 
-    def thumbnail(self, image_id: str) -> Path:
-        """The cached JPEG thumbnail of image row ``image_id``, made on first request."""
+    def thumbnail(self, image_id: str) -> bytes:
+        """The JPEG thumbnail of image row ``image_id``: cached on first request, served
+        from memory after its digest is checked (uncached when the cache is unwritable)."""
         rel = self._paths().get(image_id)
         if not rel:
             raise MissingError(f"no image row with id {image_id[:200]!r} in this run")
-        src = self.image_path(rel)
+        if self.source is None:
+            raise Refused(self.root_problem)
         size = self.cfg.thumb_size
-        key = hashlib.sha256(f"{image_id}\0{rel}\0{size}".encode()).hexdigest()[:32]
-        out = self.files.serve.thumbnail(key)
-        if out.is_file():
-            return out
+        key = hashlib.sha256(f"{image_id}\0{rel}\0{size}\0{self._source_tag}".encode()
+                             ).hexdigest()[:32]
         try:
-            image = load_image(src, max_pixels=self.max_pixels)
+            cached = self.files.serve.thumbnail(key)
+        except (UserError, OSError) as e:
+            self._cache_problem(e)
+            cached = None
+        if cached is not None:
+            return cached
+        try:
+            image = decode_image(self.source.read(rel), max_pixels=self.max_pixels)
+        except OutsideRoot:
+            raise Refused(f"refused: the image of this row lies outside the dataset root "
+                          f"{self.source.location}") from None
         except ImageError as e:
             raise MissingError(f"cannot read the image of row {image_id!r}: {e}") from None
         image.thumbnail((size, size), Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=85)
-        # unique temp name + os.replace: concurrent first requests never see half a file
-        atomic_write_bytes(out, buf.getvalue())
-        return out
+        data = buf.getvalue()
+        try:  # unique temp name + rename: concurrent first requests never see half a file
+            self.files.serve.save_thumbnail(key, data)
+        except (UserError, OSError) as e:
+            self._cache_problem(e)
+        return data
 
-    def image_path(self, rel: str) -> Path:
-        """``rel`` under the dataset root, symlinks resolved; refused if it leaves the root."""
-        path = (self.root / rel).resolve()
-        if not path.is_relative_to(self.root):
-            raise Refused(f"refused: the image of this row lies outside the dataset root "
-                          f"{self.root}")
-        return path
+    def _cache_problem(self, error: BaseException) -> None:
+        if not self._cache_warned:
+            self._cache_warned = True
+            log.warning("thumbnail cache unusable (%s): serving thumbnails uncached", error)
 
     # ------------------------------------------------------------------ state
 
@@ -285,25 +329,39 @@ class Service:
         return self._image_paths
 
     def _decode_upload(self, data: bytes) -> Image.Image:
-        tmp_dir = self.files.serve.scratch()
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".img")
+        try:
+            return self._decode_via_file(data)
+        except ImageError as e:
+            error = TooLarge if str(e).startswith("image too large") else InputError
+            raise error(f"cannot use the uploaded image: {e}") from None
+
+    def _decode_via_file(self, data: bytes) -> Image.Image:
+        """Through a temporary file under ``RUN/serve/tmp``, deleted at once; from memory
+        (the same decoder and reasons) when that folder cannot be written."""
+        try:
+            tmp_dir = self.files.serve.scratch()
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".img")
+        except (UserError, OSError) as e:
+            self._cache_problem(e)
+            return decode_image(data, max_pixels=self.cfg.max_upload_pixels)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             return load_image(tmp, max_pixels=self.cfg.max_upload_pixels)
-        except ImageError as e:
-            error = TooLarge if str(e).startswith("image too large") else InputError
-            raise error(f"cannot use the uploaded image: {e}") from None
+        except OSError:
+            return decode_image(data, max_pixels=self.cfg.max_upload_pixels)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
     def _clean_tmp(self, older_than_s: float = 3600.0) -> None:
         """Upload temp files a killed server left behind (not a live server's)."""
-        tmp_dir = self.files.serve.scratch()
-        if not tmp_dir.is_dir():
-            return
-        for path in tmp_dir.glob("upload-*"):
-            if time.time() - path.stat().st_mtime > older_than_s:
-                path.unlink(missing_ok=True)
-
+        try:
+            tmp_dir = self.files.serve.scratch()
+            if not tmp_dir.is_dir():
+                return
+            for path in tmp_dir.glob("upload-*"):
+                if time.time() - path.lstat().st_mtime > older_than_s:
+                    path.unlink(missing_ok=True)
+        except (UserError, OSError) as e:
+            self._cache_problem(e)

@@ -3,7 +3,9 @@
 Search answers are :meth:`pipeline.search.SearchResult.to_dict`, the same JSON as
 ``python -m pipeline search --json``.  Errors are ``{"detail": "one sentence"}`` with
 400 (bad query or upload), 403 (refused), 404 (no such row), 409 (the run lacks an
-index), 413 (upload too large) or 422 (malformed parameter).  The page and the API docs
+index), 413 (upload too large) or 422 (malformed parameter).  Only the project's user
+errors (:class:`~embeddings.errors.UserError`) become these; anything else is a bug: it
+is logged with its traceback and answered 500 with no internal detail.  The page and the API docs
 (Swagger UI from the ``fastapi-offline`` package) load nothing from outside the server.
 """
 
@@ -27,7 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from embeddings.errors import FormatError, InputError, MissingError
+from embeddings.errors import FormatError, InputError, MissingError, UserError
 
 from .search import SearchResult
 from .serve import NotReady, Refused, Service, TooLarge
@@ -40,7 +42,8 @@ DRAIN_LIMIT = 64 * 2**20  # read (and drop) this much of an oversized upload, th
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob:; object-src 'none'; base-uri 'none'; "
             "form-action 'self'; frame-ancestors 'none'")
 STATUS = ((TooLarge, 413), (Refused, 403), (MissingError, 404), (NotReady, 409),
-          (FormatError, 409), (ValueError, 400))
+          (FormatError, 409), (UserError, 400))
+INTERNAL = "internal error: the server logged it; please report it"
 
 Modality = Annotated[str, Query(pattern="^(image|text)$",
                                 description="what to return: image rows or caption rows")]
@@ -78,7 +81,12 @@ def create_app(service: Service, host: str = "127.0.0.1") -> FastAPI:
 
     @app.middleware("http")
     async def headers(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug, not the user's: logged here, no detail sent
+            log.error("internal error on %s %s", request.method, request.url.path,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            response = JSONResponse({"detail": INTERNAL}, status_code=500)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         response.headers.setdefault("X-Frame-Options", "DENY")
@@ -132,13 +140,13 @@ def create_app(service: Service, host: str = "127.0.0.1") -> FastAPI:
         """More like this: the stored vector of row ``id`` is the query."""
         return service.similar(id, source, modality, k, split, label).to_dict()
 
-    @app.get("/api/thumb", tags=["images"], response_class=FileResponse,
+    @app.get("/api/thumb", tags=["images"], response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}})
     def thumb(id: Annotated[str, Query(max_length=1000, description="image row id")]
-              ) -> FileResponse:
+              ) -> Response:
         """JPEG thumbnail of image row ``id`` (made on first request, then cached)."""
-        return FileResponse(service.thumbnail(id), media_type="image/jpeg",
-                            headers={"Cache-Control": "private, max-age=3600"})
+        return Response(service.thumbnail(id), media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
 
     return app
 
@@ -162,8 +170,7 @@ def _errors(app: FastAPI) -> None:
                  for e in exc.errors()]
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
-    app.add_exception_handler(ValueError, user_error)  # InputError, FormatError, ...
-    app.add_exception_handler(FileNotFoundError, user_error)  # MissingError
+    app.add_exception_handler(UserError, user_error)  # InputError, FormatError, ...
     app.add_exception_handler(RequestValidationError, invalid)
 
 

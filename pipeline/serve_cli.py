@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 from embeddings.errors import InputError
@@ -26,7 +27,8 @@ def register(sub: Any) -> None:
         epilog="example: python -m pipeline serve --run runs/demo --port 8000")
     common_options(p)
     add_options(p, ServerConfig)
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, memory_hint="serve with fewer indexed columns or a smaller "
+                   "run")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -52,8 +54,13 @@ def _serve(args: argparse.Namespace) -> int:
     if not is_loopback(cfg.host):
         log.warning("warning: binding to %s, not loopback: anyone who can reach this "
                     "machine can search this run and see its images", cfg.host)
-    service = Service(ServeConfig(run=run, device=cfg.device,
+    if cfg.root is not None and "://" not in cfg.root and not Path(cfg.root).is_dir():
+        raise InputError(f"--root {cfg.root} is not a folder: name the folder of the images "
+                         "(or of the tar shards), or a remote root such as s3://bucket/prefix")
+    service = Service(ServeConfig(run=run, device=cfg.device, root=cfg.root,
                                   max_upload_bytes=int(cfg.max_upload_mb * 2**20)))
+    if service.root_problem:
+        log.warning("warning: %s", service.root_problem.removeprefix("refused: "))
     for column, problem in service.problems.items():
         log.warning("%s: %s", column, problem)
     sock = _listen(cfg.host, cfg.port)  # bound before we say so: errors are ours

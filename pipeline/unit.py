@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from embeddings.decode import decode_provenance
@@ -26,6 +26,8 @@ from embeddings.encode import (
 )
 from embeddings.encoders import Encoder, load_encoder
 from embeddings.ingest import Block
+from embeddings.ingest.sidecar import account
+from embeddings.sources import ImageSource, MemorySource
 from embeddings.store import (
     MODALITY_KIND,
     Column,
@@ -74,12 +76,14 @@ class BlockResult:
     caption_vectors: dict[str, np.ndarray]
 
 
-def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig,
+def embed_block(block: Block, source: ImageSource, models: Models, cfg: EmbedConfig,
                 decoded: Sequence[Decoded] | None = None) -> BlockResult:
     """Embed the images and captions of one block with every encoder (no file written).
 
-    ``decoded``: the block's images already read by :func:`decode_block` (elsewhere, by
-    an engine that decodes apart from the models); by default they are read here."""
+    ``block``: a ready block (:meth:`Block.ready`); its images are read from ``source``,
+    or from the bytes the block carries (tar shards).  ``decoded``: the block's images
+    already read by :func:`decode_block` (elsewhere, by an engine that decodes apart from
+    the models); by default they are read here."""
     encoders = models.load().encoders
     kept: list[int] = []
     failed: list[tuple[int, str]] = []
@@ -87,7 +91,8 @@ def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig,
     image_encoders = [e for e in encoders if "image" in e.modalities]
     if block.image_table.num_rows and image_encoders:
         batches = iter_image_embeddings(
-            root, block.image_column("image"), encoders, device=models.device,
+            block_source(block, source), block.image_column("image"), encoders,
+            device=models.device,
             batch_size=cfg.batch_size, workers=cfg.workers, max_pixels=cfg.max_pixels,
             decode=cfg.decode,
         ) if decoded is None else iter_decoded_embeddings(decoded, encoders,
@@ -106,12 +111,26 @@ def embed_block(block: Block, root: Path, models: Models, cfg: EmbedConfig,
     return BlockResult(kept, image_vectors, failed, caption_vectors)
 
 
-def decode_block(block: Block, root: Path, transforms: Sequence[Callable[[Any], torch.Tensor]],
+def decode_block(block: Block, source: ImageSource,
+                 transforms: Sequence[Callable[[Any], torch.Tensor]],
                  max_pixels: int) -> list[Decoded]:
-    """The CPU half of :func:`embed_block`: read, decode and preprocess the block's images
-    with the image encoders' transforms (:func:`image_transforms`), in input order."""
-    files = ImageFiles(root, block.image_column("image"), transforms, max_pixels)
+    """The CPU half of :func:`embed_block`: read, decode and preprocess the (ready)
+    block's images with the image encoders' transforms (:func:`image_transforms`), in
+    input order."""
+    files = ImageFiles(block_source(block, source), block.image_column("image"), transforms,
+                       max_pixels)
     return [files[i] for i in range(len(files))]
+
+
+def block_source(block: Block, source: ImageSource) -> ImageSource:
+    """Where a block's images are read: the bytes it carries (a tar shard read whole),
+    else the dataset's source."""
+    return MemorySource(block.payload) if block.payload is not None else source
+
+
+def load_block(block: Block) -> Block:
+    """A block with its rows: a pending one (a tar shard) is read now, in this process."""
+    return block.ready()
 
 
 def image_transforms(models: Models) -> list[Callable[[Any], torch.Tensor]]:
@@ -126,11 +145,17 @@ def write_block(run: Run, block: Block, result: BlockResult,
     ingest = [r.to_dict() for r in block.rejects]
     embed_rejects = [{"kind": "images", "id": ids[i], "reason": why}
                      for i, why in result.image_rejects]
+    # Image shards list the rejects of images, tar shards and tar members; caption shards
+    # those of captions.
     img_info = ShardInfo(block.index, ids,
-                         [r for r in ingest if r["kind"] == "images"] + embed_rejects)
+                         [r for r in ingest if r["kind"] != "captions"] + embed_rejects)
     cap_info = ShardInfo(block.index, block.caption_column("id"),
-                         [r for r in ingest if r["kind"] != "images"])
-    kept = block.image_table.take(result.image_rows)
+                         [r for r in ingest if r["kind"] == "captions"])
+    if block.sidecar is not None:  # img2dataset's accounting for this shard
+        img_info = replace(img_info, sidecar=account(
+            block.sidecar, [ids[i] for i in result.image_rows],
+            [r["id"] for r in img_info.rejects]))
+    kept = block.image_table.take(pa.array(result.image_rows, pa.int64()))
     img = run.embed.write_shard("images", block.index, shard_bytes(
         "images", kept, result.image_vectors, dtype, img_info))
     cap = run.embed.write_shard("captions", block.index, shard_bytes(
@@ -149,7 +174,8 @@ class EngineJob:
     driver's progress bar (``progress.block_done(block)`` once a block's shards are in)."""
 
     run: Run
-    root: Path  # dataset root the image paths are relative to
+    source: ImageSource  # where the images of blocks without their bytes are read
     models: Models  # loaded on the driver (identity checked); engines may load more
     cfg: EmbedConfig
     progress: Any  # pipeline.embed._Progress
+    lease: str = ""  # token of the driver's embed lock: workers write only while it is held

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import socket
 import threading
@@ -19,6 +18,7 @@ from pipeline.config import IndexConfig
 from pipeline.index import run_index
 from pipeline.serve import ServeConfig, Service
 from pipeline.serve_app import create_app
+from tests._tamper import edit
 
 # Small caps so the over-the-limit cases stay fast.
 MAX_UPLOAD_BYTES = 200_000
@@ -30,11 +30,14 @@ def served_copy(demo_run: Path, base: Path) -> tuple[Path, str]:
     replaced by a symlink to a file outside the dataset root.  Returns (run, that row's id)."""
     run, data, outside = base / "run", base / "data", base / "outside"
     shutil.copytree(demo_run, run)
-    manifest_path = Run(run).embed.manifest_path
-    manifest = json.loads(manifest_path.read_text())
-    shutil.copytree(manifest["dataset"]["root"], data)
-    manifest["dataset"]["root"] = str(data)
-    manifest_path.write_text(json.dumps(manifest))
+    files = Run(run).embed
+    shutil.copytree(files.manifest().root, data)  # the dataset moved: embed records it so
+
+    def moved(m: dict) -> None:
+        m["dataset"].update(root=str(data))
+        m["dataset"]["image_source"].update(root=str(data))
+    edit(files.manifest_path, moved, sealed=True)
+    edit(files.spec_path, lambda s: s["spec"]["data"].update(root=str(data)), sealed=True)
     rows = Run(run).embed.read_table("images", ["id", "image"]).to_pydict()
     outside.mkdir()
     secret = outside / "secret.png"

@@ -7,7 +7,9 @@ Everything is offline: the tiny CLIP has random weights written through open_cli
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,10 @@ import torch
 from embeddings.encoders import EncoderSpec, write_tiny_open_clip
 from pipeline.config import DataConfig, EmbedConfig
 from pipeline.embed import run_embed
+
+# Runs made by the tests are sealed with a key of their own, never the user's
+# (embeddings.store.seal); subprocesses inherit it.
+os.environ["MMEMB_KEY_FILE"] = str(Path(tempfile.mkdtemp(prefix="mmemb-test-key-")) / "run.key")
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"

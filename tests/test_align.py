@@ -21,10 +21,11 @@ from embeddings.align import (
     solve_ridge,
 )
 from embeddings.errors import FormatError, InputError, RunMismatch
-from embeddings.store import Run
+from embeddings.store import Run, Tampered
 from pipeline.align import run_align
 from pipeline.cli import main
 from pipeline.config import AlignConfig
+from tests._tamper import edit
 
 
 def test_ridge_recovers_a_linear_map_exactly() -> None:
@@ -154,3 +155,32 @@ def test_held_out_split_is_never_paired(align_run: Path, tmp_path: Path) -> None
     b = run_align(_cfg(run, adapter="ridge"))  # test rows left out (the default)
     assert a.train_pairs + a.val_pairs == 300
     assert b.train_pairs + b.val_pairs == 300 - 48
+
+
+def test_saved_adapters_are_sealed_like_heads(trained: tuple, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """An edited description is refused (one line), a link is never followed, and the
+    weights of a killed save are a leftover the next align run removes."""
+    src, r = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    desc = run / "align" / Path(r.path).name
+    meta = json.loads(desc.read_text())
+    assert meta["integrity"]["digest"]
+    meta["target"]["column"] = "clip_image"  # edited by hand: the digest no longer matches
+    desc.write_text(json.dumps(meta))
+    with pytest.raises(FormatError, match="adapter description .* was edited"):
+        load_adapter(desc)
+    assert any("was edited" in p for p in Run(run).verify())
+    edit(desc, lambda d: d["target"].update(column="clip_image"))  # re-digested, unsealed
+    assert any("is not sealed like the rest" in p for p in Run(run).verify())
+    desc.unlink()
+    desc.symlink_to(Path(r.path))
+    with pytest.raises(Tampered):
+        load_adapter(desc)
+    desc.unlink()
+    stray = run / "align" / "gone.0123abcd.safetensors"
+    stray.write_bytes(b"x")
+    assert stray in Run(run).report().leftovers
+    run_align(_cfg(run, adapter="ridge", name=desc.stem))
+    assert not stray.exists() and Run(run).verify() == []

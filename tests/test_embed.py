@@ -221,7 +221,8 @@ def test_refuses_to_mix_models_or_configs(tmp_path: Path, encoder_specs) -> None
             run_embed(cfg)
         recorded = json.loads((tmp_path / "run/embed/config.json").read_text())["columns"]
         with pytest.raises(RunMismatch, match="no longer matches"):
-            encoder_for_column(Column.from_dict("clip_image", recorded["clip_image"], "test"))
+            encoder_for_column(Column.from_dict("clip_image", recorded["clip_image"], "test",
+                                                trusted=True))
     finally:
         (path / "open_clip_model.safetensors").write_bytes(backup)
 

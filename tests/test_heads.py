@@ -27,6 +27,7 @@ from pipeline.cli import main
 from pipeline.config import HeadsConfig
 from pipeline.heads import run_heads
 from pipeline.targets import make_splits, single_targets
+from tests._tamper import edit, forge
 
 CLASSES = tuple(f"c{i}" for i in range(4))
 
@@ -203,7 +204,7 @@ def rewrite_images(run: Path, change: Callable[[dict], None]) -> None:
         new = new.append_column("clip_image", table.column("clip_image"))
         pq.write_table(new.replace_schema_metadata(table.schema.metadata), path)
         record.update(bytes=path.stat().st_size, digest=digest_file(path))
-    manifest_path.write_text(json.dumps(manifest))
+    forge(manifest_path, manifest, sealed=True)
 
 
 def small_config(run: Path, **kw: object) -> HeadsConfig:
@@ -316,9 +317,9 @@ def test_cli_heads_then_predict(demo_run: Path, tmp_path: Path,
 
     # Shards made by another model: refused with a clear message, nothing written.
     other = copy_run(demo_run, tmp_path / "other")
-    manifest = json.loads((other / "embed" / "manifest.json").read_text())
-    manifest["columns"]["clip_image"]["provenance"]["weights_sha256"] = "f" * 64
-    (other / "embed" / "manifest.json").write_text(json.dumps(manifest))
+    edit(other / "embed" / "manifest.json",
+         lambda m: m["columns"]["clip_image"]["provenance"].update(weights_sha256="f" * 64),
+         sealed=True)
     assert main(["predict", "--head", str(model), "--run", str(other)]) == 2
     assert "different model" in capsys.readouterr().err
     assert not (other / "heads").exists()

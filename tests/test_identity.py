@@ -17,6 +17,7 @@ from embeddings.store import Provenance, Run
 from pipeline.config import DataConfig, EmbedConfig, IndexConfig
 from pipeline.embed import run_embed
 from pipeline.index import open_index, run_index
+from tests._tamper import edit, forge
 
 SHAPE = r"comes from a different model \(weights_sha256: .*\); refusing to mix them"
 
@@ -48,9 +49,8 @@ def _cosmetic(p: dict) -> None:
 def test_embed_resume(setup: dict) -> None:
     run = setup["run"]
     lock = run / "embed/config.json"
-    spec = json.loads(lock.read_text())
-    _cosmetic(spec["columns"]["clip_image"]["provenance"])
-    lock.write_text(json.dumps(spec))
+    edit(lock, lambda spec: _cosmetic(spec["columns"]["clip_image"]["provenance"]),
+         sealed=True)
     for kind in ("images", "captions"):
         (run / f"embed/{kind}/part-00001.parquet").unlink()
     run_embed(_cfg(run, setup["same"]))  # same weights elsewhere, other repr: resumes
@@ -64,15 +64,13 @@ def test_index_and_search(setup: dict) -> None:
     run = setup["run"]
     run_index(IndexConfig(run=str(run)))
     path = run / "index/manifest.json"
-    original = path.read_text()
-    data = json.loads(original)
-    _cosmetic(data["indexes"]["clip_image"]["provenance"])
-    path.write_text(json.dumps(data))
+    data = edit(path, lambda d: _cosmetic(d["indexes"]["clip_image"]["provenance"]),
+                sealed=True)
     results = {r.column: r.action for r in run_index(IndexConfig(run=str(run)))}
     assert results["clip_image"] == "unchanged"
     open_index(run, "clip_image")
     data["indexes"]["clip_image"]["provenance"]["weights_sha256"] = "0" * 64
-    path.write_text(json.dumps(data))
+    forge(path, data, sealed=True)
     with pytest.raises(RunMismatch, match=SHAPE):
         run_index(IndexConfig(run=str(run)))
     with pytest.raises(RunMismatch, match=SHAPE):

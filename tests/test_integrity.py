@@ -23,6 +23,7 @@ from pipeline.cli import main
 from pipeline.config import DataConfig, EmbedConfig, IndexConfig
 from pipeline.embed import run_embed
 from pipeline.index import run_index
+from tests._tamper import edit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,17 +176,14 @@ def test_paths_from_run_files_stay_inside(run: Path, tmp_path: Path) -> None:
     victim.write_text("keep me")
     run_index(IndexConfig(run=str(run)))
     manifest = run / "index/manifest.json"
-    data = json.loads(manifest.read_text())
-    data["indexes"]["clip_image"]["file"] = "../../victim.txt"
-    manifest.write_text(json.dumps(data))
+    edit(manifest, lambda d: d["indexes"]["clip_image"].update(file="../../victim.txt"))
     with pytest.raises(FormatError, match="escapes"):
-        run_index(IndexConfig(run=str(run), rebuild=True))
+        run_index(IndexConfig(run=str(run)))
     assert main(["search", "x", "--run", str(run), "--device", "cpu"]) == 2
+    run_index(IndexConfig(run=str(run), rebuild=True))  # the remedy: the names are dropped
     assert victim.read_text() == "keep me"
     embed = run / "embed/manifest.json"
-    data = json.loads(embed.read_text())
-    data["shards"]["images"][0]["file"] = "../../victim.txt"
-    embed.write_text(json.dumps(data))
+    edit(embed, lambda d: d["shards"]["images"][0].update(file="../../victim.txt"))
     with pytest.raises(FormatError, match="escapes"):
         Run(run).embed.read_vectors("clip_image")
     assert victim.read_text() == "keep me"
@@ -204,15 +202,15 @@ def test_head_weights_and_description_are_one_unit(tmp_path: Path,
                        store.Provenance(type="t", model="m", dim=4, weights_sha256="1" * 64))
     path = tmp_path / "models/mlp.json"
     save_head(_head(0, 8), path, [("c", col)])
-    real = store.outputs.atomic_write_json
+    real = store.trained.atomic_write_json
 
     def killed(*a: object, **k: object) -> None:
         raise KeyboardInterrupt  # killed between the weights and the description
 
-    monkeypatch.setattr(store.outputs, "atomic_write_json", killed)
+    monkeypatch.setattr(store.trained, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         save_head(_head(1, 16), path, [("c", col)])
-    monkeypatch.setattr(store.outputs, "atomic_write_json", real)
+    monkeypatch.setattr(store.trained, "atomic_write_json", real)
     head, meta = load_head(path)  # the old unit, whole
     assert head.dims == (4,)
     assert meta["params"]["hidden"] == 8

@@ -118,6 +118,25 @@ def test_each_engine_finishes_the_others_runs(cluster, demo_run, encoder_specs,
     _same_run(tmp_path / "run", demo_run)
 
 
+def test_ray_reads_tar_shards_over_http_in_its_tasks(cluster, encoder_specs, tmp_path) -> None:
+    """No filesystem shared for images: the tasks stream the shards from a loopback HTTP
+    server; the run equals a local-engine run of the same shards read from disk."""
+    from scripts import img2dataset_corpus as corpus_script
+    from tests._remote_fixtures import http_server
+
+    corpus_script.write(corpus_script.make(2, 6, (64, 48), damaged=False), tmp_path / "wds",
+                        damaged=False)
+    local = make_config(tmp_path / "x", tmp_path / "local", encoder_specs)
+    local = replace(local, data=replace(local.data, path=str(tmp_path / "wds/{00000..00001}.tar")))
+    run_embed(local)
+    with http_server(tmp_path / "wds") as url:
+        remote = replace(local, run=str(tmp_path / "ray"), engine="ray", data=replace(
+            local.data, path=f"{url}/{{00000..00001}}.tar"))
+        assert run_embed(remote).new_shards == 2
+    _same_run(tmp_path / "ray", tmp_path / "local")
+    assert Run(tmp_path / "ray").embed.manifest().sidecar["embedded"] == 12
+
+
 def test_without_ray_the_engine_fails_at_once_with_the_install_command(
         tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed

@@ -8,7 +8,12 @@ Supported inputs (``format="auto"`` picks by path):
   rows that share an image (or an explicit id) are one image with several captions;
 - an image folder ``ROOT/<class>/<file>`` (or ``ROOT/<split>/<class>/<file>``);
 - COCO-captions JSON (``images`` + ``annotations``) and Karpathy-split JSON
-  (``images[*].sentences``), one image with several captions.
+  (``images[*].sentences``), one image with several captions;
+- webdataset tar shards (img2dataset's output, with its sidecar parquet), local or remote:
+  :mod:`.webdataset`, one block per shard.
+
+Images are read through an image source (:mod:`embeddings.sources`): files under the
+root, objects under a remote root, or the tar shards' members.
 
 :func:`open_dataset` + :meth:`Source.blocks` stream a manifest of any size in bounded
 memory; :func:`load_dataset` materialises it.  Problems in rows become :class:`Reject`
@@ -30,10 +35,11 @@ from .records import (
     Reject,
 )
 from .source import Source, load_dataset, open_dataset
+from .webdataset import Fields, TarDataset
 
 __all__ = [
     "CAPTION_KEYS", "CAPTION_SCHEMA", "FORMATS", "IMAGE_EXTS", "IMAGE_KEYS", "IMAGE_SCHEMA",
     "LABEL_SEP", "MAX_CAPTION_CHARS", "SPLITS", "Block", "CaptionRecord", "Dataset",
-    "ImageRecord", "IngestStats", "Reject", "Source", "detect_format", "load_dataset",
-    "open_dataset",
+    "Fields", "ImageRecord", "IngestStats", "Reject", "Source", "TarDataset", "detect_format",
+    "load_dataset", "open_dataset",
 ]

@@ -2,9 +2,9 @@
 
 Rules, in the order they apply to a row: a reader error (`invalid JSON`, `not a JSON
 object`, `malformed CSV row`); `no image path in row`; `image path contains a NUL byte`;
-`image path escapes the dataset root` (lexically, or through a symlinked directory or file)
-(these in ``rows``, ahead in the reader thread); then grouping, here.  Contiguous rows with
-the same id (the ``id`` column, else the normalised
+`image path escapes the dataset root` (the image source's rule: lexically, or through a
+symlinked directory or file) (these in ``rows``, ahead in the reader thread); then
+grouping, here.  Contiguous rows with the same id (the ``id`` column, else the normalised
 image path) are one image; a later repeat of a seen id with the same image, split, label and
 labels only adds captions (ids continue the image's ``<id>#k`` counter), and one with other
 fields is a `duplicate id` reject.  Caption entries are then checked: `empty caption`,
@@ -171,12 +171,11 @@ class Grouper:
             return []
         take = pa.array(bad)
         fields = zip(bad, status[bad], *(col[c].take(take).to_pylist()
-                                         for c in ("id", "row", "error", "image", "norm")))
+                                         for c in ("id", "row", "error", "why", "norm")))
         out = []
-        for i, why, rid, row, error, image, norm in fields:
+        for i, why, rid, row, error, refused, norm in fields:
             reason = {READ_ERROR: error, NO_IMAGE: "no image path in row",
-                      NUL: "image path contains a NUL byte",
-                      ESCAPE: f"image path escapes the dataset root: {image}"}[why]
+                      NUL: "image path contains a NUL byte", ESCAPE: refused}[why]
             out.append((int(i), Reject("images", rid or (norm if why == ESCAPE else f"row:{row}"),
                                        reason)))
         return out

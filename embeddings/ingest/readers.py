@@ -89,6 +89,8 @@ def read_json(path: Path) -> Any:
         raise
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except RecursionError:
+        raise InputError(f"{path}: invalid JSON: nested too deeply") from None
 
 
 def _chunked(rows: Iterable[Mapping[str, Any]]) -> Iterator[pa.Table]:
@@ -171,6 +173,10 @@ def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 yield {"_error": f"invalid JSON: line {n}: {e.msg}", "id": f"line:{n}"}
+                continue
+            except RecursionError:
+                yield {"_error": f"invalid JSON: line {n}: nested too deeply",
+                       "id": f"line:{n}"}
                 continue
             if not isinstance(row, dict):
                 yield {"_error": f"not a JSON object: line {n} is a {type(row).__name__}",

@@ -7,7 +7,8 @@ the tables cost nothing more than the read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,20 @@ class Block:
     image_table: pa.Table  # IMAGE_SCHEMA: one row per image
     caption_table: pa.Table  # CAPTION_SCHEMA: one row per caption
     rejects: tuple[Reject, ...] = ()
+    # A block of tar shards is read where it is embedded (a Ray task, not the driver):
+    # ``pending`` says what to read, :meth:`ready` reads it.  The block read then carries
+    # its images' bytes by key (``payload``) and the shard's sidecar accounting.
+    pending: Any = None  # has .read() -> Block
+    payload: Mapping[str, bytes] | None = field(default=None, repr=False)
+    sidecar: Any = None  # embeddings.ingest.sidecar.Sidecar
+
+    def ready(self) -> Block:
+        """This block with its rows (a pending one is read now)."""
+        return self.pending.read() if self.pending is not None else self
+
+    def without_payload(self) -> Block:
+        """The rows without the image bytes (cheap to ship once the images are decoded)."""
+        return replace(self, payload=None)
 
     def image_column(self, name: str) -> list[Any]:
         """One column of the image rows (``id``, ``image``, ...) without building records."""
@@ -103,7 +118,7 @@ class IngestStats:
 
 @dataclass
 class Dataset:
-    root: Path
+    root: Path | str  # a folder, or a remote root URL
     source: str
     format: str
     images: list[ImageRecord] = field(default_factory=list)

@@ -16,15 +16,18 @@ clear message)::
     RUN/align/NAME.json, NAME.<token>.safetensors    an adapter between two columns
     RUN/latent/NAME.json, NAME.<token>.safetensors   a latent (meta-space) model
     RUN/eval/retrieval.{json,md}
-    RUN/serve/thumbs/                     thumbnails made by the web page
+    RUN/serve/thumbs/<ab>/<key>.<digest>.jpg  thumbnails made by the web page
+    RUN/serve/cache/<url>.<digest>.tar    remote tar shards thumbnails were read from (bounded)
     RUN/<stage>/.lock                     held (flock) by the one process writing that stage
 
 Guarantees: every file appears by an atomic rename of a uniquely named temporary file
 and takes the umask's mode; each stage is written by one process at a time; every shard,
 index and head weight file is recorded with its size and ``xxh3_128`` digest and checked
-before use (Parquet page checksums too); every path read from a run file must resolve
-inside its stage folder; every problem is a :class:`~embeddings.errors.UserError` naming
-the file and the remedy.
+before use (Parquet page checksums too); the JSON files read back carry a digest of their
+content and this machine's seal (:mod:`.seal`); every path read from a run file must stay
+inside its stage folder, and no link inside the run is followed (:mod:`.files`); files a
+killed stage left unreferenced are removed when the stage next takes its lock; every
+problem is a :class:`~embeddings.errors.UserError` naming the file and the remedy.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import pyarrow as pa
 
 from ..errors import InputError
 from .embed import (
-    FIELDS,
     KINDS,
     MODALITY_KIND,
     SCHEMA_VERSION,
@@ -45,13 +47,12 @@ from .embed import (
     EmbedFiles,
     EmbedManifest,
     RunIdentity,
-    ShardInfo,
     ShardRecord,
     column_name,
-    shard_bytes,
 )
 from .files import (
     DiskFull,
+    Tampered,
     atomic_write_bytes,
     atomic_write_json,
     check_name,
@@ -59,13 +60,17 @@ from .files import (
     confined,
     digest_file,
     disk_errors,
+    no_links,
     read_json,
+    write_errors,
 )
 from .index import IndexEntry, IndexFiles, ShardSpan
-from .lock import StageLock
+from .lock import StageLock, still_held
 from .outputs import EvalFiles, HeadsFiles, ServeFiles, load_head_files, save_head_files
 from .provenance import Provenance, check_same_model
+from .shards import FIELDS, ShardInfo, shard_bytes
 from .trained import ADAPTER, LATENT, ModelFormat, TrainedFiles
+from .verify import Report, verify_run
 
 
 class Run:
@@ -73,8 +78,7 @@ class Run:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"run directory {self.path} is a file: pass a directory to --run")
+        _check_run_path(self.path)
         self.embed = EmbedFiles(self.path)
         self.index = IndexFiles(self.path)
         self.heads = HeadsFiles(self.path)
@@ -84,27 +88,51 @@ class Run:
         self.latent = TrainedFiles(self.path, "latent", LATENT)
 
     def lock(self, stage: str) -> StageLock:
-        """The exclusive lock of one stage; stale temporary files are removed once held."""
+        """The exclusive lock of one stage; once held, temporary files and the files a
+        killed run of the stage left unreferenced are removed."""
         folder = self.path / check_name(stage, "stage")
-        return _CleaningLock(folder, f"{self.path}/{stage}")
+        return _CleaningLock(self, folder, f"{self.path}/{stage}")
 
     def verify(self) -> list[str]:
         """Every bad or missing file of the run's embed, index and head files."""
-        problems = self.embed.verify() if self.embed.has_manifest() else []
-        problems += self.index.verify()
-        if self.heads.models.is_dir():
-            for desc in sorted(self.heads.models.glob("*.json")):
-                try:
-                    load_head_files(desc)
-                except Exception as e:  # every problem is listed, none stops the check
-                    problems.append(str(e))
-        return problems + self.align.verify() + self.latent.verify()
+        return verify_run(self).problems
+
+    def report(self) -> Report:
+        """:meth:`verify`, with the leftovers and notes (what ``verify`` prints)."""
+        return verify_run(self)
+
+
+def _check_run_path(path: Path) -> None:
+    """A run directory must be a folder, or a path a folder can be made at."""
+    if path.is_file():
+        raise InputError(f"run directory {path} is a file: pass a directory to --run")
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise InputError(f"run directory {path} cannot be made: {parent} is a file, "
+                                 "not a folder: pass another --run")
+            break
 
 
 class _CleaningLock(StageLock):
+    def __init__(self, run: Run, folder: Path, label: str) -> None:
+        super().__init__(folder, label, root=run.path)
+        self.run = run
+
     def __enter__(self) -> StageLock:
         super().__enter__()
-        clean_temps(self.path.parent)
+        try:
+            clean_temps(no_links(self.run.path, self.path.parent))
+            stage = self.path.parent.name
+            if stage == "index":
+                self.run.index.clean()
+            elif stage == "heads":
+                self.run.heads.clean()
+            elif stage in ("align", "latent"):
+                getattr(self.run, stage).clean()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
 
@@ -119,11 +147,10 @@ def read_table(run: str | os.PathLike, kind: str, columns: list[str] | None = No
 
 
 __all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "SCHEMA_VERSION", "Column", "DiskFull",
-           "EmbedFiles", "EmbedManifest", "EvalFiles", "HeadsFiles", "IndexEntry", "IndexFiles",
-           "ModelFormat", "Provenance", "Run", "RunIdentity", "ServeFiles", "ShardInfo",
-           "ShardRecord", "ShardSpan",
-           "StageLock", "TrainedFiles", "atomic_write_bytes", "atomic_write_json", "check_name",
+           "EmbedFiles", "EmbedManifest", "EvalFiles", "HeadsFiles",
+           "IndexEntry", "IndexFiles", "ModelFormat", "Provenance", "Report", "Run",
+           "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord", "ShardSpan", "StageLock",
+           "Tampered", "TrainedFiles", "atomic_write_bytes", "atomic_write_json", "check_name",
            "check_same_model", "column_name", "confined", "digest_file", "disk_errors",
-           "load_head_files", "read_json", "read_table", "read_vectors",
-           "save_head_files",
-           "shard_bytes"]
+           "load_head_files", "read_json", "read_table", "read_vectors", "save_head_files",
+           "shard_bytes", "still_held", "write_errors"]

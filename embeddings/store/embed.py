@@ -3,16 +3,18 @@
 Block ``k`` of the input (see :mod:`embeddings.ingest`) becomes ``images/part-k`` and
 ``captions/part-k``; each shard lists in its Parquet key-value metadata the input ids it
 covers and the items it rejected, so it is self-contained and appears by one atomic
-rename.  The manifest, written last, records every shard with its size and digest.
+rename (its format: :mod:`.shards`).  The manifest, written last, records every shard
+with its size and digest.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +23,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import FormatError
-from ..images import DEFAULT_MAX_PIXELS
+from ..limits import DEFAULT_MAX_PIXELS
+from . import seal
 from .files import (
     atomic_write_bytes,
     atomic_write_json,
     check_file,
     confined,
     digest_file,
+    make_dirs,
+    no_links,
     read_json,
+    tampered,
 )
 from .provenance import Provenance
+from .shards import FIELDS, META_KEY, ShardInfo, shard_file
 
 SCHEMA_VERSION = 2
 KINDS = ("images", "captions")
 MODALITY_KIND = {"image": "images", "text": "captions"}
-META_KEY = b"embeddings.shard"
 SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 REMEDY = "run `python -m pipeline verify RUN`, then rerun `python -m pipeline embed` to redo it"
-IMAGE_FIELDS = pa.schema([("id", pa.string()), ("image", pa.string()), ("split", pa.string()),
-                          ("label", pa.string()), ("labels", pa.list_(pa.string())),
-                          ("captions", pa.list_(pa.string()))])
-CAPTION_FIELDS = pa.schema([("id", pa.string()), ("image_id", pa.string()),
-                            ("caption", pa.string()), ("split", pa.string()),
-                            ("label", pa.string()), ("labels", pa.list_(pa.string()))])
-FIELDS = {"images": IMAGE_FIELDS, "captions": CAPTION_FIELDS}
-DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
 
 def column_name(encoder: str, modality: str) -> str:
@@ -63,6 +61,8 @@ class Column:
     modality: str  # image | text
     dtype: str
     provenance: Provenance
+    # Read from a file sealed on this machine: its local model may be loaded (not saved).
+    trusted: bool = field(default=False, compare=False)
 
     @property
     def dim(self) -> int:
@@ -73,10 +73,11 @@ class Column:
                 "dtype": self.dtype, "provenance": self.provenance.to_dict()}
 
     @classmethod
-    def from_dict(cls, name: str, d: Any, where: str) -> Column:
+    def from_dict(cls, name: str, d: Any, where: str, trusted: bool = False) -> Column:
         try:
             return cls(name, d["kind"], d["encoder"], d["modality"], d["dtype"],
-                       Provenance.from_dict(d["provenance"], f"{where}: column {name}"))
+                       Provenance.from_dict(d["provenance"], f"{where}: column {name}"),
+                       trusted)
         except (KeyError, TypeError):
             raise FormatError(f"{where}: column {name!r} is incomplete") from None
 
@@ -95,15 +96,6 @@ class ShardRecord:
 
 
 @dataclass(frozen=True)
-class ShardInfo:
-    """A shard's own key-value metadata: the block, the inputs covered, the rejects."""
-
-    block: int
-    inputs: list[str]
-    rejects: list[dict[str, str]]
-
-
-@dataclass(frozen=True)
 class EmbedManifest:
     dataset: dict[str, Any]
     config: dict[str, Any]
@@ -112,11 +104,25 @@ class EmbedManifest:
     rejects: dict[str, Any]
     versions: dict[str, str]
     updated: str
+    trusted: bool = field(default=False, compare=False)  # sealed on this machine
 
     @property
     def root(self) -> Path:
         """The dataset root the image paths of the rows are relative to."""
         return Path(self.dataset["root"])
+
+    @property
+    def image_source(self) -> dict[str, Any]:
+        """Where the images are read (an image source's description: kind, root, ...);
+        runs from before sources were recorded read files under the root."""
+        d = self.dataset.get("image_source")
+        return dict(d) if isinstance(d, dict) else {"kind": "files", "root": str(self.root)}
+
+    @property
+    def sidecar(self) -> dict[str, Any] | None:
+        """img2dataset accounting summed over the shards, when the input had sidecars."""
+        d = self.dataset.get("sidecar")
+        return dict(d) if isinstance(d, dict) else None
 
     @property
     def max_pixels(self) -> int:
@@ -149,46 +155,10 @@ class RunIdentity:
 
     spec: dict[str, Any]  # dataset, encoder names and types, dtype, shard size, pixel limit
     columns: dict[str, Column]
+    trusted: bool = field(default=False, compare=False)  # sealed on this machine
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec, "columns": {n: c.to_dict() for n, c in self.columns.items()}}
-
-
-def shard_file(kind: str, block: int) -> str:
-    return f"{kind}/part-{block:05d}.parquet"
-
-
-def vectors_to_arrow(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
-    """A 2-D array as a fixed-size-list column, without going through Python lists."""
-    np_type, pa_type = DTYPES[dtype]
-    flat = np.ascontiguousarray(vectors, dtype=np_type).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa_type), vectors.shape[1])
-
-
-def shard_bytes(kind: str, rows: pa.Table | Mapping[str, Sequence[Any]],
-                vectors: Mapping[str, np.ndarray], dtype: str, info: ShardInfo) -> bytes:
-    """One shard as Parquet bytes (page checksums on: readers verify every page they read).
-
-    ``rows``: the metadata columns of ``kind`` (a table, or lists by column name)."""
-    if isinstance(rows, pa.Table):
-        arrays = [rows.column(f.name).combine_chunks().cast(f.type) for f in FIELDS[kind]]
-    else:
-        arrays = [pa.array(rows[f.name], type=f.type) for f in FIELDS[kind]]
-    names = [f.name for f in FIELDS[kind]]
-    for name, vec in vectors.items():
-        if len(vec) != len(arrays[0]):
-            raise ValueError(f"column {name}: {len(vec)} vectors for {len(arrays[0])} rows")
-        arrays.append(vectors_to_arrow(vec, dtype))
-        names.append(name)
-    table = pa.Table.from_arrays(arrays, names=names)
-    meta = {"block": info.block, "inputs": info.inputs, "rejects": info.rejects}
-    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    buf = io.BytesIO()
-    # Dictionary encoding only pays on the metadata columns: on vectors it made reading
-    # 3x slower (0.56 s vs 0.19 s for 20,000 x 512 float16) for no size gain.
-    pq.write_table(table, buf, compression="zstd", write_page_checksum=True,
-                   use_dictionary=[f.name for f in FIELDS[kind]])
-    return buf.getvalue()
 
 
 class EmbedFiles:
@@ -201,11 +171,15 @@ class EmbedFiles:
         self.spec_path = self.dir / "config.json"
         self.rejects_path = self.dir / "rejects.jsonl"
 
+    def _checked(self, path: Path) -> Path:
+        return no_links(self.run, path)
+
     # ------------------------------------------------------------------ writing
     def write_shard(self, kind: str, block: int, data: bytes) -> ShardRecord:
         """Write one shard atomically; its record (size, digest) for the manifest."""
         name = shard_file(kind, block)
-        path = self.dir / name
+        make_dirs(self.run, self.dir / kind)
+        path = self._checked(self.dir / name)
         atomic_write_bytes(path, data)
         info = self.shard_info(path)
         n_rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
@@ -213,34 +187,69 @@ class EmbedFiles:
                            digest_file(path))
 
     def read_identity(self) -> RunIdentity | None:
-        if not self.spec_path.exists():
+        path = self._checked(self.spec_path)
+        if not os.path.lexists(path):
             return None
         remedy = f"delete {self.dir} to start over"
-        d = read_json(self.spec_path, "run identity file", remedy)
+        d = read_json(path, "run identity file", remedy)
+        trusted = seal.check(d, path, "run identity file", remedy)
         try:
             return RunIdentity(dict(d["spec"]), {
-                n: Column.from_dict(n, c, str(self.spec_path)) for n, c in d["columns"].items()})
+                n: Column.from_dict(n, c, str(path), trusted)
+                for n, c in d["columns"].items()}, trusted)
         except (KeyError, TypeError, AttributeError, ValueError):
-            raise FormatError(f"run identity file {self.spec_path} is corrupt: {remedy}") from None
+            raise FormatError(f"run identity file {path} is corrupt: {remedy}") from None
 
     def write_identity(self, identity: RunIdentity) -> None:
-        atomic_write_json(self.spec_path, identity.to_dict())
+        make_dirs(self.run, self.dir)
+        atomic_write_json(self._checked(self.spec_path), seal.seal(identity.to_dict()))
 
     def write_manifest(self, manifest: EmbedManifest, rejects: Iterable[dict[str, Any]]) -> None:
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
-        atomic_write_bytes(self.rejects_path, lines.encode())
-        atomic_write_json(self.manifest_path, manifest.to_dict())  # last: the run is done
+        make_dirs(self.run, self.dir)
+        atomic_write_bytes(self._checked(self.rejects_path), lines.encode())
+        self._write_manifest(manifest)  # last: the run is done
+
+    def _write_manifest(self, manifest: EmbedManifest) -> None:
+        atomic_write_json(self._checked(self.manifest_path), seal.seal(manifest.to_dict()))
+
+    def withdraw(self, blocks: Iterable[int]) -> None:
+        """Drop ``blocks`` from the manifest before they are written again: readers never
+        meet a listed shard being replaced (they see the run without them meanwhile)."""
+        gone = set(blocks)
+        m = self.manifest() if gone and self.has_manifest() else None
+        if m is not None and any(r.block in gone for k in KINDS for r in m.shards[k]):
+            self._write_manifest(replace(m, shards={
+                k: [r for r in m.shards[k] if r.block not in gone] for k in KINDS}))
+
+    def discard(self, rejects: Iterable[dict[str, Any]]) -> None:
+        """Remove every shard, the identity and the manifest, keeping only ``rejects``
+        (a run in which nothing could be embedded starts afresh next time)."""
+        make_dirs(self.run, self.dir)
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+        atomic_write_bytes(self._checked(self.rejects_path), lines.encode())
+        for path in (self.manifest_path, self.spec_path):
+            self._checked(path).unlink(missing_ok=True)
+        for kind in KINDS:
+            for path in self.shard_files(kind).values():
+                path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ scanning
     def shard_files(self, kind: str) -> dict[int, Path]:
-        """Shard files on disk by block number (finished or not yet in the manifest)."""
-        folder = self.dir / kind
+        """Shard files on disk by block number (finished or not yet in the manifest); a
+        link among them, or a linked folder, is refused (:class:`Tampered`)."""
+        folder = self._checked(self.dir / kind)
         out = {}
         if folder.is_dir():
-            for p in folder.iterdir():
-                m = SHARD_RE.match(p.name)
-                if m and p.is_file():
-                    out[int(m.group(1))] = p
+            with os.scandir(folder) as entries:
+                for e in entries:
+                    m = SHARD_RE.match(e.name)
+                    if not m:
+                        continue
+                    if e.is_symlink():
+                        raise tampered(folder / e.name)
+                    if e.is_file(follow_symlinks=False):
+                        out[int(m.group(1))] = folder / e.name
         return dict(sorted(out.items()))
 
     def verify_shard(self, kind: str, block: int,
@@ -251,54 +260,60 @@ class EmbedFiles:
         if name in recorded:
             self.check_shard(recorded[name])
             return recorded[name]
-        path = self.dir / name
+        path = self._checked(self.dir / name)
         info = self.shard_info(path)
         try:
             rows = pq.read_table(path, page_checksum_verification=True).num_rows
         except (OSError, pa.ArrowException) as e:
             raise FormatError(f"shard {path} is corrupt ({e})") from None
         return ShardRecord(name, block, rows, len(info.inputs), len(info.rejects),
-                           path.stat().st_size, digest_file(path))
+                           os.lstat(path).st_size, digest_file(path))
 
     def shard_info(self, path: Path) -> ShardInfo:
         """The metadata of a shard file; FormatError naming it when unreadable."""
         try:
-            meta = (pq.read_schema(path).metadata or {})[META_KEY]
+            meta = (pq.read_schema(self._checked(path)).metadata or {})[META_KEY]
             d = json.loads(meta)
-            return ShardInfo(int(d["block"]), list(d["inputs"]), list(d["rejects"]))
-        except (OSError, KeyError, ValueError, TypeError, pa.ArrowException) as e:
+            sidecar = d.get("sidecar")
+            return ShardInfo(int(d["block"]), list(d["inputs"]), list(d["rejects"]),
+                             dict(sidecar) if sidecar is not None else None)
+        except (OSError, KeyError, ValueError, TypeError, RecursionError,
+                pa.ArrowException) as e:
             raise FormatError(f"shard {path} is corrupt or not a shard of this tool "
                               f"({type(e).__name__}): {REMEDY}") from None
 
     # ------------------------------------------------------------------ reading
     def has_manifest(self) -> bool:
-        return self.manifest_path.exists()
+        return os.path.lexists(self._checked(self.manifest_path))
 
     def manifest(self) -> EmbedManifest:
-        path = self.manifest_path
-        if not path.exists():
+        path = self._checked(self.manifest_path)
+        if not os.path.lexists(path):
             raise FormatError(f"no embeddings in {self.run}: {path} is missing (run "
                               "`python -m pipeline embed` first)")
-        d = read_json(path, "embed manifest", "rerun `python -m pipeline embed` to rewrite it")
+        remedy = "rerun `python -m pipeline embed` to rewrite it"
+        d = read_json(path, "embed manifest", remedy)
         if d.get("schema_version") != SCHEMA_VERSION:
             raise FormatError(f"{path} has schema version {d.get('schema_version')}; this "
                               f"version reads {SCHEMA_VERSION}: embed into a new run "
                               "directory (--run) with this version")
         if not d.get("complete"):
             raise FormatError(f"the embed stage in {self.run} did not finish: rerun it to resume")
+        trusted = seal.check(d, path, "embed manifest", remedy)
         try:
             where = str(path)
             return EmbedManifest(
                 dict(d["dataset"]), dict(d["config"]),
-                {n: Column.from_dict(n, c, where) for n, c in d["columns"].items()},
+                {n: Column.from_dict(n, c, where, trusted) for n, c in d["columns"].items()},
                 {k: [ShardRecord(**s) for s in d["shards"][k]] for k in KINDS},
-                dict(d["rejects"]), dict(d["versions"]), str(d["updated"]))
-        except (KeyError, TypeError, AttributeError) as e:
+                dict(d["rejects"]), dict(d["versions"]), str(d["updated"]), trusted)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise FormatError(f"embed manifest {path} is corrupt ({type(e).__name__}: {e}): "
-                              "rerun `python -m pipeline embed` to rewrite it") from None
+                              f"{remedy}") from None
 
     def shard_path(self, record: ShardRecord) -> Path:
-        return confined(self.dir, record.file, "shard file")
+        return confined(self.dir, record.file, "shard file", root=self.run,
+                        source=self.manifest_path, remedy=REMEDY)
 
     def check_shard(self, record: ShardRecord, full: bool = True) -> Path:
         path = self.shard_path(record)
@@ -359,15 +374,3 @@ class EmbedFiles:
         """One table per shard, in order, so a large column never has to fit in memory."""
         for rec in self.manifest().shards[kind]:
             yield self._read(rec, columns, verify)
-
-    def verify(self) -> list[str]:
-        """Every problem of the embed files (missing, wrong size, wrong digest, unreadable)."""
-        problems = []
-        m = self.manifest()
-        for kind in KINDS:
-            for rec in m.shards[kind]:
-                try:
-                    self.check_shard(rec)  # size and digest cover every byte
-                except FormatError as e:
-                    problems.append(str(e))
-        return problems

@@ -9,6 +9,8 @@ This module does no FAISS itself: the caller hands it a function that writes a p
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from . import seal
 from .files import (
     atomic_path,
     atomic_write_json,
@@ -24,12 +27,16 @@ from .files import (
     check_name,
     confined,
     file_record,
+    make_dirs,
+    no_links,
     read_json,
 )
 from .provenance import Provenance
 
 SCHEMA_VERSION = 2
 REMEDY = "rebuild it with `python -m pipeline index --rebuild`"
+INDEX_SUFFIX = ".faiss"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,16 +83,28 @@ class IndexFiles:
         self.run = run
         self.dir = run / "index"
         self.manifest_path = self.dir / "manifest.json"
+        self.trusted = False  # whether the manifest last read was sealed on this machine
 
-    def entries(self) -> dict[str, IndexEntry]:
-        """The recorded indexes by column ({} when none was built)."""
-        path = self.manifest_path
-        if not path.exists():
+    def entries(self, ignore_damage: bool = False) -> dict[str, IndexEntry]:
+        """The recorded indexes by column ({} when none was built).  ``ignore_damage``
+        (``index --rebuild``): a manifest in any bad state counts as none, with a warning."""
+        try:
+            return self._entries()
+        except FormatError as e:
+            if not ignore_damage:
+                raise
+            log.warning("%s; rebuilding every index from scratch", e)
+            return {}
+
+    def _entries(self) -> dict[str, IndexEntry]:
+        path = no_links(self.run, self.manifest_path)
+        if not os.path.lexists(path):
             return {}
         d = read_json(path, "index manifest", REMEDY)
         if d.get("schema_version") != SCHEMA_VERSION:
             raise FormatError(f"{path} has schema version {d.get('schema_version')}, this "
                               f"version reads {SCHEMA_VERSION}: {REMEDY}")
+        self.trusted = seal.check(d, path, "index manifest", REMEDY)
         indexes = d.get("indexes")
         if not isinstance(indexes, dict):
             raise FormatError(f"index manifest {path} is corrupt (no indexes): {REMEDY}")
@@ -96,15 +115,18 @@ class IndexFiles:
         return entries
 
     def write_entries(self, entries: dict[str, IndexEntry]) -> None:
-        atomic_write_json(self.manifest_path, {
+        make_dirs(self.run, self.dir)
+        atomic_write_json(no_links(self.run, self.manifest_path), seal.seal({
             "schema_version": SCHEMA_VERSION, "stage": "index",
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "indexes": {c: e.to_dict() for c, e in sorted(entries.items())}})
+            "indexes": {c: e.to_dict() for c, e in sorted(entries.items())}}))
+        self.clean(entries)
 
     def save(self, column: str, write: Callable[[Path], None]) -> dict[str, Any]:
         """Write a new index file for ``column`` with ``write(tmp_path)``; its record."""
-        name = f"{check_name(column, 'column')}.{secrets.token_hex(4)}.faiss"
-        path = self.dir / name
+        name = f"{check_name(column, 'column')}.{secrets.token_hex(4)}{INDEX_SUFFIX}"
+        make_dirs(self.run, self.dir)
+        path = no_links(self.run, self.dir / name)
         with atomic_path(path) as tmp:
             try:
                 write(tmp)
@@ -115,7 +137,8 @@ class IndexFiles:
         return file_record(path, name)
 
     def path(self, entry: IndexEntry) -> Path:
-        return confined(self.dir, entry.file, "index file")
+        return confined(self.dir, entry.file, "index file", root=self.run,
+                        source=self.manifest_path, remedy=REMEDY)
 
     def check(self, entry: IndexEntry, full: bool = True) -> Path:
         """The index file, after checking its size (and digest unless ``full`` is off)."""
@@ -125,7 +148,32 @@ class IndexFiles:
         return path
 
     def remove(self, file: str) -> None:
-        confined(self.dir, file, "index file").unlink(missing_ok=True)
+        confined(self.dir, file, "index file", root=self.run).unlink(missing_ok=True)
+
+    def leftovers(self, entries: dict[str, IndexEntry] | None = None) -> list[Path]:
+        """Index files no manifest entry names (a killed build's): safe to remove under the
+        index lock.  Nothing is called a leftover while the manifest cannot be read."""
+        folder = no_links(self.run, self.dir)
+        if not folder.is_dir():
+            return []
+        if entries is None:
+            try:
+                entries = self._entries()
+            except FormatError:
+                return []
+        named = {e.file for e in entries.values()}
+        with os.scandir(folder) as it:
+            return sorted(folder / e.name for e in it if e.name.endswith(INDEX_SUFFIX)
+                          and not e.name.startswith(".") and e.name not in named
+                          and e.is_file(follow_symlinks=False))
+
+    def clean(self, entries: dict[str, IndexEntry] | None = None) -> list[Path]:
+        found = self.leftovers(entries)
+        for path in found:
+            log.info("removing %s: no index manifest entry names it (left by a killed run)",
+                     path)
+            path.unlink(missing_ok=True)
+        return found
 
     def verify(self) -> list[str]:
         problems = []

