@@ -127,6 +127,9 @@ class SearchConfig:
                          choices=("image", "text"))
     column: str | None = knob(None, "index to search (default: picked from --modality and "
                               "the query)")
+    via: str | None = knob(None, "search through this adapter (RUN/align/NAME.json): the "
+                           "query is embedded by its source encoder (e.g. multilingual) and "
+                           "mapped into its target's space")
     device: str = knob("auto", "device for the query encoder")
     mmap: bool = knob(True, "memory-map the index instead of reading it into memory")
     verify: bool = knob(True, "check the index checksum before use")
@@ -139,6 +142,8 @@ class EvalConfig:
     encoders: tuple[str, ...] = knob((), "encoders to evaluate (default: every image+text "
                                      "encoder)")
     exact_only: bool = knob(False, "skip the index (no index needed)")
+    via: tuple[str, ...] = knob((), "adapters (RUN/align/NAME) to evaluate text->image "
+                                "through, beside their target model's own text tower")
 
 
 @dataclass(frozen=True)

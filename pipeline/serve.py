@@ -55,6 +55,7 @@ from embeddings.store import Run, column_name
 
 from .index import IndexMismatch
 from .search import MODALITIES, Searcher, SearchResult, pick_column
+from .via import Via, adapters, open_via
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ class Service:
         self._lock = threading.Lock()
         self._searchers: dict[str, Searcher] = {}
         self._encoders: dict[str, Encoder] = {}
+        self._vias: dict[str, Via] = {}
+        self._adapters: dict[str, Any] | None = None
         self._encode_lock = threading.Lock()
         self._picked: dict[tuple[str, str, str | None], str] = {}
         self._ids: dict[str, dict[str, int]] = {}
@@ -166,13 +169,16 @@ class Service:
             self._filters = {"images": len(meta["split"]),
                              "splits": sorted({s for s in meta["split"] if s}),
                              "labels": sorted({lb for lb in meta["label"] if lb})}
+        if self._adapters is None:
+            self._adapters = adapters(self.run)
         return {"status": "ok" if self._searchers else "no index", "run": str(self.run),
-                "columns": columns, "models": models, **self._filters,
+                "columns": columns, "models": models, "adapters": self._adapters,
+                **self._filters,
                 "limits": self.cfg.limits()}
 
     def search_text(self, text: str, modality: str = "image", k: int = 10,
                     split: str | None = None, label: str | None = None,
-                    column: str | None = None) -> SearchResult:
+                    column: str | None = None, via: str | None = None) -> SearchResult:
         text = (text or "").strip()
         if not text:
             raise InputError("empty query: type some text, or upload an image")
@@ -180,6 +186,14 @@ class Service:
             raise InputError(f"query too long: {len(text)} characters "
                              f"(limit {self.cfg.max_query_chars})")
         k, split, label = self._check(modality, k, split, label)
+        if via:  # through an adapter: its source encoder, then the map (pipeline.via)
+            adapter = self._via(via)
+            searcher = self.searcher(adapter.column(self.columns, modality, column))
+            with self._encode_lock:
+                vector = adapter.encode_texts([text])
+            result = searcher.search_vector(vector, text, k, split, label)
+            result.via = adapter.name
+            return result
         searcher = self.searcher(self._pick(modality, "text", column))
         with self._encoding(searcher) as enc:
             vector = enc.encode_texts([text])
@@ -281,6 +295,15 @@ class Service:
                 self._searchers[column] = s
                 self.problems.pop(column, None)
             return self._searchers[column]
+
+    def _via(self, name: str) -> Via:
+        """The adapter ``name`` of this run, bound and kept (its encoder loads once)."""
+        with self._lock:
+            if name not in self._vias:
+                if name not in self.files.align.names():  # never a path from a request
+                    raise MissingError(f"no adapter {name[:200]!r} in this run")
+                self._vias[name] = open_via(self.run, name, self.cfg.device, self.columns)
+            return self._vias[name]
 
     @contextmanager
     def _encoding(self, searcher: Searcher) -> Iterator[Encoder]:

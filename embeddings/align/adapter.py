@@ -47,6 +47,7 @@ class Adapter:
     source: Column | None = None
     target: Column | None = None
     info: dict[str, Any] = field(default_factory=dict)  # validation scores, rows, seconds
+    sealed: bool = False  # loaded from a description this machine sealed
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -46,7 +46,7 @@ def load_adapter(path: str | Path) -> Adapter:
         source = Column.from_dict(meta["source"]["column"], meta["source"], where)
         target = Column.from_dict(meta["target"]["column"], meta["target"], where)
         return Adapter(meta["kind"], dict(load_safetensors(weights)), dict(meta["params"]),
-                       source, target, dict(meta.get("info", {})))
+                       source, target, dict(meta.get("info", {})), bool(meta["sealed"]))
     except (KeyError, TypeError, ValueError, SafetensorError) as e:
         raise FormatError(f"saved adapter {json_path} is corrupt ({type(e).__name__}: {e}): "
                           f"{ADAPTER.remedy}") from None
