@@ -24,7 +24,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-dedup bench-startup align bench-align
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup align bench-align
 
 setup: $(VENV)/.installed
 
@@ -89,6 +89,15 @@ bench-embed: setup
 # On one GPU: encoder-only limit, naive 16-worker PIL loader, exact and fast paths.
 bench-embed-gpu: setup
 	$(PY) benchmarks/bench_embed_gpu.py $(ARGS)
+
+# N synthetic 512-d vectors (default 20,000,000; about 20 GB of shards under SCALE_DIR,
+# deleted afterwards): our index build (local and Ray), autofaiss at the same 4 GB budget
+# (its own virtualenv, made on first use), a 1M-row add, column reads, CLI search, serve,
+# heads on 5M rows.  make bench-scale N=1000000 for a quick check.
+N ?= 20000000
+SCALE_DIR ?= runs/bench-scale
+bench-scale: setup
+	$(PY) benchmarks/bench_scale.py --n $(N) --dir $(SCALE_DIR) $(ARGS)
 
 # Start-up: --help and one demo search in fresh interpreters (make demo first);
 # ARGS="--baseline DIR" compares with a checkout of another version in the same run.

@@ -107,8 +107,9 @@ class IndexConfig:
     run: str = DEFAULT_RUN
     columns: tuple[str, ...] = knob((), "embedding columns to index (default: all)",
                                     flag="--columns")
-    memory_budget_gb: float = knob(4.0, "memory budget per index in GiB",
-                                   flag="--memory-budget")
+    memory_budget_gb: float = knob(4.0, "memory for the whole build of one index in GiB "
+                                   "(training sample, codes, buffers; larger indexes keep "
+                                   "their lists on disk)", flag="--memory-budget")
     factory: str = knob("", "force a FAISS factory string, e.g. Flat, HNSW32, IVF1024,Flat")
     flat_max: int = knob(100_000, "exact search up to this many vectors")
     target_recall: float = knob(0.95, "recall@10 the search parameters are tuned to")
@@ -117,6 +118,14 @@ class IndexConfig:
     device: str = knob("auto", "auto, cpu or cuda (GPU needs a GPU build of FAISS)")
     rebuild: bool = knob(False, "rebuild from scratch instead of adding new shards")
     verify: bool = knob(True, "check shard and index checksums before use")
+    engine: str = knob("local", "what adds the vectors: this process, or Ray tasks (each "
+                       "adds a range of shards; pip install -e \".[ray]\")",
+                       choices=("local", "ray"))
+    ray_address: str | None = knob(None, "Ray cluster to join, e.g. auto or ray://host:10001 "
+                                   "(default: start a local one)")
+    workers: int | None = knob(None, "Ray tasks adding at once, each with its share of the "
+                               "budget (default: this machine's CPUs)")
+    progress: bool = knob(True, "progress bars")
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,27 @@
-"""Index stage: one FAISS index per embedding column of a run, kept in step with its shards.
+"""Index stage: one index per embedding column of a run, kept in step with its shards.
 
 Index row ``i`` is row ``i`` of the column's shards concatenated in embed-manifest order,
 so the embed shards map hits back to records; each index entry lists the shards (file,
-rows) it covers.  A rerun after the embed stage gained shards adds only the new rows when
-the index type allows it (a trained index does, unless the automatic choice for the new
-size differs: then it rebuilds).  Vectors of another model are refused; an index file
-that fails its checksum is rebuilt.  Files and manifest belong to
-:mod:`embeddings.store.index`.
+rows) it covers.  The build streams the shards (:mod:`embeddings.index` picks the index,
+the builder and the sizes under ``[index] memory_budget_gb``, which bounds the whole
+build); a rerun after the embed stage gained shards reads only the new shards and adds
+their rows, even when the automatic choice for the new size would differ (it says so:
+``--rebuild`` switches).  Vectors of another model are refused; an index file that fails
+its checksum is rebuilt.  Files and manifest belong to :mod:`embeddings.store.index`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
-import faiss
 import numpy as np
+from tqdm import tqdm
 
 from embeddings import index as ix
 from embeddings.errors import FormatError, InputError, RunMismatch
@@ -29,6 +33,7 @@ from embeddings.store import (
     Tampered,
     check_name,
     check_same_model,
+    still_held,
 )
 
 from .config import IndexConfig
@@ -66,22 +71,36 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
             ix.check_factory(cfg.factory, cols[c].dim)
     gpu = ix.use_gpu(cfg.device)
     results = []
-    with run.lock("index"):
+    with run.lock("index") as lock:
+        # Ray tasks stop writing parts once this process no longer holds the lock.
+        alive = partial(still_held, run.index.dir, lock.token) if cfg.engine == "ray" else None
         entries = run.index.entries(ignore_damage=cfg.rebuild)  # --rebuild: any state
         for column in columns:
             old = entries.get(column)
             spans = [ShardSpan(s.file, s.rows) for s in embed.shards[cols[column].kind]]
-            result, entry = _update_column(cfg, run, cols[column], spans, old, gpu)
+            result, entry = _update_column(cfg, run, cols[column], spans, old, gpu, alive)
             results.append(result)
             if result.action == "unchanged":
                 continue
             entries[column] = entry
             run.index.write_entries(entries)
             if old and old.file != entry.file:
-                run.index.remove(old.file)
+                run.index.remove(old)
+        if any(r.action != "unchanged" for r in results):
+            _warm_filters(run, {cols[c].kind for c in columns})
         if entries and not run.index.trusted and all(r.action == "unchanged" for r in results):
             run.index.write_entries(entries)  # checked against the embed stage: seal it here
     return results
+
+
+def _warm_filters(run: Run, kinds: set[str]) -> None:
+    """Cache what serve and search filter by: the distinct splits and labels, and a bitmap
+    per split (label bitmaps are made on first use: there can be thousands).  Bitmaps of
+    the shards already covered are reused, so after an add only the new shards are read."""
+    values = run.filters.values("images")
+    for kind in sorted(kinds):
+        for split in values["splits"]:
+            run.filters.mask(kind, split, None)
 
 
 def check_config(cfg: IndexConfig) -> None:
@@ -93,17 +112,24 @@ def check_config(cfg: IndexConfig) -> None:
                          f"{cfg.recall_queries}")
     if cfg.flat_max < 0 or not 0 <= cfg.recall_threshold <= 1:
         raise InputError("[index] flat_max must be >= 0 and recall_threshold in [0, 1]")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise InputError(f"[index] workers must be >= 1, not {cfg.workers}")
+    if cfg.engine == "ray":
+        from .engines import check_engine
+
+        check_engine("ray", cfg.ray_address)
 
 
 def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan],
-                   entry: IndexEntry | None, gpu: bool) -> tuple[ColumnResult, IndexEntry]:
+                   entry: IndexEntry | None, gpu: bool,
+                   alive: Any = None) -> tuple[ColumnResult, IndexEntry]:
     if entry is None or cfg.rebuild:
         return _build(cfg, run, col, now, gpu, "rebuilt" if entry else "built",
-                      "--rebuild" if entry else "")
+                      "--rebuild" if entry else "", alive)
     check_same_model(entry.provenance, col.provenance, f"the {col.name} index in "
                      f"{run.index.dir}", REBUILD + " (or delete the index folder)")
     try:
-        run.index.check(entry, full=cfg.verify)
+        run.index.check(entry, full=cfg.verify, deep=True)
         sound = ""
     except Tampered:
         raise  # a link in the run: refused, not rebuilt
@@ -115,86 +141,148 @@ def _update_column(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan]
         return (ColumnResult(col.name, "unchanged", entry.ntotal, entry.factory,
                              entry.recall_at_10, 0.0), entry)
     if not sound and not forced_other and now[:len(entry.shards)] == entry.shards:
-        why_not = _why_rebuild(cfg, entry, col, sum(s.rows for s in now))
-        if why_not is None:
-            return _add(cfg, run, col, entry, now, gpu)
-        log.info("%s: rebuilding (%s)", col.name, why_not)
-        return _build(cfg, run, col, now, gpu, "rebuilt", why_not)
+        return _add(cfg, run, col, entry, now, gpu, alive)
     why = sound or ("factory changed" if forced_other else "shards changed")
-    return _build(cfg, run, col, now, gpu, "rebuilt", why)
-
-
-def _why_rebuild(cfg: IndexConfig, entry: IndexEntry, col: Column, n: int) -> str | None:
-    """Why adding to the existing index is not right for ``n`` vectors, or None."""
-    if not entry.auto:
-        return None  # a forced factory stays what the user asked for
-    choice = ix.choose_index(n, col.dim, _budget(cfg), cfg.flat_max)
-    if choice.factory != entry.factory:
-        return f"for {n} vectors the chosen index is now {choice.factory}"
-    return None
+    return _build(cfg, run, col, now, gpu, "rebuilt", why, alive)
 
 
 def _budget(cfg: IndexConfig) -> int:
     return int(cfg.memory_budget_gb * 2**30)
 
 
+def _plan(cfg: IndexConfig, factory: str, n: int, d: int,
+          on_disk: bool | None) -> ix.BuildPlan:
+    nlist, code_size = ix.describe(factory, d)
+    size = n * (code_size + 8) + nlist * d * 4 if nlist else n * code_size
+    workers = cfg.workers or os.cpu_count() or 1
+    return ix.plan_build(factory, n, d, _budget(cfg), size, nlist, code_size, on_disk,
+                         cfg.engine, workers)
+
+
+def _job(cfg: IndexConfig, run: Run, col: Column, plan: ix.BuildPlan, scratch: Path,
+         gpu: bool, bar: tqdm, alive: Any) -> Any:
+    return ix.BuildJob(run.embed.source(col.name, cfg.verify), plan, scratch,
+                       n_queries=cfg.recall_queries, k=RECALL_K, gpu=gpu,
+                       ray_address=cfg.ray_address, workers=cfg.workers or os.cpu_count() or 1,
+                       progress=lambda done: bar.update(done - bar.n), alive=alive)
+
+
+def _bar(cfg: IndexConfig, column: str, rows: int) -> tqdm:
+    return tqdm(total=rows, unit="vec", desc=f"index {column}", disable=not cfg.progress,
+                leave=False)
+
+
 def _build(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], gpu: bool,
-           action: str, note: str) -> tuple[ColumnResult, IndexEntry]:
+           action: str, note: str, alive: Any = None) -> tuple[ColumnResult, IndexEntry]:
     t0 = time.perf_counter()
-    vectors = run.embed.read_vectors(col.name, verify=cfg.verify)
-    if len(vectors) == 0:
+    n = sum(s.rows for s in now)
+    if n == 0:
         raise FormatError(f"column {col.name} of {run.path} has no vectors to index")
     if cfg.factory:
         choice = ix.IndexChoice(cfg.factory, {}, "forced with --factory / [index] factory")
     else:
-        choice = ix.choose_index(len(vectors), vectors.shape[1], _budget(cfg), cfg.flat_max)
-    log.info("%s: %d x %d -> %s (%s)", col.name, *vectors.shape, choice.factory, choice.reason)
-    built = ix.build_and_measure(vectors, choice.factory, k=RECALL_K,
-                                 target_recall=cfg.target_recall,
-                                 n_queries=cfg.recall_queries, gpu=gpu)
-    entry = _entry(cfg, run, col, now, choice.factory, built.index, built.params, built.recall,
-                   built.queries, gpu, auto=not cfg.factory)
-    entry.stats.update(reason=choice.reason, build_seconds=round(built.seconds, 3),
+        choice = ix.choose_index(n, col.dim, _budget(cfg), cfg.flat_max)
+    plan = _plan(cfg, choice.factory, n, col.dim, choice.on_disk if not cfg.factory else None)
+    log.info("%s: %d x %d -> %s (%s); %s build%s", col.name, n, col.dim, choice.factory,
+             choice.reason, plan.builder, ", lists on disk" if plan.on_disk else "")
+    with run.index.scratch() as scratch, _bar(cfg, col.name, n) as bar:
+        built = ix.BUILDERS[plan.builder](_job(cfg, run, col, plan, scratch, gpu, bar, alive))
+        entry = _save(cfg, run, col, now, plan, built, not cfg.factory, gpu)
+    entry.stats.update(reason=choice.reason, build_seconds=round(time.perf_counter() - t0, 3),
                        built=entry.stats["updated"])
-    _warn_recall(cfg, col.name, built.recall)
-    return ColumnResult(col.name, action, built.index.ntotal, choice.factory, built.recall,
+    return ColumnResult(col.name, action, entry.ntotal, plan.factory, entry.recall_at_10,
                         time.perf_counter() - t0, note), entry
 
 
 def _add(cfg: IndexConfig, run: Run, col: Column, entry: IndexEntry, now: list[ShardSpan],
-         gpu: bool) -> tuple[ColumnResult, IndexEntry]:
+         gpu: bool, alive: Any = None) -> tuple[ColumnResult, IndexEntry]:
     t0 = time.perf_counter()
-    start = entry.ntotal
-    # Never mmap here: FAISS aborts the process when a mapped index is added to.
-    index = _read(run.index.path(entry), mmap=False, factory=entry.factory)
-    if index.ntotal != start:
+    n = sum(s.rows for s in now)
+    notes = [f"+{n - entry.ntotal} vectors"]
+    if entry.auto:
+        choice = ix.choose_index(n, col.dim, _budget(cfg), cfg.flat_max)
+        if choice.factory != entry.factory:
+            notes.append(f"for {n} vectors the automatic choice is now {choice.factory}: "
+                         f"kept {entry.factory} and added; --rebuild switches")
+            log.warning("%s: %s", col.name, notes[-1])
+    lists = run.index.lists_path(entry)
+    index = _open(run.index.path(entry), entry, lists, for_add=True)
+    if index.ntotal != entry.ntotal:
         raise IndexMismatch(f"{entry.file} holds {index.ntotal} vectors, its manifest says "
-                            f"{start}: {REBUILD}")
-    vectors = run.embed.read_vectors(col.name, verify=cfg.verify)
-    index = ix.add_vectors(index, vectors[start:], gpu=gpu, factory=entry.factory)
-    params, recall, nq = ix.measure(index, vectors, RECALL_K, cfg.target_recall,
-                                    cfg.recall_queries)
-    new = _entry(cfg, run, col, now, entry.factory, index, params, recall, nq, gpu, entry.auto)
+                            f"{entry.ntotal}: {REBUILD}")
+    state = run.index.read_truth(entry)
+    truth = ix.Truth.from_arrays(state) if state is not None else None
+    plan = _plan(cfg, entry.factory, n, col.dim, True if lists else None)
+    new_shards = list(range(len(entry.shards), len(now)))
+    with run.index.scratch() as scratch, _bar(cfg, col.name, n - entry.ntotal) as bar:
+        job = _job(cfg, run, col, plan, scratch, gpu, bar, alive)
+        if truth is None:  # an index from before recall states were kept: measure afresh
+            truth = _fresh_truth(job, len(entry.shards), entry.ntotal)
+        built = ix.add_to(job, index, truth, new_shards, lists)
+        new = _save(cfg, run, col, now, plan, built, entry.auto, gpu)
     keep = {k: entry.stats[k] for k in ("reason", "build_seconds", "built") if k in entry.stats}
-    new.stats.update(keep, add_seconds=round(time.perf_counter() - t0, 3))
+    new.stats.update(keep, add_seconds=round(time.perf_counter() - t0, 3),
+                     added_shards=len(new_shards))
+    return ColumnResult(col.name, "added", new.ntotal, entry.factory, new.recall_at_10,
+                        time.perf_counter() - t0, "; ".join(notes)), new
+
+
+def _fresh_truth(job: Any, old_shards: int, old_rows: int) -> Any:
+    """The recall state of the old rows, streamed (only for indexes without one)."""
+    truth = ix.Truth.start(old_rows, job.n_queries, job.k)
+    old = list(range(old_shards))
+    for start, x in job.source.chunks(old, job.plan.chunk_rows):
+        truth.take_queries(start, x)
+    for start, x in job.source.chunks(old, job.plan.chunk_rows):
+        truth.update(start, np.asarray(x, np.float32))
+    return truth
+
+
+def _save(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], plan: ix.BuildPlan,
+          built: Any, auto: bool, gpu: bool) -> IndexEntry:
+    """Write the index (and its lists and recall state), then tune and measure it."""
+    with run.index.writing(col.name) as new:
+        lists_tmp = new.tmp("lists") if built.index is None else None
+        ix.write_built(built, new.tmp("index"), lists_tmp, new.name("lists"))
+        with open(new.tmp("truth"), "wb") as f:
+            np.savez(f, **built.truth.to_arrays())
+    recs = new.records
+    index = built.index
+    if index is None:  # on-disk lists: measure the files as search will open them
+        index = ix.load_index(run.index.dir / recs["index"]["file"],
+                              lists=run.index.dir / recs["lists"]["file"])
+    # Tuning maps on-disk lists: at most a quarter of the budget of them at once.
+    params, recall, queries = ix.evaluate(index, built.truth, cfg.target_recall,
+                                          max_mapped=_budget(cfg) // 4)
+    ix.release_pages(index)
     _warn_recall(cfg, col.name, recall)
-    return ColumnResult(col.name, "added", index.ntotal, entry.factory, recall,
-                        time.perf_counter() - t0, f"+{len(vectors) - start} vectors"), new
-
-
-def _entry(cfg: IndexConfig, run: Run, col: Column, now: list[ShardSpan], factory: str,
-           index: faiss.Index, params: dict[str, int], recall: float, queries: int, gpu: bool,
-           auto: bool) -> IndexEntry:
-    record = run.index.save(col.name, lambda path: faiss.write_index(index, str(path)))
     return IndexEntry(
-        column=col.name, kind=col.kind, file=record["file"], bytes=record["bytes"],
-        digest=record["digest"], factory=factory, params=params, ntotal=int(index.ntotal),
-        dim=int(index.d), shards=now, provenance=col.provenance,
-        recall_at_10=round(float(recall), 4), auto=auto,
+        column=col.name, kind=col.kind, file=recs["index"]["file"],
+        bytes=recs["index"]["bytes"], digest=recs["index"]["digest"], factory=plan.factory,
+        params=params, ntotal=built.ntotal, dim=col.dim, shards=now,
+        provenance=col.provenance, recall_at_10=round(float(recall), 4), auto=auto,
         stats={"metric": "inner_product", "memory_budget_bytes": _budget(cfg),
-               "recall_queries": queries, "target_recall": cfg.target_recall,
-               "device": "gpu" if gpu else "cpu", "faiss_version": faiss.__version__,
-               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+               "builder": plan.builder, "on_disk": plan.on_disk,
+               "train_size": plan.train_size, "rows_read": built.rows_read,
+               "recall_queries": queries,
+               "target_recall": cfg.target_recall, "seconds": {
+                   k: round(v, 3) for k, v in built.seconds.items()},
+               "peak_rss_bytes": _peak_rss(), "device": "gpu" if gpu else "cpu",
+               "faiss_version": ix.faiss_version(),
+               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        lists=recs.get("lists"), truth=recs.get("truth"))
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory (Linux), 0 where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _warn_recall(cfg: IndexConfig, column: str, recall: float) -> None:
@@ -204,10 +292,13 @@ def _warn_recall(cfg: IndexConfig, column: str, recall: float) -> None:
                     column, recall, cfg.recall_threshold)
 
 
-def _read(path: Path, mmap: bool, factory: str, params: dict[str, int] | None = None,
-          gpu: bool = False) -> faiss.Index:
+def _open(path: Path, entry: IndexEntry, lists: Path | None, for_add: bool = False,
+          mmap: bool = True, gpu: bool = False) -> Any:
     try:
-        return ix.load_index(path, mmap=mmap, params=params, gpu=gpu, factory=factory)
+        if for_add:  # never a mapped index: FAISS aborts when one is added to
+            return ix.open_for_add(path, lists)
+        return ix.load_index(path, mmap=mmap, params=entry.params, gpu=gpu,
+                             factory=entry.factory, lists=lists)
     except RuntimeError as e:  # FAISS could not parse it
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise FormatError(f"index file {path} is corrupt ({last}): {REBUILD}") from None
@@ -216,7 +307,7 @@ def _read(path: Path, mmap: bool, factory: str, params: dict[str, int] | None = 
 # ---------------------------------------------------------------------- opening, search
 
 def open_index(run: str | Path, column: str, mmap: bool = True, device: str = "auto",
-               verify: bool = True) -> tuple[faiss.Index, IndexEntry]:
+               verify: bool = True) -> tuple[Any, IndexEntry]:
     """The index of ``column`` and its entry, checked against the embed shards.
 
     Missing, stale (the embed stage has rows it lacks), corrupt or other-model indexes
@@ -238,7 +329,8 @@ def open_index(run: str | Path, column: str, mmap: bool = True, device: str = "a
             f"the {column} index is stale: it covers {entry.ntotal} rows, the embed stage "
             f"now has {sum(s.rows for s in now)} ({missing} in shards it lacks): {HINT}")
     path = r.index.check(entry, full=verify)
-    index = _read(path, mmap, entry.factory, entry.params, ix.use_gpu(device))
+    index = _open(path, entry, r.index.lists_path(entry), mmap=mmap,
+                  gpu=ix.use_gpu(device))
     if index.ntotal != entry.ntotal:
         raise IndexMismatch(f"{path} holds {index.ntotal} vectors, its manifest says "
                             f"{entry.ntotal}: {REBUILD}")
@@ -247,16 +339,6 @@ def open_index(run: str | Path, column: str, mmap: bool = True, device: str = "a
 
 def allowed_rows(run: str | Path, kind: str, split: str | None = None,
                  label: str | None = None) -> np.ndarray | None:
-    """Boolean mask of the ``kind`` rows matching ``split`` and ``label`` (None: all rows)."""
-    if split is None and label is None:
-        return None
-    table = Run(run).embed.read_table(kind, ["split", "label", "labels"])
-    mask = np.ones(table.num_rows, dtype=bool)
-    if split is not None:
-        mask &= np.array([s == split for s in table.column("split").to_pylist()], dtype=bool)
-    if label is not None:
-        labels = table.column("labels").to_pylist()
-        mask &= np.array([label == a or label in (b or []) for a, b in
-                          zip(table.column("label").to_pylist(), labels)], dtype=bool)
-    return mask
-
+    """Boolean mask of the ``kind`` rows matching ``split`` and ``label`` (None: all rows),
+    from the bitmap cached beside the index (computed with Arrow compute once)."""
+    return Run(run).filters.mask(kind, split, label)

@@ -26,14 +26,18 @@ INDEX_MEMORY = ("lower --memory-budget (compressed codes: IVF...,SQ8 or PQ) or i
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "index", help="build FAISS indexes over a run's embeddings (incremental)",
-        description="Build one FAISS index per embedding column of RUN/embed into RUN/index. "
-        "The index type is chosen from the number of vectors, their dimension and the memory "
-        "budget (exact Flat while small, else HNSW or IVF, with SQ8 or PQ codes when memory "
-        "demands), search parameters are tuned to the target recall, and recall@10 against "
-        "exact search is measured and recorded. A rerun after the embed stage gained shards "
-        "adds only the new rows; vectors of a different model are refused.",
-        epilog="example: python -m pipeline index --config configs/offline.toml "
-        "--factory IVF256,Flat")
+        description="Build one FAISS index per embedding column of RUN/embed into RUN/index, "
+        "streaming the shards. The index type is chosen from the number of vectors, their "
+        "dimension and the memory budget, which bounds the whole build (exact Flat while "
+        "small, else HNSW or IVF, with SQ8 codes, and inverted lists on disk, memory-mapped, "
+        "when they do not fit); search parameters are tuned to the target recall, and "
+        "recall@10 against exact search is measured and recorded. A rerun after the embed "
+        "stage gained shards reads only the new shards; vectors of a different model are "
+        "refused. --engine ray adds the vectors on Ray tasks.",
+        epilog="examples: python -m pipeline index --config configs/offline.toml "
+        "--factory IVF256,Flat\n"
+        "          python -m pipeline index --run runs/big --memory-budget 4 --engine ray",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     common_options(p)
     add_options(p, IndexConfig)
     p.set_defaults(func=_index, memory_hint=INDEX_MEMORY)

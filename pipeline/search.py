@@ -3,7 +3,9 @@
 The query is embedded by the encoder that made the indexed column, loaded through
 :func:`embeddings.encoders.encoder_for_column`, which refuses a model that differs from
 the recorded one.  Index row ``i`` is row ``i`` of the column's shards (checked by
-:func:`pipeline.index.open_index`), so no separate id mapping exists.
+:func:`pipeline.index.open_index`), so no separate id mapping exists: a hit's metadata is
+read from only the shards that hold its row (the store's row-to-shard offsets), never
+from a table of every row, and filters come from the bitmaps cached beside the index.
 
     >>> s = Searcher("runs/demo", "clip_image")
     >>> s.search_text("a red bicycle", k=5).hits[0].image
@@ -12,6 +14,8 @@ the recorded one.  Index row ``i`` is row ``i`` of the column's shards (checked 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,9 @@ from .index import allowed_rows, open_index
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
+IMAGE_META = ["id", "image", "label", "split", "captions"]
+CAPTION_META = ["id", "caption", "image_id", "label", "split"]
+FILTERS_KEPT = 32  # filter bitmaps a searcher keeps in memory (n / 8 bytes each)
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ def pick_column(run: str | Path, modality: str = "image", query: str = "text",
 
 
 class Searcher:
-    """One column's index, its rows and (on the first query) its encoder."""
+    """One column's index, point reads of its rows and (on the first query) its encoder."""
 
     def __init__(self, run: str | Path, column: str, device: str = "auto",
                  mmap: bool = True, verify: bool = True) -> None:
@@ -94,11 +101,17 @@ class Searcher:
         self.device = device
         self.index, self.entry = open_index(run, column, mmap=mmap, device=device,
                                             verify=verify)
-        self.info = Run(run).embed.manifest().column(column)
+        self.files = Run(run)
+        self.info = self.files.embed.manifest().column(column)
         self.kind = self.info.kind
+        self.reader = self.files.embed.reader(self.kind)
+        if self.reader.offsets.total != self.index.ntotal:
+            raise FormatError(f"{self.kind} shards hold {self.reader.offsets.total} rows, "
+                              f"the index {self.index.ntotal}: rerun the index stage")
         self._encoder: Encoder | None = None
-        self._rows: dict[str, list[Any]] | None = None
-        self._image_paths: dict[str, str] = {}
+        self._filters: OrderedDict[tuple[str | None, str | None], Any] = OrderedDict()
+        self._images: Any = None  # the image rows' reader (caption hits' image paths)
+        self._lock = threading.Lock()
 
     @property
     def encoder(self) -> Encoder:
@@ -129,6 +142,24 @@ class Searcher:
                      label: str | None = None) -> SearchResult:
         return self.search_vector(self.embed_image(path), f"image:{path}", k, split, label)
 
+    def allowed(self, split: str | None, label: str | None) -> Any:
+        """The rows a split / label filter keeps (the bitmap cached beside the index, then
+        kept here for the next queries: a bounded cache), None for no filter."""
+        if split is None and label is None:
+            return None
+        key = (split, label)
+        with self._lock:
+            got = self._filters.get(key)
+            if got is not None:
+                self._filters.move_to_end(key)
+                return got
+        got = ix.Allowed.of(allowed_rows(self.run, self.kind, split, label))
+        with self._lock:
+            self._filters[key] = got
+            while len(self._filters) > FILTERS_KEPT:
+                self._filters.popitem(last=False)
+        return got
+
     def search_vector(self, vector: np.ndarray, query: str, k: int = 10,
                       split: str | None = None, label: str | None = None) -> SearchResult:
         """Top-``k`` rows for one query vector, optionally only rows of a split / label."""
@@ -139,44 +170,49 @@ class Searcher:
         if k > n:
             notes.append(f"k={k} is more than the {n} vectors in the index: returning {n}")
             k = n
-        allowed = allowed_rows(self.run, self.kind, split, label)
+        allowed = self.allowed(split, label)
         scores, ids = ix.search_filtered(self.index, np.atleast_2d(vector), k, allowed)
         keep = ids[0] >= 0
         if allowed is not None and keep.sum() < k:
             what = " and ".join(f"{a}={v!r}" for a, v in (("split", split), ("label", label))
                                 if v is not None)
             notes.append(f"only {int(keep.sum())} hit(s) with {what}"
-                         f" ({int(allowed.sum())} rows match)")
+                         f" ({allowed.count} rows match)")
         for note in notes:
             log.warning("%s", note)
-        hits = [self._hit(r + 1, float(s), int(i))
-                for r, (s, i) in enumerate(zip(scores[0][keep], ids[0][keep]))]
-        return SearchResult(self.column, query, k, hits, notes)
+        return SearchResult(self.column, query, k, self.hits(scores[0][keep], ids[0][keep]),
+                            notes)
 
-    def _hit(self, rank: int, score: float, row: int) -> Hit:
-        rows = self.rows
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+        """Hits for index rows, their metadata read from the shards that hold them."""
+        rows = np.asarray(rows, dtype=np.int64)
         if self.kind == "images":
-            caps = rows["captions"][row] or []
-            return Hit(rank, score, row, rows["id"][row], caps[0] if caps else None,
-                       rows["image"][row], rows["label"][row], rows["split"][row])
-        image_id = rows["image_id"][row]
-        return Hit(rank, score, row, rows["id"][row], rows["caption"][row],
-                   self._image_paths.get(image_id), rows["label"][row], rows["split"][row],
-                   image_id)
+            t = self.reader.read_rows(rows, IMAGE_META).to_pydict()
+            return [Hit(r + 1, float(s), int(row), t["id"][r],
+                        (t["captions"][r] or [None])[0], t["image"][r], t["label"][r],
+                        t["split"][r]) for r, (s, row) in enumerate(zip(scores, rows))]
+        t = self.reader.read_rows(rows, CAPTION_META).to_pydict()
+        paths = self.image_paths(rows, t["image_id"])
+        return [Hit(r + 1, float(s), int(row), t["id"][r], t["caption"][r],
+                    paths.get(t["image_id"][r]), t["label"][r], t["split"][r],
+                    t["image_id"][r]) for r, (s, row) in enumerate(zip(scores, rows))]
 
-    @property
-    def rows(self) -> dict[str, list[Any]]:
-        """The metadata columns of every row, read once from the shards."""
-        if self._rows is None:
-            table = Run(self.run).embed.read_table(self.kind)
-            if table.num_rows != self.index.ntotal:
-                raise FormatError(f"{self.kind} shards hold {table.num_rows} rows, the "
-                                         f"index {self.index.ntotal}: rerun the index stage")
-            self._rows = table.to_pydict()
-            if self.kind == "captions":
-                images = Run(self.run).embed.read_table("images", ["id", "image"]).to_pydict()
-                self._image_paths = dict(zip(images["id"], images["image"]))
-        return self._rows
+    def image_paths(self, caption_rows: np.ndarray, image_ids: list[str]) -> dict[str, str]:
+        """Image path of each caption's image, looked up in the image shard of the same
+        embed block (captions and their images are written together), else everywhere."""
+        if self._images is None:
+            self._images = self.files.embed.reader("images")
+        images = self._images
+        block_of = {r.block: i for i, r in enumerate(images.records)}
+        shards = {block_of.get(self.reader.records[s].block)
+                  for s in self.reader.offsets.shard_of(caption_rows)}
+        found = images.find_ids(image_ids, shards=sorted(s for s in shards if s is not None))
+        if len(found) < len(set(image_ids)):
+            found.update(images.find_ids([i for i in image_ids if i not in found]))
+        if not found:
+            return {}
+        table = images.read_rows(list(found.values()), ["id", "image"]).to_pydict()
+        return dict(zip(table["id"], table["image"]))
 
 
 def search(run: str | Path, text: str | None = None, image: str | Path | None = None,

@@ -39,6 +39,7 @@ import os
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from embeddings.encoders import Encoder, encoder_for_column, resolve_device
 from embeddings.errors import FormatError, InputError, MissingError, UserError
 from embeddings.images import ImageError, decode_image, load_image
 from embeddings.sources import ImageSource, OutsideRoot, source_at, source_from_dict
-from embeddings.store import Run, column_name
+from embeddings.store import KINDS, Run, column_name
 
 from .index import IndexMismatch
 from .search import MODALITIES, Searcher, SearchResult, pick_column
@@ -60,10 +61,10 @@ from .via import Via, adapters, open_via
 log = logging.getLogger(__name__)
 
 
-# Run directory: every path and manifest field comes from the store.
-
-def _rows(run: Path, kind: str, names: list[str]) -> dict[str, list[Any]]:
-    return Run(run).embed.read_table(kind, names).to_pydict()
+# Run directory: every path and manifest field comes from the store.  No table of every
+# row is ever held: ids the server has handed out (in hits) are remembered in a bounded
+# cache; any other id is found by scanning the id column shard by shard.
+KNOWN_IDS = 100_000
 
 
 class Refused(InputError):
@@ -98,7 +99,7 @@ class ServeConfig:
 
 
 class Service:
-    """One run, ready to answer queries from many threads."""
+    """One run, ready to answer queries from many threads; starts without reading rows."""
 
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
@@ -132,8 +133,9 @@ class Service:
         self._adapters: dict[str, Any] | None = None
         self._encode_lock = threading.Lock()
         self._picked: dict[tuple[str, str, str | None], str] = {}
-        self._ids: dict[str, dict[str, int]] = {}
-        self._image_paths: dict[str, str] | None = None
+        self._known: dict[str, OrderedDict[str, int]] = {k: OrderedDict() for k in KINDS}
+        self._images: OrderedDict[str, str] = OrderedDict()  # image id -> path (from hits)
+        self._readers: dict[str, Any] = {}
         self._filters: dict[str, Any] | None = None
         self.problems: dict[str, str] = {}
         for column in self.files.index.entries():  # open every index once, memory-mapped
@@ -164,11 +166,10 @@ class Service:
         models = {info.encoder: {"type": info.provenance.type, "model": info.provenance.model,
                                  "pretrained": info.provenance.pretrained}
                   for info in self.columns.values()}
-        if self._filters is None:  # read once: a large run has many rows
-            meta = _rows(self.run, "images", ["split", "label"])
-            self._filters = {"images": len(meta["split"]),
-                             "splits": sorted({s for s in meta["split"] if s}),
-                             "labels": sorted({lb for lb in meta["label"] if lb})}
+        if self._filters is None:  # computed once, then cached beside the index
+            values = self.files.filters.values("images")
+            self._filters = {"images": values["rows"], "splits": values["splits"],
+                             "labels": values["labels"]}
         if self._adapters is None:
             self._adapters = adapters(self.run)
         return {"status": "ok" if self._searchers else "no index", "run": str(self.run),
@@ -197,7 +198,7 @@ class Service:
         searcher = self.searcher(self._pick(modality, "text", column))
         with self._encoding(searcher) as enc:
             vector = enc.encode_texts([text])
-        return searcher.search_vector(vector, text, k, split, label)
+        return self._remember(searcher.search_vector(vector, text, k, split, label))
 
     def search_upload(self, data: bytes, filename: str = "upload", modality: str = "image",
                       k: int = 10, split: str | None = None, label: str | None = None,
@@ -216,7 +217,8 @@ class Service:
                 raise InputError(f"{searcher.info.provenance.model} cannot embed images")
             vector = enc.encode_images(enc.image_transform(image).unsqueeze(0))
         name = Path(filename or "upload").name[:100]
-        return searcher.search_vector(vector, f"image:{name}", k, split, label)
+        return self._remember(searcher.search_vector(vector, f"image:{name}", k, split,
+                                                     label))
 
     def similar(self, row_id: str, source: str = "image", modality: str = "image",
                 k: int = 10, split: str | None = None,
@@ -229,19 +231,22 @@ class Service:
         col = self._pick(modality, source, None)
         query_column = column_name(self.columns[col].encoder, source)
         kind = self.columns[query_column].kind
-        row = self._id_map(kind).get(row_id)
+        row = self._row_of(kind, row_id)
         if row is None:
             what = "image" if kind == "images" else "caption"
             raise MissingError(f"no {what} row with id {row_id[:200]!r} in this run")
-        vector = self.files.embed.read_row(query_column, row)
-        return self.searcher(col).search_vector(vector[None], f"like:{row_id}", k, split, label)
+        info = self.columns[query_column]
+        vector = self._reader(kind).read_vectors(query_column, info.dim, [row])[0]
+        vector = vector.astype("float32")
+        return self._remember(self.searcher(col).search_vector(
+            vector[None], f"like:{row_id}", k, split, label))
 
     # ------------------------------------------------------------------ thumbnails
 
     def thumbnail(self, image_id: str) -> bytes:
         """The JPEG thumbnail of image row ``image_id``: cached on first request, served
         from memory after its digest is checked (uncached when the cache is unwritable)."""
-        rel = self._paths().get(image_id)
+        rel = self._image_of(image_id)
         if not rel:
             raise MissingError(f"no image row with id {image_id[:200]!r} in this run")
         if self.source is None:
@@ -289,7 +294,6 @@ class Service:
             if column not in self._searchers:
                 try:
                     s = Searcher(self.run, column, device=self.cfg.device)
-                    s.rows  # noqa: B018 - read once here, not racily on first hit
                 except IndexMismatch as e:
                     raise NotReady(str(e)) from None
                 self._searchers[column] = s
@@ -339,17 +343,45 @@ class Service:
                 raise InputError(f"{name} too long (limit {self.cfg.max_filter_chars})")
         return k, split or None, label or None
 
-    def _id_map(self, kind: str) -> dict[str, int]:
-        if kind not in self._ids:
-            ids = _rows(self.run, kind, ["id"])["id"]
-            self._ids[kind] = {v: i for i, v in enumerate(ids)}
-        return self._ids[kind]
+    def _reader(self, kind: str) -> Any:
+        """Point reads of one kind's shards, made once (row offsets, recent row groups)."""
+        with self._lock:
+            if kind not in self._readers:
+                self._readers[kind] = self.files.embed.reader(kind)
+            return self._readers[kind]
 
-    def _paths(self) -> dict[str, str]:
-        if self._image_paths is None:
-            rows = _rows(self.run, "images", ["id", "image"])
-            self._image_paths = dict(zip(rows["id"], rows["image"]))
-        return self._image_paths
+    def _remember(self, result: SearchResult) -> SearchResult:
+        """Keep the rows of the hits handed out: their ids come back for thumbnails and
+        more-like-this (bounded: the oldest are forgotten, then found by a scan)."""
+        kind = self.columns[result.column].kind
+        with self._lock:
+            for h in result.hits:
+                _put(self._known[kind], h.id, h.row)
+                if h.image is not None:
+                    _put(self._images, h.image_id or h.id, h.image)
+        return result
+
+    def _row_of(self, kind: str, row_id: str) -> int | None:
+        with self._lock:
+            row = self._known[kind].get(row_id)
+        if row is None:
+            row = self._reader(kind).find_ids([row_id]).get(row_id)
+            if row is not None:
+                with self._lock:
+                    _put(self._known[kind], row_id, row)
+        return row
+
+    def _image_of(self, image_id: str) -> str | None:
+        with self._lock:
+            rel = self._images.get(image_id)
+        if rel is None:
+            row = self._row_of("images", image_id)
+            if row is None:
+                return None
+            rel = self._reader("images").read_rows([row], ["image"]).column(0)[0].as_py()
+            with self._lock:
+                _put(self._images, image_id, rel)
+        return rel
 
     def _decode_upload(self, data: bytes) -> Image.Image:
         try:
@@ -388,3 +420,10 @@ class Service:
                     path.unlink(missing_ok=True)
         except (UserError, OSError) as e:
             self._cache_problem(e)
+
+
+def _put(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > KNOWN_IDS:
+        cache.popitem(last=False)

@@ -82,3 +82,24 @@ def test_files_stay_small() -> None:
     big = {str(p.relative_to(REPO)): n for p in _modules().values()
            if (n := len(p.read_text().splitlines())) > 420}
     assert not big, big
+
+
+def test_faiss_stays_behind_the_index_package() -> None:
+    """No stage imports FAISS (a second backend would touch one folder): only
+    ``embeddings/index/`` does, at module level or inside a function."""
+    leaks = []
+    for name, path in _modules().items():
+        if name.startswith("embeddings.index"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            leaks += [(name, n) for n in names if n == "faiss" or n.startswith("faiss.")]
+    assert not leaks, leaks
+
+
+def test_importing_the_index_package_costs_no_faiss() -> None:
+    """The policy is plain Python; FAISS loads on first use (fast ``--help``)."""
+    code = ("import sys\nfrom embeddings import index as ix\n"
+            "ix.choose_index(10**6, 512, 2**32)\nassert 'faiss' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

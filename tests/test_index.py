@@ -38,15 +38,40 @@ def test_choice_mid_size_is_hnsw_then_ivf() -> None:
     assert c.bytes_estimate <= 4 * GiB
 
 
-def test_choice_compresses_when_memory_demands() -> None:
+def test_choice_compresses_then_puts_the_lists_on_disk() -> None:
     assert ix.choose_index(1_000_000, 512, 1 * GiB).factory == "IVF1024,SQ8"
-    pq = ix.choose_index(1_000_000, 512, GiB // 8)
-    assert pq.factory == "IVF1024,PQ64"  # 128 bytes + ids would not fit
-    assert pq.bytes_estimate <= GiB // 8
-    # Flat would fit by count but not by memory: compressed instead of exact.
-    assert ix.choose_index(50_000, 512, 50 * 2**20).factory.startswith("IVF")
+    small = ix.choose_index(1_000_000, 512, GiB // 8)
+    assert small.factory == "IVF1024,SQ8" and small.on_disk  # lists on disk, not PQ
+    assert not ix.choose_index(1_000_000, 512, 1 * GiB).on_disk
+    big = ix.choose_index(20_000_000, 512, 4 * GiB)
+    assert big.factory == "IVF4096,SQ8" and big.on_disk
+    # Flat would fit by count but not by memory: an inverted file instead of exact.
+    assert ix.choose_index(50_000, 512, 200 * 2**20).factory.startswith("IVF")
     with pytest.raises(ValueError, match="too small"):
         ix.choose_index(1_000_000, 512, 2**20)
+
+
+@pytest.mark.parametrize("d", [64, 512, 768])
+def test_plans_stay_inside_their_budget(d: int) -> None:
+    """Over a grid of sizes and budgets: every piece a build holds at once fits the budget,
+    lists go on disk only when they must, and training gets what FAISS asks for."""
+    for n in (1_000, 100_000, 1_000_000, 20_000_000, 100_000_000):
+        for budget in (GiB // 4, GiB, 4 * GiB, 16 * GiB):
+            try:
+                choice = ix.choose_index(n, d, budget)
+                nlist = ix.ivf_lists(n) if choice.factory.startswith("IVF") else 0
+                code = d if "SQ8" in choice.factory else d * 4
+                plan = ix.plan_build(choice.factory, n, d, budget, choice.bytes_estimate,
+                                     nlist, code, choice.on_disk)
+            except InputError as e:
+                assert "memory budget" in str(e) and "memory_budget_gb" in str(e)
+                continue
+            assert plan.peak <= budget, (n, d, budget, plan)
+            if nlist:
+                assert plan.train_size >= min(n, 39 * nlist)
+                assert plan.on_disk == (choice.bytes_estimate * 1.5 > ix.choice.usable(budget, d))
+            if plan.builder == "memory":
+                assert n * d * 4 <= budget / 2
 
 
 def test_ivf_lists_about_sqrt_n_power_of_two() -> None:

@@ -10,6 +10,9 @@ clear message)::
     RUN/embed/captions/part-00000.parquet block 0: one row per caption of those images
     RUN/index/manifest.json               one entry per column: file, bytes, digest, shards covered
     RUN/index/<column>.<token>.faiss      one FAISS index per embedding column
+    RUN/index/<column>.<token>.ivfdata    its inverted lists, when too large for memory
+    RUN/index/<column>.<token>.truth.npz  recall queries and their exact neighbours
+    RUN/index/filters/                    cached split / label bitmaps (a cache)
     RUN/heads/models/NAME.json            a head's description (weights' name, size, digest)
     RUN/heads/models/NAME.<token>.safetensors
     RUN/heads/comparison.{csv,json,png}, confusion.png, splits.json, predictions/NAME.parquet
@@ -64,6 +67,7 @@ from .files import (
     read_json,
     write_errors,
 )
+from .filters import FilterCache
 from .index import IndexEntry, IndexFiles, ShardSpan
 from .lock import StageLock, still_held
 from .outputs import EvalFiles, HeadsFiles, ServeFiles, load_head_files, save_head_files
@@ -84,6 +88,7 @@ class Run:
         self.heads = HeadsFiles(self.path)
         self.eval = EvalFiles(self.path)
         self.serve = ServeFiles(self.path)
+        self.filters = FilterCache(self.embed, self.index.dir / "filters")
         self.align = TrainedFiles(self.path, "align", ADAPTER)
         self.latent = TrainedFiles(self.path, "latent", LATENT)
 
@@ -126,6 +131,7 @@ class _CleaningLock(StageLock):
             stage = self.path.parent.name
             if stage == "index":
                 self.run.index.clean()
+                self.run.filters.clean()
             elif stage == "heads":
                 self.run.heads.clean()
             elif stage in ("align", "latent"):
@@ -147,7 +153,7 @@ def read_table(run: str | os.PathLike, kind: str, columns: list[str] | None = No
 
 
 __all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "SCHEMA_VERSION", "Column", "DiskFull",
-           "EmbedFiles", "EmbedManifest", "EvalFiles", "HeadsFiles",
+           "EmbedFiles", "EmbedManifest", "EvalFiles", "FilterCache", "HeadsFiles",
            "IndexEntry", "IndexFiles", "ModelFormat", "Provenance", "Report", "Run",
            "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord", "ShardSpan", "StageLock",
            "Tampered", "TrainedFiles", "atomic_write_bytes", "atomic_write_json", "check_name",

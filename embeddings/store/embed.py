@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from ..errors import FormatError
 from ..limits import DEFAULT_MAX_PIXELS
 from . import seal
+from .columns import CHUNK_ROWS, Chunk, ColumnReader, ColumnSource
 from .files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -329,34 +330,43 @@ class EmbedFiles:
         except (OSError, pa.ArrowException) as e:
             raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
 
+    def reader(self, kind: str, verify: bool = True) -> ColumnReader:
+        """Streaming and point reads of the ``kind`` shards (:mod:`.columns`)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        return ColumnReader(self, self.manifest().shards[kind], FIELDS[kind], verify)
+
+    def iter_column(self, column: str, chunk_rows: int = CHUNK_ROWS, verify: bool = True,
+                    shards: Sequence[int] | None = None) -> Iterator[Chunk]:
+        """One column shard by shard in chunks of at most ``chunk_rows`` rows, in the
+        stored dtype, each shard's digest checked before it is read (``shards``: only
+        those, by position in the manifest)."""
+        col = self.manifest().column(column)
+        return self.reader(col.kind, verify).iter_column(column, col.dim, chunk_rows, shards)
+
+    def source(self, column: str, verify: bool = True) -> ColumnSource:
+        """``column`` as the index builders stream it (:class:`.columns.ColumnSource`)."""
+        col = self.manifest().column(column)
+        return ColumnSource(self.reader(col.kind, verify), column, col.dim)
+
     def read_vectors(self, column: str, dtype: type = np.float32,
                      verify: bool = True) -> np.ndarray:
-        """All vectors of one column as one contiguous ``(n, dim)`` array, shard order."""
+        """All vectors of one column as one contiguous ``(n, dim)`` array, shard order
+        (for small runs: large ones stream with :meth:`iter_column`)."""
         m = self.manifest()
         col = m.column(column)
-        records = m.shards[col.kind]
         out = np.empty((m.rows(col.kind), col.dim), dtype=dtype)
-        pos = 0
-        for rec in records:
-            arr = self._read(rec, [column], verify).column(0).combine_chunks()
-            n = len(arr)
-            if n != rec.rows or pos + n > len(out):
-                raise FormatError(f"shard {rec.file} holds {n} rows, the manifest "
-                                  f"{rec.rows}: {REMEDY}")
-            out[pos:pos + n] = arr.values.to_numpy(zero_copy_only=False).reshape(n, col.dim)
-            pos += n
+        for chunk in self.iter_column(column, verify=verify):
+            out[chunk.start:chunk.start + len(chunk.vectors)] = chunk.vectors
         return out
 
     def read_row(self, column: str, row: int) -> np.ndarray:
         """One stored vector (float32), read from the one shard that holds it."""
-        m = self.manifest()
-        col = m.column(column)
-        for rec in m.shards[col.kind]:
-            if 0 <= row < rec.rows:
-                values = self._read(rec, [column], True).column(0)[row].values
-                return np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
-            row -= rec.rows
-        raise FormatError(f"row {row} is past the end of column {column}")
+        col = self.manifest().column(column)
+        reader = self.reader(col.kind)
+        if not 0 <= row < reader.offsets.total:
+            raise FormatError(f"row {row} is past the end of column {column}")
+        return reader.read_vectors(column, col.dim, [row])[0].astype(np.float32)
 
     def read_table(self, kind: str, columns: Iterable[str] | None = None,
                    verify: bool = True) -> pa.Table:

@@ -6,8 +6,9 @@ model weights file; a manifest, run identity or model description whose content 
 match its digest; a link or special file inside the run; a JSON file not sealed like the
 rest of a run that was sealed on this machine (edited and re-digested); a manifest whose
 dataset differs from the run identity's.  Leftovers (listed, removed by the stage's next
-run): temporary files and index or weights files no manifest or description names.
-Notes: a run not sealed on this machine.
+run): temporary files, index, lists, recall state or weights files no manifest or
+description names, index build scratch folders, filter bitmaps of shards the embed
+manifest no longer lists.  Notes: a run not sealed on this machine.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def verify_run(run: Run) -> Report:
                 continue
             if sealed and not meta["sealed"]:
                 r.problems.append(_unsealed(desc, fmt.remedy))
-    for leftovers in (run.index.leftovers, run.heads.leftovers, run.align.leftovers,
-                      run.latent.leftovers):
+    for leftovers in (run.index.leftovers, run.filters.leftovers, run.heads.leftovers,
+                      run.align.leftovers, run.latent.leftovers):
         r.leftovers += _guard(r, leftovers) or []
     r.leftovers += [p for p in run.path.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
     return r

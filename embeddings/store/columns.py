@@ -1,0 +1,302 @@
+"""Streaming reads of the embed shards: a column in bounded chunks, given rows from only
+the shards that hold them, ids to rows, filter masks.
+
+Row ``r`` of a kind (images | captions) is row ``r - starts[s]`` of shard ``s``, where
+``starts`` is the running sum of the manifest's shard row counts (:class:`RowOffsets`);
+nothing else maps rows to files.  Whole-shard streams check the shard's digest first (it
+covers every byte; 2.5% of a read); point lookups read a few columns of a few shards and
+check the Parquet page CRCs of the pages they read (the shard writer writes them) instead
+of hashing whole shards, so a search that reads 10 rows never hashes gigabytes.
+
+Vectors come out in the stored dtype as zero-copy views of the Arrow buffers of one
+record batch: no per-row copies, no float32 detour (a caller converts a chunk when it
+needs to).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import FormatError
+
+
+class Shards(Protocol):
+    """What the reader needs of :class:`~.embed.EmbedFiles` (no import: no cycle)."""
+
+    dir: Path
+
+    def shard_path(self, record: Any) -> Path: ...
+
+    def check_shard(self, record: Any, full: bool = True) -> Path: ...
+
+CHUNK_ROWS = 65_536  # rows per streamed chunk: 64 MiB at 512-d float16
+GROUP_CACHE_BYTES = 64 * 2**20  # decoded row groups a reader keeps for point reads
+REMEDY = "run `python -m pipeline verify RUN`, then rerun `python -m pipeline embed` to redo it"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """``vectors[i]`` is row ``start + i`` of the column (stored dtype, read-only view)."""
+
+    start: int
+    vectors: np.ndarray
+    shard: int  # index of the shard in the manifest's list of this kind
+
+
+class RowOffsets:
+    """Global row -> (shard, row within the shard), from the manifest's row counts."""
+
+    def __init__(self, records: Sequence[Any]) -> None:
+        self.records = tuple(records)
+        self.starts = np.concatenate([[0], np.cumsum([r.rows for r in records],
+                                                     dtype=np.int64)]).astype(np.int64)
+
+    @property
+    def total(self) -> int:
+        return int(self.starts[-1])
+
+    def shard_of(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.total):
+            bad = rows[(rows < 0) | (rows >= self.total)][0]
+            raise FormatError(f"row {bad} is outside the {self.total} rows of the shards: "
+                              "the index and the embed stage disagree (rerun `python -m "
+                              "pipeline index`)")
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def groups(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(shard, positions in ``rows``, rows within the shard) for each shard touched."""
+        rows = np.asarray(rows, dtype=np.int64)
+        shards = self.shard_of(rows)
+        order = np.argsort(shards, kind="stable")
+        cuts = np.flatnonzero(np.diff(shards[order])) + 1
+        for pos in np.split(order, cuts) if len(order) else []:
+            s = int(shards[pos[0]])
+            yield s, pos, rows[pos] - self.starts[s]
+
+
+def _vectors(array: pa.Array, dim: int, where: Path) -> np.ndarray:
+    """A fixed-size-list column as an ``(n, dim)`` zero-copy view of its values."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    flat = array.flatten()  # honours the slice offset, unlike .values
+    if flat.null_count or len(flat) != len(array) * dim:
+        raise FormatError(f"shard {where} holds missing or misshapen vectors: {REMEDY}")
+    return flat.to_numpy(zero_copy_only=True).reshape(len(array), dim)
+
+
+class ColumnReader:
+    """Reads of one run's shards of one kind; picklable (Ray tasks take one)."""
+
+    def __init__(self, files: Shards, records: Sequence[Any], schema: pa.Schema,
+                 verify: bool = True) -> None:
+        self.files = files
+        self.schema = schema  # the kind's metadata fields
+        self.verify = verify
+        self.offsets = RowOffsets(records)
+        self._groups: OrderedDict[tuple[Any, ...], pa.Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # Ray tasks get the reader, not its cache
+        return {k: v for k, v in self.__dict__.items() if k not in ("_groups", "_lock")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _groups=OrderedDict(), _lock=threading.Lock())
+
+    @property
+    def records(self) -> tuple[Any, ...]:
+        return self.offsets.records
+
+    def _open(self, shard: int, digest: bool) -> pq.ParquetFile:
+        rec = self.records[shard]
+        path = self.files.check_shard(rec, full=digest and self.verify)
+        try:
+            # Buffered reads, no pre-buffering: a row group's pages are read as decoded
+            # instead of the whole column chunk at once (half the reader's memory).
+            return pq.ParquetFile(path, page_checksum_verification=not digest,
+                                  buffer_size=1 << 20, pre_buffer=False)
+        except (OSError, pa.ArrowException) as e:
+            raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
+
+    def iter_column(self, column: str, dim: int, chunk_rows: int = CHUNK_ROWS,
+                    shards: Sequence[int] | None = None) -> Iterator[Chunk]:
+        """``column`` shard by shard, in chunks of at most ``chunk_rows`` rows."""
+        for s in range(len(self.records)) if shards is None else shards:
+            pf = self._open(s, digest=True)
+            path = self.files.shard_path(self.records[s])
+            pos = int(self.offsets.starts[s])
+            try:
+                # One decoding thread: a column is one stream, and each thread of the pool
+                # would keep its own allocator cache (tens of MB at small budgets).
+                for batch in pf.iter_batches(batch_size=chunk_rows, columns=[column],
+                                             use_threads=False):
+                    v = _vectors(batch.column(0), dim, path)
+                    yield Chunk(pos, v, s)
+                    pos += len(v)
+            except (OSError, pa.ArrowException) as e:
+                raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
+            if pos != self.offsets.starts[s + 1]:
+                raise FormatError(f"shard {path} holds {pos - self.offsets.starts[s]} rows, "
+                                  f"the manifest {self.records[s].rows}: {REMEDY}")
+
+    def read_shard(self, shard: int, columns: Sequence[str]) -> pa.Table:
+        """``columns`` of one whole shard (page checksums verified)."""
+        pf = self._open(shard, digest=False)
+        try:
+            return pf.read(columns=list(columns))
+        except (OSError, pa.ArrowException) as e:
+            path = self.files.shard_path(self.records[shard])
+            raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
+
+    def read_rows(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str]) -> pa.Table:
+        """``columns`` of the given global rows, in the order asked, reading only the row
+        groups that hold them (a few recent groups are kept: ``GROUP_CACHE_BYTES``)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        parts, where = [], []
+        for s, pos, local in self.offsets.groups(rows):
+            pf: pq.ParquetFile | None = None
+            starts = self._group_starts(s)
+            group = np.searchsorted(starts, local, side="right") - 1
+            for g in np.unique(group):
+                key = (s, int(g), tuple(columns))
+                with self._lock:
+                    table = self._groups.get(key)
+                    if table is not None:
+                        self._groups.move_to_end(key)
+                if table is None:
+                    pf = pf or self._open(s, digest=False)
+                    table = self._read_group(s, pf, int(g), columns)
+                    self._keep(key, table)
+                mine = group == g
+                parts.append(table.take(pa.array(local[mine] - starts[g])))
+                where.append(pos[mine])
+        if not parts:
+            return pa.Table.from_batches([], schema=self._schema(columns))
+        table = pa.concat_tables(parts)
+        back = np.empty(len(rows), dtype=np.int64)
+        back[np.concatenate(where)] = np.arange(len(rows))
+        return table.take(pa.array(back))
+
+    def _group_starts(self, shard: int) -> np.ndarray:
+        key = ("starts", shard)
+        with self._lock:
+            got = self._groups.get(key)
+        if got is None:
+            meta = self._open(shard, digest=False).metadata
+            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            got = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            with self._lock:
+                self._groups[key] = got
+        return got
+
+    def _read_group(self, shard: int, pf: pq.ParquetFile, group: int,
+                    columns: Sequence[str]) -> pa.Table:
+        try:
+            return pf.read_row_group(group, columns=list(columns))
+        except (OSError, pa.ArrowException) as e:
+            path = self.files.shard_path(self.records[shard])
+            raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
+
+    def _keep(self, key: tuple[Any, ...], table: pa.Table) -> None:
+        with self._lock:
+            self._groups[key] = table
+            held = sum(t.nbytes for t in self._groups.values() if isinstance(t, pa.Table))
+            while held > GROUP_CACHE_BYTES and len(self._groups) > 1:
+                old_key, old = next((k, v) for k, v in self._groups.items()
+                                    if isinstance(v, pa.Table))
+                if old_key == key:
+                    break
+                del self._groups[old_key]
+                held -= old.nbytes
+
+    def read_vectors(self, column: str, dim: int, rows: Sequence[int] | np.ndarray
+                     ) -> np.ndarray:
+        """The vectors of the given rows (stored dtype), in the order asked."""
+        col = self.read_rows(rows, [column]).column(0)
+        if len(col) == 0:
+            return np.empty((0, dim), dtype=np.float16)
+        return np.array(_vectors(col, dim, self.files.dir))
+
+    def find_ids(self, ids: Sequence[str], shards: Sequence[int] | None = None
+                 ) -> dict[str, int]:
+        """Global row of each of ``ids`` found (scanning shards, stopping once all are)."""
+        want = pa.array(list(dict.fromkeys(ids)), pa.string())
+        found: dict[str, int] = {}
+        for s in range(len(self.records)) if shards is None else shards:
+            col = self.read_shard(s, ["id"]).column(0)
+            hit = pc.is_in(col, value_set=want)
+            for i in np.flatnonzero(hit.to_numpy(zero_copy_only=False)):
+                found.setdefault(col[int(i)].as_py(), int(self.offsets.starts[s] + i))
+            if len(found) == len(want):
+                break
+        return found
+
+    def mask(self, split: str | None = None, label: str | None = None,
+             shards: Sequence[int] | None = None) -> np.ndarray:
+        """Bool per row (of ``shards``, default all): the row's split is ``split`` and
+        ``label`` is its label or one of its labels (None: no condition).  Arrow compute,
+        one shard at a time."""
+        shards = range(len(self.records)) if shards is None else shards
+        sizes = [int(self.records[s].rows) for s in shards]
+        out = np.ones(sum(sizes), dtype=bool)
+        names = (["split"] if split is not None else []) + (
+            ["label", "labels"] if label is not None else [])
+        if not names:
+            return out
+        lo = 0
+        for s, size in zip(shards, sizes):
+            t = self.read_shard(s, names)
+            keep = np.ones(size, dtype=bool)
+            if split is not None:
+                keep &= _true(pc.equal(t.column("split"), split))
+            if label is not None:
+                one = _true(pc.equal(t.column("label"), label))
+                lists = t.column("labels").combine_chunks()
+                inner = _true(pc.equal(pc.list_flatten(lists), label))
+                parents = pc.list_parent_indices(lists).to_numpy()
+                one[parents[inner]] = True
+                keep &= one
+            out[lo:lo + size] = keep
+            lo += size
+        return out
+
+    def distinct(self, column: str, shards: Sequence[int] | None = None) -> list[str]:
+        """Sorted distinct non-empty values of a string column (of ``shards``)."""
+        seen: set[str] = set()
+        for s in range(len(self.records)) if shards is None else shards:
+            col = self.read_shard(s, [column]).column(0)
+            seen.update(v for v in pc.unique(col).to_pylist() if v)
+        return sorted(seen)
+
+    def _schema(self, columns: Sequence[str]) -> pa.Schema:
+        fields = {f.name: f for f in self.schema}
+        return pa.schema([fields.get(c, pa.field(c, pa.list_(pa.float16()))) for c in columns])
+
+
+def _true(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A boolean Arrow result as numpy, nulls counted as false."""
+    return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+class ColumnSource:
+    """One embedding column as the index builders read it: ``(first row, vectors)`` per
+    chunk, shard by shard (picklable: Ray tasks read their own shards)."""
+
+    def __init__(self, reader: ColumnReader, column: str, dim: int) -> None:
+        self.reader, self.column, self.dim = reader, column, dim
+        self.shard_rows = [int(r.rows) for r in reader.records]
+
+    def chunks(self, shards: Sequence[int] | None = None,
+               chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        for chunk in self.reader.iter_column(self.column, self.dim, chunk_rows, shards):
+            yield chunk.start, chunk.vectors
