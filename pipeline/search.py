@@ -232,11 +232,8 @@ def search(run: str | Path, text: str | None = None, image: str | Path | None = 
             raise InputError("--via maps text queries: give a query text, or drop --via")
         v = open_via(run, via, device)
         col = v.column(Run(run).embed.manifest().columns, modality, column)
-        searcher = Searcher(run, col, device=device, mmap=mmap, verify=verify)
-        query = (text or "").strip()
-        result = searcher.search_vector(v.encode_texts([query]), query, k, split, label)
-        result.via = v.name
-        return result
+        return v.query((text or "").strip(), Searcher(run, col, device=device, mmap=mmap,
+                                                      verify=verify), k, split, label)
     if image is not None and not Path(image).is_file():
         raise InputError(f"cannot use query image {image}: no such file")
     col = pick_column(run, modality, "image" if image is not None else "text", column)

@@ -56,7 +56,7 @@ from embeddings.store import KINDS, Run, column_name
 
 from .index import IndexMismatch
 from .search import MODALITIES, Searcher, SearchResult, pick_column
-from .via import Via, adapters, open_via
+from .via import Vias
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,7 @@ class Service:
         self._lock = threading.Lock()
         self._searchers: dict[str, Searcher] = {}
         self._encoders: dict[str, Encoder] = {}
-        self._vias: dict[str, Via] = {}
-        self._adapters: dict[str, Any] | None = None
+        self.vias = Vias(self.run, cfg.device, self.columns)
         self._encode_lock = threading.Lock()
         self._picked: dict[tuple[str, str, str | None], str] = {}
         self._known: dict[str, OrderedDict[str, int]] = {k: OrderedDict() for k in KINDS}
@@ -170,10 +169,8 @@ class Service:
             values = self.files.filters.values("images")
             self._filters = {"images": values["rows"], "splits": values["splits"],
                              "labels": values["labels"]}
-        if self._adapters is None:
-            self._adapters = adapters(self.run)
         return {"status": "ok" if self._searchers else "no index", "run": str(self.run),
-                "columns": columns, "models": models, "adapters": self._adapters,
+                "columns": columns, "models": models, "adapters": self.vias.listing(),
                 **self._filters,
                 "limits": self.cfg.limits()}
 
@@ -188,13 +185,9 @@ class Service:
                              f"(limit {self.cfg.max_query_chars})")
         k, split, label = self._check(modality, k, split, label)
         if via:  # through an adapter: its source encoder, then the map (pipeline.via)
-            adapter = self._via(via)
-            searcher = self.searcher(adapter.column(self.columns, modality, column))
-            with self._encode_lock:
-                vector = adapter.encode_texts([text])
-            result = searcher.search_vector(vector, text, k, split, label)
-            result.via = adapter.name
-            return result
+            v = self.vias.get(via)
+            return v.query(text, self.searcher(v.column(self.columns, modality, column)), k,
+                           split, label, self._encode_lock)
         searcher = self.searcher(self._pick(modality, "text", column))
         with self._encoding(searcher) as enc:
             vector = enc.encode_texts([text])
@@ -299,15 +292,6 @@ class Service:
                 self._searchers[column] = s
                 self.problems.pop(column, None)
             return self._searchers[column]
-
-    def _via(self, name: str) -> Via:
-        """The adapter ``name`` of this run, bound and kept (its encoder loads once)."""
-        with self._lock:
-            if name not in self._vias:
-                if name not in self.files.align.names():  # never a path from a request
-                    raise MissingError(f"no adapter {name[:200]!r} in this run")
-                self._vias[name] = open_via(self.run, name, self.cfg.device, self.columns)
-            return self._vias[name]
 
     @contextmanager
     def _encoding(self, searcher: Searcher) -> Iterator[Encoder]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 
 from embeddings.align import Adapter, adapter_summary, check_adapter_columns, load_run_adapter
 from embeddings.encoders import Encoder, encoder_for_column, resolve_device
-from embeddings.errors import InputError, UserError
+from embeddings.errors import InputError, MissingError, UserError
 from embeddings.store import Column, Run, check_same_model, column_name
 
 
@@ -73,6 +74,38 @@ class Via:
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, **adapter_summary(self.adapter)}
+
+    def query(self, text: str, searcher: Any, k: int, split: str | None, label: str | None,
+              lock: AbstractContextManager[Any] | None = None) -> Any:
+        """``text`` through the adapter, searched with ``searcher`` (a
+        :class:`pipeline.search.Searcher` of :meth:`column`), under ``lock`` while it
+        encodes; the result names the adapter."""
+        with lock or nullcontext():
+            vector = self.encode_texts([text])
+        result = searcher.search_vector(vector, text, k, split, label)
+        result.via = self.name
+        return result
+
+
+class Vias:
+    """A server's adapters: each bound once (its encoder loads on first use); only names
+    of ``RUN/align`` are accepted, never a path from a request."""
+
+    def __init__(self, run: str | Path, device: str, columns: Mapping[str, Column]) -> None:
+        self.run, self.device, self.columns = run, device, columns
+        self._bound: dict[str, Via] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Via:
+        with self._lock:
+            if name not in self._bound:
+                if name not in Run(self.run).align.names():
+                    raise MissingError(f"no adapter {name[:200]!r} in this run")
+                self._bound[name] = open_via(self.run, name, self.device, self.columns)
+            return self._bound[name]
+
+    def listing(self) -> dict[str, dict[str, Any]]:
+        return adapters(self.run)
 
 
 def open_via(run: str | Path, name: str, device: str = "cpu",
