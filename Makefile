@@ -24,7 +24,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup align bench-align
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup align bench-align bench-latent
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,7 @@ demo: setup tiny-model
 	$(PY) -m pipeline index --config configs/offline.toml $(RUN_ARGS)
 	$(PY) -m pipeline eval-retrieval --config configs/offline.toml $(RUN_ARGS)
 	$(PY) -m pipeline align --config configs/offline.toml $(RUN_ARGS)
+	$(PY) -m pipeline align --config configs/offline.toml $(RUN_ARGS) --target clip_text --adapter ridge
 
 # The default config: pretrained ViT-B-32 + all-MiniLM-L6-v2 (downloads on first use).
 embed: setup
@@ -141,6 +142,11 @@ align: setup
 bench-align: setup
 	$(PY) benchmarks/bench_align.py $(ARGS)
 	$(PY) benchmarks/bench_align_speed.py
+
+# The latent column: AE / VAE vs PCA on held-out rows; a head on the latent vs concat
+# (demo run; the larger set is bench-align's cache).
+bench-latent: setup
+	$(PY) benchmarks/bench_latent.py --run $(or $(RUN),runs/demo) $(ARGS)
 
 # Search page + JSON API on http://127.0.0.1:8000/ (docs at /docs):
 #   make serve CONFIG=configs/offline.toml   |   make serve RUN=runs/demo PORT=8080
