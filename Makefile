@@ -44,12 +44,12 @@ tiny-model: $(TINY)/open_clip_config.json
 # embed, train and compare heads, index, evaluate retrieval, train the use_text ->
 # minilm_text adapter.
 demo: setup tiny-model
-	$(PY) -m pipeline embed --config configs/offline.toml $(RUN_ARGS)
-	$(PY) -m pipeline heads --config configs/offline.toml $(HEADS_ARGS)
-	$(PY) -m pipeline index --config configs/offline.toml $(RUN_ARGS)
-	$(PY) -m pipeline eval-retrieval --config configs/offline.toml $(RUN_ARGS)
-	$(PY) -m pipeline align --config configs/offline.toml $(RUN_ARGS)
-	$(PY) -m pipeline align --config configs/offline.toml $(RUN_ARGS) --target clip_text --adapter ridge
+	$(PY) -m pipeline embed --config configs/multilingual.toml $(RUN_ARGS)
+	$(PY) -m pipeline heads --config configs/multilingual.toml $(HEADS_ARGS)
+	$(PY) -m pipeline index --config configs/multilingual.toml $(RUN_ARGS)
+	$(PY) -m pipeline eval-retrieval --config configs/multilingual.toml $(RUN_ARGS)
+	$(PY) -m pipeline align --config configs/multilingual.toml $(RUN_ARGS)
+	$(PY) -m pipeline align --config configs/multilingual.toml $(RUN_ARGS) --target clip_text --adapter ridge
 
 # The default config: pretrained ViT-B-32 + all-MiniLM-L6-v2 (downloads on first use).
 embed: setup
@@ -132,7 +132,7 @@ bench-heads: setup
 	$(PY) benchmarks/bench_heads.py $(ARGS)
 
 # An adapter from one column into another over the run's pairs ([align] of the config):
-#   make align CONFIG=configs/offline.toml   |   make align SOURCE=minilm_text TARGET=clip_image
+#   make align CONFIG=configs/multilingual.toml   |   make align SOURCE=minilm_text TARGET=clip_image
 align: setup
 	$(PY) -m pipeline align --config $(CONFIG) $(RUN_ARGS) $(if $(SOURCE),--source $(SOURCE)) \
 		$(if $(TARGET),--target $(TARGET)) $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)

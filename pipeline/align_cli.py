@@ -19,7 +19,7 @@ def register(sub: Any) -> None:
         "batch-similarity term). Prints validation MSE and cosine against the zero, mean "
         "and identity baselines and saves RUN/align/NAME.json, bound to both columns' "
         "models. Rows of the held-out splits are never used.",
-        epilog="example: python -m pipeline align --config configs/offline.toml "
+        epilog="example: python -m pipeline align --config configs/multilingual.toml "
         "--source use_text --target minilm_text")
     common_options(p)
     add_options(p, AlignConfig)
