@@ -24,7 +24,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup align bench-align bench-latent
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup dedup bench-dedup-stage align bench-align bench-latent
 
 setup: $(VENV)/.installed
 
@@ -66,6 +66,11 @@ search: setup
 # Check every shard, index and head file of a run against its recorded digest.
 verify: setup
 	$(PY) -m pipeline verify --config $(CONFIG) $(RUN_ARGS)
+
+# Duplicate and near-duplicate images of a run: RUN/dedup (report, keep-list, contact
+# sheet), with the val/test images that have a copy in train.  ARGS="--threshold 0.97".
+dedup: setup
+	$(PY) -m pipeline dedup --config $(CONFIG) $(RUN_ARGS) $(ARGS)
 
 # Text->image and image->text recall@1/5/10, through the index and exactly.
 eval-retrieval: setup
@@ -164,3 +169,7 @@ bench-serve: setup
 # their copies): precision and recall per transformation for CLIP, pHash and both.
 bench-dedup: setup tiny-model
 	$(PY) benchmarks/bench_dedup.py $(ARGS)
+
+# The dedup stage at 1,000,000 planted vectors beside the index build of the same run.
+bench-dedup-stage: setup
+	$(PY) benchmarks/bench_dedup_stage.py $(ARGS)

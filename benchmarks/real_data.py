@@ -11,13 +11,20 @@ on 2 cores (MiniLM on CPU).
   384-d LSA (TF-IDF of character 3-5-grams, truncated SVD) of the same caption, i.e. two
   real encoders of equal width whose coordinates mean unrelated things.
 - ``debian``: every package that ``apt-cache dumpavail`` lists (about 64,000 after
-  ``apt-get update``), its one-line description labelled by its Section (57 classes).
+  ``apt-get update``), its one-line description labelled by its Section (57 classes);
+  inputs MiniLM and a 384-d LSA of the description, as for openclipart.
+- ``pixels``: the same drawings of ``openclipart-svg`` as raw pixels: every drawing of
+  the 20 categories (de-duplicated as above, with or without a title) rendered by
+  cairosvg cropped to its ink, padded square, 28 x 28 grey (784 features: ink, 0..1),
+  labelled by category.  Raw pixels are the poorly conditioned case of a linear probe
+  (correlated neighbours, near-constant border pixels); rendering takes minutes once.
 - ``words``: the word list of ``wamerican-large`` (170k words), for the index benchmark.
 """
 
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import random
 import subprocess
 import sys
@@ -86,15 +93,50 @@ def _openclipart() -> dict[str, np.ndarray]:
     keep = [i for i, t in enumerate(texts) if t.strip()]
     texts = [texts[i] for i in keep]
     labels = np.array([cats.index(drawings[i].category) for i in keep], np.int64)
+    return {"minilm": minilm(texts), "lsa": lsa(texts), "y": labels, "classes": np.array(cats),
+            "text": np.array(texts)}
+
+
+def lsa(texts: list[str], dim: int = 384) -> np.ndarray:
+    """Unit-length LSA vectors: TF-IDF of character 3-5-grams, truncated SVD."""
     from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfVectorizer
 
+    t = time.perf_counter()
     tfidf = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=2,
                             sublinear_tf=True).fit_transform(texts)
-    lsa = TruncatedSVD(384, random_state=0).fit_transform(tfidf).astype(np.float32)
-    lsa /= np.maximum(np.linalg.norm(lsa, axis=1, keepdims=True), 1e-12)
-    return {"minilm": minilm(texts), "lsa": lsa, "y": labels, "classes": np.array(cats),
-            "text": np.array(texts)}
+    out = TruncatedSVD(dim, random_state=0).fit_transform(tfidf).astype(np.float32)
+    print(f"  LSA: {len(texts)} texts in {time.perf_counter() - t:.0f} s", flush=True)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def _render(path: str) -> np.ndarray | None:
+    """One drawing as 28 x 28 ink (0 white .. 1 black), or None if it cannot be drawn."""
+    import build_demo as bd
+
+    image = bd.render(Path(path), 28, "cairosvg")
+    if image is None:
+        return None
+    return 1 - np.asarray(image.convert("L"), dtype=np.float32).reshape(-1) / 255
+
+
+def _pixels() -> dict[str, np.ndarray]:
+    need(OPENCLIPART, "openclipart-svg")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_demo as bd
+
+    cats = sorted(p.name for p in OPENCLIPART.iterdir()
+                  if p.is_dir() and p.name not in SKIP_CATEGORIES)
+    drawings = bd.scan(OPENCLIPART, cats)
+    t = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        images = pool.map(_render, [str(d.path) for d in drawings], chunksize=16)
+    keep = [i for i, im in enumerate(images) if im is not None]
+    print(f"  rendered {len(keep)} of {len(drawings)} drawings in "
+          f"{time.perf_counter() - t:.0f} s", flush=True)
+    return {"pixels": np.stack([images[i] for i in keep]).astype(np.float32),
+            "y": np.array([cats.index(drawings[i].category) for i in keep], np.int64),
+            "classes": np.array(cats), "id": np.array([drawings[i].id for i in keep])}
 
 
 def _debian() -> dict[str, np.ndarray]:
@@ -132,12 +174,16 @@ def _words() -> dict[str, np.ndarray]:
 
 
 SETS: dict[str, Callable[[], dict[str, np.ndarray]]] = {
-    "openclipart": _openclipart, "debian": _debian, "words": _words}
+    "openclipart": _openclipart, "debian": _debian, "pixels": _pixels, "words": _words}
 
 
 def load(name: str) -> dict[str, np.ndarray]:
-    """The arrays of real set ``name`` (built and cached on first use)."""
-    return cached(name, SETS[name])
+    """The arrays of real set ``name`` (built and cached on first use).  ``debian`` also
+    gets a 384-d LSA of its descriptions (cached apart: added after the MiniLM cache)."""
+    arrays = cached(name, SETS[name])
+    if name == "debian":
+        arrays |= cached("debian-lsa", lambda: {"lsa": lsa(list(arrays["text"]))})
+    return arrays
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .fingerprint import Print, image_print
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from .sources import ImageSource, as_source, read_key
 
 Transform = Callable[[Any], torch.Tensor]
+Item = tuple[int, tuple[torch.Tensor, ...] | None, str | None, Print | None]  # one file
 T = TypeVar("T")
 
 
@@ -31,6 +33,7 @@ class PixelBatch:
     indices: list[int]  # positions (in the input) that decoded, ascending
     pixels: list[torch.Tensor]  # per encoder: (len(indices), 3, H, W)
     failures: list[tuple[int, str]]  # (position, reject reason)
+    prints: list[Print | None] | None = None  # per row of ``indices``: what was decoded
 
 
 def worker_init(_: int) -> None:
@@ -64,29 +67,30 @@ class ImageFiles(Dataset):
     def read(self, i: int) -> bytes:
         return read_key(self.source, self.keys[i])
 
-    def __getitem__(self, i: int) -> tuple[int, tuple[torch.Tensor, ...] | None, str | None]:
-        return exact_item(i, lambda: decode_image(self.read(i), self.max_pixels),
-                          self.transforms)
+    def __getitem__(self, i: int) -> Item:
+        return exact_item(i, lambda: self.read(i), self.transforms, self.max_pixels)
 
 
-def exact_item(i: int, load: Callable[[], Any], transforms: Sequence[Transform]
-               ) -> tuple[int, tuple[torch.Tensor, ...] | None, str | None]:
-    """One image through PIL and the encoders' transforms, or the reason it cannot be."""
+def exact_item(i: int, read: Callable[[], bytes], transforms: Sequence[Transform],
+               max_pixels: int) -> Item:
+    """One file's bytes through PIL and the encoders' transforms, with its fingerprints
+    (made from the bytes and pixels in hand: no second read), or the reason it cannot be."""
     try:
-        image = load()
-        return i, tuple(t(image) for t in transforms), None
+        data = read()
+        image = decode_image(data, max_pixels)
+        return i, tuple(t(image) for t in transforms), None, image_print(data, image)
     except ImageError as e:
-        return i, None, str(e)
+        return i, None, str(e), None
     except Exception as e:  # a bad file must not kill the run
-        return i, None, f"unreadable image: {type(e).__name__}: {e}"
+        return i, None, f"unreadable image: {type(e).__name__}: {e}", None
 
 
-def collate_exact(batch: list[tuple[int, Any, str | None]]
-                   ) -> tuple[list[int], list[torch.Tensor], list[tuple[int, str]]]:
-    ok = [(i, t) for i, t, _ in batch if t is not None]
-    failures = [(i, r) for i, t, r in batch if t is None]
-    stacked = [torch.stack([t[k] for _, t in ok]) for k in range(len(ok[0][1]))] if ok else []
-    return [i for i, _ in ok], stacked, failures
+def collate_exact(batch: list[Item]) -> tuple[list[int], list[torch.Tensor],
+                                              list[tuple[int, str]], list[Print | None]]:
+    ok = [it for it in batch if it[1] is not None]
+    failures = [(it[0], it[2]) for it in batch if it[1] is None]
+    stacked = [torch.stack([it[1][k] for it in ok]) for k in range(len(ok[0][1]))] if ok else []
+    return [it[0] for it in ok], stacked, failures, [it[3] for it in ok]
 
 
 def exact_provenance(device: torch.device) -> dict[str, Any]:
@@ -99,10 +103,10 @@ def decode_exact(source: ImageSource, keys: Sequence[str], encoders: Sequence[An
     """PIL + each encoder's ``image_transform`` in workers: float32 CPU tensors (pinned on
     CUDA), exactly what a direct open_clip call gives."""
     transforms = [e.image_transform for e in encoders]
-    for indices, pixels, failures in loader(
+    for indices, pixels, failures, prints in loader(
             ImageFiles(source, keys, transforms, max_pixels), collate_exact,
             batch_size=batch_size, workers=workers, pin=device.type == "cuda"):
-        yield PixelBatch(indices, pixels, failures)
+        yield PixelBatch(indices, pixels, failures, prints)
 
 
 # --------------------------------------------------------------------------- prefetch

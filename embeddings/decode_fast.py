@@ -30,16 +30,17 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_jpeg as _decode_jpeg
 
 from .decode_base import ImageFiles, PixelBatch, Transform, exact_item, loader, prefetch
+from .fingerprint import Print, content_digest, phash_many
 from .images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     ImageHeader,
-    decode_image,
     read_header,
 )
 from .sources import ImageSource
 
-Item = tuple[Any, ...]  # (i, "jpeg", bytes, header) | (i, "ready", tensors) | (i, "reject", why)
+Item = tuple[Any, ...]  # (i, "jpeg", bytes, header) | (i, "ready", tensors, print)
+#                          | (i, "reject", why)
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,8 @@ class JpegFiles(ImageFiles):
 
 def exact(i: int, data: bytes, transforms: Sequence[Transform], max_pixels: int) -> Item:
     """The exact path for one file already in memory: ready tensors, or the reject."""
-    _, tensors, why = exact_item(i, lambda: decode_image(data, max_pixels), transforms)
-    return (i, "ready", tensors) if tensors is not None else (i, "reject", why)
+    _, tensors, why, fp = exact_item(i, lambda: data, transforms, max_pixels)
+    return (i, "ready", tensors, fp) if tensors is not None else (i, "reject", why)
 
 
 def decode_jpeg(data: Any, device: torch.device | str = "cpu") -> Any:
@@ -190,15 +191,20 @@ class FastCollate:
             buf = torch.frombuffer(bytearray(b"".join(it[2] for it in jpegs)) or bytearray(1),
                                    dtype=torch.uint8)
             return ([it[0] for it in jpegs], buf, [len(it[2]) for it in jpegs],
-                    [it[3] for it in jpegs], self._stack(ready), failures)
-        decoded = []
+                    [it[3] for it in jpegs], self._stack(ready), failures,
+                    [content_digest(it[2]) for it in jpegs], {it[0]: it[3] for it in ready})
+        decoded, prints = [], {}
         for i, _, data, head in jpegs:
             try:
-                decoded.append((i, decode_cpu(data, head, self.want(head))))
+                img = decode_cpu(data, head, self.want(head))
+                decoded.append((i, img))
+                prints[i] = (content_digest(data), int(phash_many(img[None])[0]),
+                             head.width * head.height)
             except Exception:  # refused: the exact path decides (and names the reason)
                 redo = exact(i, data, self.transforms, self.max_pixels)
                 (ready.append(redo) if redo[1] == "ready" else failures.append((i, redo[2])))
-        return resize_crop(decoded, self.configs), self._stack(ready), failures
+        prints.update((it[0], it[3]) for it in ready)
+        return resize_crop(decoded, self.configs), self._stack(ready), failures, prints
 
     def want(self, head: ImageHeader) -> tuple[int, int]:
         sizes = [c.resize_to(head.height, head.width) for c in self.configs]
@@ -238,8 +244,8 @@ def resize_crop(decoded: list[tuple[int, torch.Tensor]], configs: Sequence[Prepr
 
 
 def finish(resized: Rows, ready: Rows, failures: list[tuple[int, str]],
-           configs: Sequence[Preprocess], dtypes: Sequence[torch.dtype],
-           device: torch.device) -> PixelBatch:
+           prints: dict[int, Print | None], configs: Sequence[Preprocess],
+           dtypes: Sequence[torch.dtype], device: torch.device) -> PixelBatch:
     """Normalise the resized rows on ``device`` and merge the exact path's ready rows, in
     input order.  Workers hand over uint8 (4x less to copy between processes)."""
     indices = sorted(resized[0] + ready[0])
@@ -258,12 +264,12 @@ def finish(resized: Rows, ready: Rows, failures: list[tuple[int, str]],
             out[torch.tensor([row[i] for i in ready[0]], device=device)] = \
                 ready[1][k].to(device, dtype, non_blocking=True)
         pixels.append(out)
-    return PixelBatch(indices, pixels, sorted(failures))
+    return PixelBatch(indices, pixels, sorted(failures), [prints.get(i) for i in indices])
 
 
 def _decode_gpu(packed: Any, collate: FastCollate, device: torch.device) -> PixelBatch:
     """nvJPEG on one packed batch; files it refuses go through the exact path on CPU."""
-    idx, buf, lengths, _, (ready_idx, ready_px), failures = packed
+    idx, buf, lengths, heads, (ready_idx, ready_px), failures, digests, prints = packed
     datas = list(torch.split(buf[:sum(lengths)], lengths)) if lengths else []
     try:
         images: list[torch.Tensor | None] = list(
@@ -277,18 +283,23 @@ def _decode_gpu(packed: Any, collate: FastCollate, device: torch.device) -> Pixe
                 images.append(None)
     ready = list(zip(ready_idx, zip(*ready_px))) if ready_idx else []
     decoded = []
-    for i, d, img in zip(idx, datas, images):
+    for i, d, img, head, digest in zip(idx, datas, images, heads, digests):
         if img is not None:
             decoded.append((i, img))
+            prints[i] = (digest, int(phash_many(img[None])[0]), head.width * head.height)
             continue
         redo = exact(i, d.numpy().tobytes(), collate.transforms, collate.max_pixels)
-        (ready.append((i, redo[2])) if redo[1] == "ready" else failures.append((i, redo[2])))
+        if redo[1] == "ready":
+            ready.append((i, redo[2]))
+            prints[i] = redo[3]
+        else:
+            failures.append((i, redo[2]))
     ready.sort(key=lambda r: r[0])
     stacked = ([i for i, _ in ready], [torch.stack([t[k] for _, t in ready])
                                         for k in range(len(collate.transforms))]
                if ready else [])
-    return finish(resize_crop(decoded, collate.configs), stacked, failures, collate.configs,
-                  collate.dtypes, device)
+    return finish(resize_crop(decoded, collate.configs), stacked, failures, prints,
+                  collate.configs, collate.dtypes, device)
 
 
 def decode_fast(source: ImageSource, keys: Sequence[str], encoders: Sequence[Any], *,

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from .decode import iter_pixels
-from .decode_base import ImageFiles, collate_exact
+from .decode_base import ImageFiles, Item, collate_exact
 from .encoders import Encoder
+from .fingerprint import Print
 from .limits import DEFAULT_MAX_PIXELS
 from .sources import ImageSource
 
@@ -27,6 +28,7 @@ class ImageBatch:
     indices: list[int]  # positions (in the input) that were embedded, in order
     vectors: dict[str, np.ndarray]  # encoder name -> (len(indices), dim)
     failures: list[tuple[int, str]]  # (position, reason)
+    prints: list[Print | None] | None = None  # per row of ``indices`` (None: not made)
 
 
 def default_workers(device: torch.device) -> int:
@@ -52,10 +54,10 @@ def iter_image_embeddings(
                              batch_size=batch_size, workers=workers, max_pixels=max_pixels):
         vectors = {e.spec.name: e.encode_images(x)
                    for e, x in zip(image_encoders, batch.pixels)} if batch.indices else {}
-        yield ImageBatch(batch.indices, vectors, batch.failures)
+        yield ImageBatch(batch.indices, vectors, batch.failures, batch.prints)
 
 
-Decoded = tuple[int, tuple[torch.Tensor, ...] | None, str | None]  # an ImageFiles item
+Decoded = Item  # an ImageFiles item: (position, tensors | None, reason | None, print | None)
 
 
 def iter_decoded_embeddings(items: Sequence[Decoded], encoders: Sequence[Encoder], *,
@@ -64,9 +66,9 @@ def iter_decoded_embeddings(items: Sequence[Decoded], encoders: Sequence[Encoder
     (a distributed engine decodes on CPU workers and runs the models on others)."""
     image_encoders = [e for e in encoders if "image" in e.modalities]
     for start in range(0, len(items), batch_size):
-        indices, tensors, failures = collate_exact(list(items[start:start + batch_size]))
+        indices, tensors, failures, prints = collate_exact(list(items[start:start + batch_size]))
         vectors = {e.spec.name: e.encode_images(t) for e, t in zip(image_encoders, tensors)}
-        yield ImageBatch(indices, vectors, failures)
+        yield ImageBatch(indices, vectors, failures, prints)
 
 
 __all__ = ["Decoded", "ImageBatch", "ImageFiles", "default_workers", "embed_texts",

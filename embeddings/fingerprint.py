@@ -181,3 +181,12 @@ def hash_similarity(distance: Any) -> np.ndarray:
 def fingerprint(data: bytes, image: Image.Image | np.ndarray | Any) -> tuple[bytes, int]:
     """``(content_digest(data), phash(image))``: both fingerprints of one decoded file."""
     return content_digest(data), phash(image)
+
+
+Print = tuple[bytes, int, int]  # content digest, perceptual hash, width * height
+
+
+def image_print(data: bytes, image: Image.Image) -> Print:
+    """What the embed stage records of one decoded file (the exact path's PIL image)."""
+    return content_digest(data), phash(image), image.width * image.height
+

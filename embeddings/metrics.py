@@ -53,6 +53,17 @@ def multi_label(y_true: np.ndarray, scores: np.ndarray, y_pred: np.ndarray,
     }
 
 
+def regression(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, Any]:
+    """RMSE, MAE and R^2 (1 - SSE / SST; NaN when the true values are constant)."""
+    y_true, y_pred = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
+    err = y_pred - y_true
+    sst = float(((y_true - y_true.mean()) ** 2).sum()) if len(y_true) else 0.0
+    return {"rmse": float(np.sqrt(np.mean(err**2))) if len(err) else float("nan"),
+            "mae": float(np.mean(np.abs(err))) if len(err) else float("nan"),
+            "r2": 1 - float((err**2).sum()) / sst if sst > 0 else float("nan"),
+            "rows": len(y_true)}
+
+
 def best_thresholds(y_true: np.ndarray, scores: np.ndarray,
                     grid: np.ndarray | None = None) -> np.ndarray:
     """Per-label threshold maximising F1 on ``(y_true, scores)``; 0.5 where a label has no

@@ -6,8 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from .config import AlignConfig, add_options, load_toml, overrides, stage_config
-from .options import common_options
+from .config import AlignConfig, load_toml, stage_config
+from .options import add_options, common_options, overrides
 
 
 def register(sub: Any) -> None:

@@ -7,16 +7,16 @@ directory is the top-level ``run``::
     [data]    path, root, format                     [embed]  device, batch_size, ...
     [[encoders]] name, type, model, pretrained       [index]  memory_budget_gb, ...
     [search]  k, modality, ...   [heads] label, inputs, heads, ...   [eval] split, ...
-    [serve]   host, port, ...    [align]  source, target, adapter, ...
+    [serve]   host, port, ...    [dedup] by, threshold, method, keep, ...
+    [align]  source, target, adapter, ...
 
 Precedence: dataclass default < TOML < command line.  A knob's field carries its help
-text and CLI flag (:func:`knob`); :func:`add_options` derives the argparse options from
+text and CLI flag (:func:`knob`); ``pipeline.options.add_options`` derives the argparse options from
 the fields, so a knob is written once.  Unknown or misplaced keys are one-line errors.
 """
 
 from __future__ import annotations
 
-import argparse
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -108,6 +108,7 @@ class IndexConfig:
     recall_queries: int = knob(500, "held-out queries for tuning, as many for measuring")
     device: str = knob("auto", "auto, cpu or cuda (GPU needs a GPU build of FAISS)")
     rebuild: bool = knob(False, "rebuild from scratch instead of adding new shards")
+    dedup: bool | None = knob(None, "searches keep to the dedup keep-list (--no-dedup: all)")
     verify: bool = knob(True, "check shard and index checksums before use")
     engine: str = knob("local", "what adds the vectors: this process, or Ray tasks (each "
                        "adds a range of shards; pip install -e \".[ray]\")",
@@ -144,6 +145,7 @@ class EvalConfig:
     exact_only: bool = knob(False, "skip the index (no index needed)")
     via: tuple[str, ...] = knob((), "adapters (RUN/align/NAME) to evaluate text->image "
                                 "through, beside their target model's own text tower")
+    exclude_leaks: bool = knob(False, "also evaluate without images that have a copy in train")
 
 
 @dataclass(frozen=True)
@@ -153,20 +155,29 @@ class HeadsConfig:
     inputs: tuple[str, ...] = knob(("clip_image", "clip_text", "minilm_text"),
                                    "embedding columns (text: mean of an image's captions)")
     heads: tuple[str, ...] = knob(("zeroshot", "logistic", "linear", "mlp", "concat", "sum",
-                                   "sum_mlp", "product", "gated", "late", "late_avg"),
+                                   "sum_mlp", "product", "gated", "attention", "bilinear",
+                                   "late", "late_avg", "stack"),
                                   "heads to train, e.g. logistic,concat,late")
     multilabel: str = knob("labels", "list-valued target column ('' = none)")
     multilabel_heads: tuple[str, ...] = knob(("mlp", "concat"), "heads for the multi-label "
                                              "target")
     multitask: tuple[str, ...] = knob(("label", "labels"), "columns sharing one trunk")
     multitask_head: str = knob("gated", "head of the multi-task run")
-    metric: str = knob("macro_f1", "picks the best head, drawn in the chart",
-                       choices=("accuracy", "macro_f1"))
+    labels_file: str = knob("", "CSV, JSONL or Parquet with an id column and label columns, "
+                            "joined by id to the run's images: a new task, no re-embedding",
+                            flag="--labels")
+    task: str = knob("auto", "what `label` is: auto (a floating-point column is a "
+                     "regression target), classification or regression",
+                     choices=("auto", "classification", "regression"))
+    metric: str = knob("macro_f1", "picks the best head, drawn in the chart (regression "
+                       "targets: r2)", choices=("accuracy", "macro_f1"))
     seed: int = knob(0, "seed of splits and training")
+    exclude_leaks: bool = knob(False, "evaluate without images that have a copy in train too")
+    dedup: bool = knob(False, "train and evaluate on the dedup keep-list's images only")
     val_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     test_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     params: dict[str, dict[str, Any]] = knob(  # noqa: RUF009 (a default_factory field)
-        {}, "per-head parameter overrides", cli=False)
+        {}, "per-head parameters, [heads.params.<head>] (--param HEAD.KEY=VALUE)", cli=False)
 
 
 @dataclass(frozen=True)
@@ -185,9 +196,30 @@ class ServerConfig:
                             "embed time, if the run was sealed on this machine)")
 
 
+@dataclass(frozen=True)
+class DedupConfig:  # README "The dedup stage" says what each knob does
+    run: str = DEFAULT_RUN
+    by: tuple[str, ...] = knob(("digest", "phash", "vector"), "what joins two images")
+    column: str | None = knob(None, "image column compared (default: the first one)")
+    threshold: float = knob(0.95, "cosine at or above which two images are near-duplicates")
+    hash_distance: int = knob(8, "most differing bits of two perceptual hashes (of 64)")
+    method: str = knob("auto", "neighbours: index (k-NN), clusters (per IVF list), exact; auto:"
+                       " by the index", choices=("auto", "index", "clusters", "exact"))
+    k: int = knob(10, "neighbours per image from the index")
+    nprobe: int = knob(8, "index method, IVF index: lists searched per image")
+    lists: int = knob(3, "clusters method: nearest IVF lists compared per image")
+    keep: tuple[str, ...] = knob(("first",), "keep rules in order: first, resolution, split")
+    prefer: tuple[str, ...] = knob(("train", "val", "test"), "split order of the split rule")
+    memory_budget_gb: float | None = knob(None, "GiB (default: index's)", flag="--memory-budget")
+    sheet_groups: int = knob(12, "groups drawn on the contact sheet (largest first)")
+    verify: bool = knob(True, "check shard and index checksums before use")
+    progress: bool = knob(True, "progress bars")
+
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "embed": EmbedConfig, "index": IndexConfig,
                              "search": SearchConfig, "eval": EvalConfig, "heads": HeadsConfig,
-                             "serve": ServerConfig, "align": AlignConfig}
+                             "serve": ServerConfig, "dedup": DedupConfig,
+                             "align": AlignConfig}
 NOT_IN_TOML = {"run", "data", "encoders"}  # top-level keys / own tables, not section keys
 
 
@@ -256,7 +288,7 @@ def build(cls: type, raw: Mapping[str, Any], name: str, overrides: Mapping[str, 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     args = typing.get_args(hint)
-    base = _optional_base(hint)
+    base = optional_base(hint)
     if value is None and type(None) in args:
         return None
     if typing.get_origin(base) is tuple:
@@ -350,44 +382,9 @@ def stage_config(cls: type, name: str, raw: Mapping[str, Any], run: str | None =
     return build(cls, raw, name, overrides, run=run_dir(raw, run))
 
 
-# --------------------------------------------------------------------------- argparse
-
-def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One option per CLI knob of ``cls`` (``--batch-size``, ``--no-mmap``, ...)."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        meta = f.metadata
-        if not meta or not meta.get("cli") or f.name in skip:
-            continue
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        if hints[f.name] is bool:
-            parser.add_argument(flag, dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction,
-                                help=f"{meta['help']} (default: {default})")
-            continue
-        kind = _arg_type(hints[f.name])
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        parser.add_argument(flag, dest=f.name, default=None, type=kind, choices=meta["choices"],
-                            help=f"{meta['help']} (default: {shown})")
-
-
-def _optional_base(hint: Any) -> Any:
+def optional_base(hint: Any) -> Any:
     """``int`` for ``int | None``; the hint itself otherwise."""
     args = typing.get_args(hint)
     if type(None) in args:
         return next(a for a in args if a is not type(None))
     return hint
-
-
-def _arg_type(hint: Any) -> Any:
-    base = _optional_base(hint)
-    if typing.get_origin(base) is tuple:
-        return str  # comma-separated; _coerce splits it
-    return base if base in (int, float, str) else str
-
-
-def overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The values the user gave on the command line for ``cls``'s knobs."""
-    return {f.name: getattr(args, f.name) for f in fields(cls)
-            if f.metadata.get("cli") and getattr(args, f.name, None) is not None}

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, EmbedConfig, add_options, embed_config, load_toml, overrides
-from .options import common_options
+from .config import DataConfig, EmbedConfig, embed_config, load_toml
+from .options import add_options, common_options, overrides
 
 EMBED_MEMORY = "lower --batch-size, --workers or --shard-size"
 

@@ -165,21 +165,21 @@ def _decode(batch: dict[str, np.ndarray], source: ImageSource, transforms: list[
 
 def _pack(items: list[Decoded]) -> dict[str, Any]:
     """Decoded items as one array per transform (cheap to ship) plus the failures."""
-    ok = [(i, t) for i, t, _ in items if t is not None]
+    ok = [(i, t, fp) for i, t, _, fp in items if t is not None]
     n_transforms = len(ok[0][1]) if ok else 0
-    return {"n": len(items), "ok": [i for i, _ in ok],
-            "pixels": [torch.stack([t[k] for _, t in ok]).numpy()
+    return {"n": len(items), "ok": [i for i, _, _ in ok], "prints": [fp for _, _, fp in ok],
+            "pixels": [torch.stack([t[k] for _, t, _ in ok]).numpy()
                        for k in range(n_transforms)],
-            "failures": [(i, why) for i, t, why in items if t is None]}
+            "failures": [(i, why) for i, t, why, _ in items if t is None]}
 
 
 def _unpack(packed: dict[str, Any]) -> list[Decoded]:
     items: list[Decoded | None] = [None] * packed["n"]
     pixels = [torch.from_numpy(p) for p in packed["pixels"]]
-    for j, i in enumerate(packed["ok"]):
-        items[i] = (i, tuple(p[j] for p in pixels), None)
+    for j, (i, fp) in enumerate(zip(packed["ok"], packed["prints"])):
+        items[i] = (i, tuple(p[j] for p in pixels), None, fp)
     for i, why in packed["failures"]:
-        items[i] = (i, None, why)
+        items[i] = (i, None, why, None)
     return [item for item in items if item is not None]
 
 

@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 
 from embeddings import index as ix
-from embeddings.errors import InputError
+from embeddings.errors import InputError, RunMismatch
 from embeddings.store import Run, column_name
 
 from .index import open_index
+from .leaks import leak_counts, leak_mask
 
 log = logging.getLogger(__name__)
 KS = (1, 5, 10)
@@ -53,12 +54,16 @@ class Protocol:
     excluded: dict[str, int]
 
 
-def protocol(run: str | Path, split: str | None = None) -> Protocol:
-    """Rows of the evaluation from the shards' metadata (ids, image ids, splits)."""
+def protocol(run: str | Path, split: str | None = None,
+             exclude: np.ndarray | None = None) -> Protocol:
+    """Rows of the evaluation from the shards' metadata (ids, image ids, splits); image
+    rows in ``exclude`` (a mask: the leaks) and their captions take no part."""
     files = Run(run).embed
     images = files.read_table("images", ["id", "split"]).to_pydict()
     captions = files.read_table("captions", ["id", "image_id", "split"]).to_pydict()
     in_split = np.array([split is None or s == split for s in images["split"]], dtype=bool)
+    if exclude is not None:
+        in_split &= ~exclude
     gallery = np.flatnonzero(in_split)
     row_of = {images["id"][i]: int(i) for i in gallery}
     cap_rows, cap_image, orphans = [], [], 0
@@ -224,9 +229,32 @@ def _row(encoder: str, method: str, t2i: np.ndarray, i2t: np.ndarray | None,
             "seconds": round(seconds, 3)}
 
 
+def _leaks(run: str | Path, split: str | None, required: bool
+           ) -> tuple[np.ndarray, dict[str, int]] | None:
+    """The leak mask of the image rows and the leaks per split evaluated (None: no report)."""
+    files = Run(run)
+    splits = np.asarray(files.embed.read_table("images", ["split"]).column(0).to_pylist(),
+                        dtype=object)
+    try:
+        mask = leak_mask(files, splits)
+    except RunMismatch as e:
+        if required:
+            raise
+        log.warning("leaks not counted: %s", e)
+        return None
+    if mask is None:
+        if required:
+            raise InputError(f"--exclude-leaks needs a dedup report: run `python -m pipeline "
+                             f"dedup --run {run}` first")
+        return None
+    counts = leak_counts(mask, splits)
+    return mask, {s: n for s, n in counts.items() if split is None or s == split}
+
+
 def run_retrieval_eval(run: str | Path, split: str | None = None,
                        encoders: Sequence[str] | None = None,
-                       use_index: bool = True, via: Sequence[str] = ()) -> dict[str, Any]:
+                       use_index: bool = True, exclude_leaks: bool = False,
+                       via: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate every encoder with both an image and a text column, and text->image
     through each adapter of ``via``; write RUN/eval/."""
     columns = Run(run).embed.manifest().columns
@@ -248,10 +276,20 @@ def run_retrieval_eval(run: str | Path, split: str | None = None,
         raise InputError(f"no captions with an embedded image{where}: nothing to evaluate")
     rows = [r for e in chosen for r in evaluate_encoder(run, e, p, use_index)]
     rows += [r for name in via for r in evaluate_via(run, name, p, use_index)]
+    leaks = _leaks(run, split, exclude_leaks)
+    if exclude_leaks and leaks is not None:
+        for r in rows:
+            r["leaks"] = "included"
+        clean = protocol(run, split, leaks[0])
+        if len(clean.caption_rows):
+            rows += [{**r, "leaks": "excluded"} for e in chosen
+                     for r in evaluate_encoder(run, e, clean, use_index)]
     report = {"split": split, "protocol": "multi-caption (Karpathy)", "ks": list(KS),
               "images": len(p.image_rows), "gallery": len(p.gallery),
               "captions": len(p.caption_rows), "excluded": p.excluded, "results": rows,
               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if leaks is not None:
+        report["leaks"] = leaks[1]
     Run(run).eval.write_report("retrieval", report, format_report(report) + "\n")
     return report
 
@@ -273,7 +311,9 @@ def _held_out(run: str | Path, via: Sequence[str]) -> str | None:
 def format_report(report: dict[str, Any]) -> str:
     """A Markdown table of recall@k, text->image and image->text, per encoder and method."""
     ks = report["ks"]
-    head = ["encoder", "method", *[f"t2i R@{k}" for k in ks], *[f"i2t R@{k}" for k in ks]]
+    leaks = any("leaks" in r for r in report["results"])
+    head = ["encoder", "method", *(["leaks"] if leaks else []),
+            *[f"t2i R@{k}" for k in ks], *[f"i2t R@{k}" for k in ks]]
     lines = [f"Retrieval, split {report['split'] or 'all'}: {report['captions']} caption "
              f"queries over {report['gallery']} images, {report['images']} image queries "
              f"(excluded: {report['excluded']})", "",
@@ -281,6 +321,11 @@ def format_report(report: dict[str, Any]) -> str:
     for r in report["results"]:
         vals = [r["t2i"][f"R@{k}"] for k in ks] + [r["i2t"][f"R@{k}"] for k in ks]
         method = r["method"] + (f" ({r['indexes']['image']})" if "indexes" in r else "")
+        first = [r["encoder"], method, *([f"{r['leaks']} ({r['queries']['i2t']} images)"]
+                                         if leaks else [])]
         cells = ["-" if v is None else f"{100 * v:.1f}" for v in vals]
-        lines.append("| " + " | ".join([r["encoder"], method, *cells]) + " |")
+        lines.append("| " + " | ".join([*first, *cells]) + " |")
+    if "leaks" in report:
+        counts = ", ".join(f"{n} {s}" for s, n in report["leaks"].items()) or "none"
+        lines += ["", f"Images with a near-duplicate in train (RUN/dedup): {counts}"]
     return "\n".join(lines)

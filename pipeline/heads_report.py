@@ -8,7 +8,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-COLUMNS = ("head", "inputs", "target", "accuracy", "macro_f1", "mAP", "train_s", "rows")
+COLUMNS = ("head", "inputs", "target", "accuracy", "macro_f1", "mAP", "rmse", "r2", "train_s",
+           "rows")
+NUMERIC = {"accuracy", "macro_f1", "mAP", "rmse", "r2", "train_s", "rows"}
 
 
 def _cell(value: Any) -> str:
@@ -17,17 +19,27 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+LEAK_COLUMNS = ("accuracy", "macro_f1", "mAP", "rmse", "r2")  # again with leaks (--exclude-leaks)
+
+
 def format_table(rows: Sequence[Any]) -> str:
-    """A fixed-width text table of ``COLUMNS`` (``-`` where a metric does not apply)."""
-    cells = [[_cell(getattr(r, c)) for c in COLUMNS] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(COLUMNS)]
-    numeric = [c in ("accuracy", "macro_f1", "mAP", "train_s", "rows") for c in COLUMNS]
+    """A fixed-width text table of ``COLUMNS`` (``-`` where a metric does not apply; the
+    regression columns only when a row has them); with ``--exclude-leaks`` the metrics on
+    every evaluation row follow, as ``... +leaks``."""
+    shown = [c for c in COLUMNS if c not in ("rmse", "r2") or any(r.regression for r in rows)]
+    leaks = any(getattr(r, "with_leaks", None) for r in rows)
+    again = [c for c in shown if c in LEAK_COLUMNS] if leaks else []
+    names = shown + [f"{c} +leaks" for c in again]
+    cells = [[_cell(getattr(r, c)) for c in shown]
+             + [_cell((r.with_leaks or {}).get(c, float("nan"))) for c in again] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(names)]
+    numeric = [c.split()[0] in NUMERIC for c in names]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(v.rjust(w) if num else v.ljust(w)
                          for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
 
-    return "\n".join([line(COLUMNS), line(["-" * w for w in widths])] + [line(c) for c in cells])
+    return "\n".join([line(names), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
 
 def csv_bytes(rows: Sequence[Any]) -> bytes:
@@ -63,7 +75,7 @@ def bar_chart(rows: Sequence[Any], metric: str, title: str) -> bytes:
     ax.barh(range(len(shown)), [getattr(r, metric) for r in shown], color="#4c72b0")
     ax.set_yticks(range(len(shown)), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(0, 1)
+    ax.set_xlim(min([0.0, *(getattr(r, metric) for r in shown)]), 1)
     ax.set_xlabel(f"{metric} (test split)")
     ax.set_title(title, fontsize=10)
     for i, r in enumerate(shown):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from embeddings.store import (
 )
 
 from .config import IndexConfig
+from .leaks import kept_mask
 
 log = logging.getLogger(__name__)
 RECALL_K = 10
@@ -86,11 +87,33 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
             run.index.write_entries(entries)
             if old and old.file != entry.file:
                 run.index.remove(old)
+        if cfg.dedup is not None:
+            _mark_dedup(run, entries, [c for c in columns if cols[c].kind == "images"],
+                        cfg.dedup, results)
         if any(r.action != "unchanged" for r in results):
             _warm_filters(run, {cols[c].kind for c in columns})
         if entries and not run.index.trusted and all(r.action == "unchanged" for r in results):
             run.index.write_entries(entries)  # checked against the embed stage: seal it here
     return results
+
+
+def _mark_dedup(run: Run, entries: dict[str, IndexEntry], columns: list[str], on: bool,
+                results: list[ColumnResult]) -> None:
+    """Record in each image column's entry whether searches keep to the keep-list
+    (``--dedup``: checked against the shards now, so a stale keep-list is refused)."""
+    if on:
+        kept = int(kept_mask(run, run.embed.reader("images").offsets.total).sum())
+    for c in columns:
+        entries[c].stats.pop("dedup", None)
+        if on:
+            entries[c].stats["dedup"] = {"kept": kept,
+                                         "report": run.dedup.summary()["updated"]}
+    run.index.write_entries(entries)
+    for i, r in enumerate(results):
+        if r.column in columns:
+            note = f"searches keep to the {kept} images of the dedup keep-list" if on else \
+                "searches see every row"
+            results[i] = replace(r, note="; ".join(x for x in (r.note, note) if x))
 
 
 def _warm_filters(run: Run, kinds: set[str]) -> None:

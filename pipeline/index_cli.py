@@ -8,16 +8,8 @@ from typing import Any
 
 from embeddings.errors import FormatError, InputError
 
-from .config import (
-    EvalConfig,
-    IndexConfig,
-    SearchConfig,
-    add_options,
-    load_toml,
-    overrides,
-    stage_config,
-)
-from .options import common_options
+from .config import EvalConfig, IndexConfig, SearchConfig, load_toml, stage_config
+from .options import add_options, common_options, overrides
 
 INDEX_MEMORY = ("lower --memory-budget (compressed codes: IVF...,SQ8 or PQ) or index fewer "
                 "--columns at once")
@@ -118,7 +110,8 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = stage_config(EvalConfig, "eval", load_toml(args.config), args.run,
                        **overrides(args, EvalConfig))
     report = run_retrieval_eval(cfg.run, split=cfg.split, encoders=cfg.encoders or None,
-                                use_index=not cfg.exact_only, via=cfg.via)
+                                use_index=not cfg.exact_only,
+                                exclude_leaks=cfg.exclude_leaks, via=cfg.via)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -24,13 +24,15 @@ class PredictResult:
     path: Path
     rows: int
     dropped: int
+    labels_sha256: str | None = None  # the label side file the head was trained on
 
 
 def run_predict(head_path: str | Path, run: str | Path, output: str | Path | None = None
                 ) -> PredictResult:
     """Predict with a saved head on the shards of ``run``; write Parquet (atomically):
     ``id``, then per task the predicted label(s) and ``<column>_proba`` (class order in
-    the file metadata)."""
+    the file metadata), or the predicted value of a regression task.  The metadata also
+    names the head and the digest of the label file it was trained on, if any."""
     head, meta = load_head(head_path)
     files = Run(run)
     path = Path(output) if output else files.heads.prediction(Path(head_path).stem)
@@ -45,6 +47,10 @@ def run_predict(head_path: str | Path, run: str | Path, output: str | Path | Non
     for t, task in enumerate(head.tasks):
         decided = head.decide(t, probs[t])
         classes = np.array(task.classes, dtype=object)
+        if task.regression:
+            arrays.append(pa.array(decided.astype(np.float32), pa.float32()))
+            names.append(task.column)
+            continue
         if task.multilabel:
             arrays.append(pa.array([classes[row.astype(bool)].tolist() for row in decided],
                                    pa.list_(pa.string())))
@@ -53,13 +59,17 @@ def run_predict(head_path: str | Path, run: str | Path, output: str | Path | Non
         flat = pa.array(probs[t].astype(np.float32).reshape(-1), pa.float32())
         arrays.append(pa.FixedSizeListArray.from_arrays(flat, len(task.classes)))
         names += [task.column, f"{task.column}_proba"]
+    labels = meta.get("trained_on", {}).get("labels_file") or {}
+    sha = labels.get("sha256") if isinstance(labels, dict) else None
+    extra = {b"embeddings.labels_sha256": str(sha).encode()} if sha else {}
     table = pa.Table.from_arrays(arrays, names=names).replace_schema_metadata({
         b"embeddings.head": (Path(head_path).with_suffix(".json").name).encode(),
-        b"classes": json.dumps({t.column: list(t.classes) for t in head.tasks}).encode()})
+        b"classes": json.dumps({t.column: list(t.classes) for t in head.tasks
+                                if not t.regression}).encode(), **extra})
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     atomic_write_bytes(path, buf.getvalue())
-    return PredictResult(path, len(ids), int((~keep).sum()))
+    return PredictResult(path, len(ids), int((~keep).sum()), sha)
 
 
 def _check_output(path: Path, head: Path, run: Run) -> None:

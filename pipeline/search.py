@@ -29,6 +29,7 @@ from embeddings.images import ImageError, load_image
 from embeddings.store import Run, column_name
 
 from .index import allowed_rows, open_index
+from .leaks import kept_mask
 
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
@@ -48,6 +49,7 @@ class Hit:
     label: str | None
     split: str | None
     image_id: str | None = None  # caption hits: the image the caption belongs to
+    duplicates: list[str] | None = None  # serve: ids of the image's duplicates (RUN/dedup)
 
 
 @dataclass
@@ -108,6 +110,9 @@ class Searcher:
         if self.reader.offsets.total != self.index.ntotal:
             raise FormatError(f"{self.kind} shards hold {self.reader.offsets.total} rows, "
                               f"the index {self.index.ntotal}: rerun the index stage")
+        # `index --dedup`: only the keep-list's rows are searched (checked fresh here)
+        self.kept = kept_mask(self.files, self.reader.offsets.total) \
+            if self.entry.stats.get("dedup") else None
         self._encoder: Encoder | None = None
         self._filters: OrderedDict[tuple[str | None, str | None], Any] = OrderedDict()
         self._images: Any = None  # the image rows' reader (caption hits' image paths)
@@ -145,7 +150,7 @@ class Searcher:
     def allowed(self, split: str | None, label: str | None) -> Any:
         """The rows a split / label filter keeps (the bitmap cached beside the index, then
         kept here for the next queries: a bounded cache), None for no filter."""
-        if split is None and label is None:
+        if split is None and label is None and self.kept is None:
             return None
         key = (split, label)
         with self._lock:
@@ -153,7 +158,10 @@ class Searcher:
             if got is not None:
                 self._filters.move_to_end(key)
                 return got
-        got = ix.Allowed.of(allowed_rows(self.run, self.kind, split, label))
+        mask = allowed_rows(self.run, self.kind, split, label)
+        if self.kept is not None:
+            mask = self.kept if mask is None else mask & self.kept
+        got = ix.Allowed.of(mask)
         with self._lock:
             self._filters[key] = got
             while len(self._filters) > FILTERS_KEPT:
@@ -175,7 +183,7 @@ class Searcher:
         keep = ids[0] >= 0
         if allowed is not None and keep.sum() < k:
             what = " and ".join(f"{a}={v!r}" for a, v in (("split", split), ("label", label))
-                                if v is not None)
+                                if v is not None) or "the dedup keep-list"
             notes.append(f"only {int(keep.sum())} hit(s) with {what}"
                          f" ({allowed.count} rows match)")
         for note in notes:

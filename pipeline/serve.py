@@ -42,7 +42,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from embeddings.sources import ImageSource, OutsideRoot, source_at, source_from_
 from embeddings.store import KINDS, Run, column_name
 
 from .index import IndexMismatch
+from .leaks import Duplicates
 from .search import MODALITIES, Searcher, SearchResult, pick_column
 from .via import Vias
 
@@ -136,6 +137,7 @@ class Service:
         self._images: OrderedDict[str, str] = OrderedDict()  # image id -> path (from hits)
         self._readers: dict[str, Any] = {}
         self._filters: dict[str, Any] | None = None
+        self._dups: Duplicates | None = None  # read on the first image hits
         self.problems: dict[str, str] = {}
         for column in self.files.index.entries():  # open every index once, memory-mapped
             try:
@@ -170,9 +172,8 @@ class Service:
             self._filters = {"images": values["rows"], "splits": values["splits"],
                              "labels": values["labels"]}
         return {"status": "ok" if self._searchers else "no index", "run": str(self.run),
-                "columns": columns, "models": models, "adapters": self.vias.listing(),
-                **self._filters,
-                "limits": self.cfg.limits()}
+                "columns": columns, "models": models, **self._filters,
+                "limits": self.cfg.limits(), "adapters": self.vias.listing()}
 
     def search_text(self, text: str, modality: str = "image", k: int = 10,
                     split: str | None = None, label: str | None = None,
@@ -184,10 +185,8 @@ class Service:
             raise InputError(f"query too long: {len(text)} characters "
                              f"(limit {self.cfg.max_query_chars})")
         k, split, label = self._check(modality, k, split, label)
-        if via:  # through an adapter: its source encoder, then the map (pipeline.via)
-            v = self.vias.get(via)
-            return v.query(text, self.searcher(v.column(self.columns, modality, column)), k,
-                           split, label, self._encode_lock)
+        if via:  # through an adapter (pipeline.via): its source encoder, then the map
+            return self.vias.search(self, via, text, modality, column, k, split, label)
         searcher = self.searcher(self._pick(modality, "text", column))
         with self._encoding(searcher) as enc:
             vector = enc.encode_texts([text])
@@ -210,8 +209,7 @@ class Service:
                 raise InputError(f"{searcher.info.provenance.model} cannot embed images")
             vector = enc.encode_images(enc.image_transform(image).unsqueeze(0))
         name = Path(filename or "upload").name[:100]
-        return self._remember(searcher.search_vector(vector, f"image:{name}", k, split,
-                                                     label))
+        return self._remember(searcher.search_vector(vector, f"image:{name}", k, split, label))
 
     def similar(self, row_id: str, source: str = "image", modality: str = "image",
                 k: int = 10, split: str | None = None,
@@ -343,7 +341,16 @@ class Service:
                 _put(self._known[kind], h.id, h.row)
                 if h.image is not None:
                     _put(self._images, h.image_id or h.id, h.image)
+        if kind == "images":  # a hit with copies in the run says so (RUN/dedup)
+            dups = self._duplicates()
+            result.hits = [replace(h, duplicates=dups.of(h.row) or None) for h in result.hits]
         return result
+
+    def _duplicates(self) -> Duplicates:
+        with self._lock:
+            if self._dups is None:
+                self._dups = Duplicates(self.files)
+            return self._dups
 
     def _row_of(self, kind: str, row_id: str) -> int | None:
         with self._lock:

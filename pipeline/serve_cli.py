@@ -10,8 +10,8 @@ from typing import Any
 
 from embeddings.errors import InputError
 
-from .config import ServerConfig, add_options, load_toml, overrides, stage_config
-from .options import common_options
+from .config import ServerConfig, load_toml, stage_config
+from .options import add_options, common_options, overrides
 
 log = logging.getLogger(__name__)
 

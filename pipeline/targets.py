@@ -1,10 +1,12 @@
-"""Targets and splits of the heads stage: label columns -> tasks and encoded targets, and
-the train/val/test assignment (from the data's split column, else made here once)."""
+"""Targets, splits and rows of the heads stage: label columns -> tasks and encoded
+targets (single-label, multi-label, regression), the train/val/test assignment (from the
+data's split column, else made here once), and :func:`job_rows`, the one place that
+decides which rows a head trains and is scored on."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,39 @@ def single_targets(table: pa.Table, column: str) -> tuple[np.ndarray, list[str |
     _require_column(table, column)
     if pa.types.is_list(table.schema.field(column).type):
         raise InputError(f"label column {column!r} is list-valued: use it as `multilabel`")
-    values = [v if v not in (None, "") else None for v in table.column(column).to_pylist()]
+    values = [None if v in (None, "") else str(v) for v in table.column(column).to_pylist()]
     if all(v is None for v in values):
         raise InputError(f"label column {column!r} is empty: no image has a label")
     return np.array([v is not None for v in values]), values
+
+
+def is_numeric(table: pa.Table, column: str) -> bool:
+    """A floating-point column: a regression target unless told otherwise."""
+    _require_column(table, column)
+    return pa.types.is_floating(table.schema.field(column).type)
+
+
+def numeric_targets(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Values of a numeric column as float64 (NaN where missing) and a has-value mask."""
+    _require_column(table, column)
+    kind = table.schema.field(column).type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        raise InputError(f"regression target {column!r} must be numeric, not {kind}")
+    values = np.array([np.nan if v is None else v for v in table.column(column).to_pylist()],
+                      dtype=np.float64)
+    has = np.isfinite(values)
+    if not has.any():
+        raise InputError(f"label column {column!r} is empty: no image has a value")
+    return has, values
+
+
+def strata(values: Sequence[Any], regression: bool, bins: int = 10) -> list[Any]:
+    """What splits are stratified by: the class, or a regression target's decile."""
+    if not regression:
+        return list(values)
+    v = np.asarray(values, dtype=np.float64)
+    edges = np.nanquantile(v, np.linspace(0, 1, bins + 1)[1:-1]) if np.isfinite(v).any() else []
+    return [None if not np.isfinite(x) else int(np.searchsorted(edges, x)) for x in v]
 
 
 def multi_targets(table: pa.Table, column: str) -> tuple[np.ndarray, list[list[str]]]:
@@ -48,7 +79,7 @@ def _require_column(table: pa.Table, column: str) -> None:
                          f"{table.column_names}")
 
 
-def make_splits(run: str | Path, ids: list[str], labels: list[str | None],
+def make_splits(run: str | Path, ids: list[str], labels: Sequence[Any],
                 split_col: list[str | None],
                 cfg: HeadsConfig) -> tuple[np.ndarray, dict[str, Any] | None]:
     """Split name per image from the split column; missing val/test rows (or a missing
@@ -70,7 +101,7 @@ def make_splits(run: str | Path, ids: list[str], labels: list[str | None],
     rng = np.random.default_rng(cfg.seed)
     fractions = {"val": cfg.val_fraction, "test": cfg.test_fraction}
     pool = np.flatnonzero(split == "train")
-    by_class: dict[str | None, list[int]] = {}
+    by_class: dict[Any, list[int]] = {}
     for i in pool:
         by_class.setdefault(labels[i], []).append(int(i))
     for members in by_class.values():
@@ -91,16 +122,32 @@ def _ids_hash(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
-def targets(columns: Iterable[str], feats: Features,
-            split: np.ndarray) -> dict[str, dict[str, Any]]:
-    """Per target column: Task, encoded targets, the rows that have a label, notes."""
+def targets(columns: Iterable[str], table: pa.Table, split: np.ndarray,
+            regression: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """Per target column: Task, encoded targets, the rows that have a label, notes.
+    Columns in ``regression`` are numeric targets."""
     out = {}
+    regression = set(regression)
     for col in sorted(set(columns)):
-        _require_column(feats.table, col)
-        multilabel = pa.types.is_list(feats.table.schema.field(col).type)
-        notes = []
+        _require_column(table, col)
+        multilabel = pa.types.is_list(table.schema.field(col).type)
+        notes: list[str] = []
+        if col in regression:
+            has, y = numeric_targets(table, col)
+            for s in ("train", "val"):
+                if not (has & (split == s)).any():
+                    raise InputError(f"no labelled {s} rows for {col!r}")
+            if np.ptp(y[has & (split == "train")]) == 0:
+                raise InputError(f"regression target {col!r} is constant on the train rows: "
+                                 f"nothing to learn")
+            missing = int((~has).sum())
+            if missing:
+                notes.append(f"{col}: {missing} image(s) without a value are left out")
+            out[col] = {"task": Task(col, (), regression=True), "y": np.nan_to_num(y),
+                        "has": has, "notes": notes}
+            continue
         if multilabel:
-            has, values = multi_targets(feats.table, col)
+            has, values = multi_targets(table, col)
             classes = sorted({v for i in np.flatnonzero(has & (split == "train"))
                               for v in values[i]})
             unseen = sorted({v for vs in values for v in vs} - set(classes))
@@ -112,7 +159,7 @@ def targets(columns: Iterable[str], feats: Features,
             for i, vs in enumerate(values):
                 y[i, [index[v] for v in vs if v in index]] = 1
         else:
-            has, values = single_targets(feats.table, col)
+            has, values = single_targets(table, col)
             classes = sorted({values[i] for i in np.flatnonzero(has & (split == "train"))})
             unseen = sorted({values[i] for i in np.flatnonzero(has & (split != "train"))}
                             - set(classes))
@@ -138,3 +185,17 @@ def targets(columns: Iterable[str], feats: Features,
         out[col] = {"task": Task(col, tuple(classes), multilabel), "y": y, "has": has,
                     "notes": notes}
     return out
+
+
+def job_rows(inputs: Sequence[str], columns: Sequence[str], feats: Features,
+             tgts: Mapping[str, Mapping[str, Any]], split: np.ndarray,
+             allowed: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """The rows a head on ``inputs`` -> ``columns`` uses, per split (only ``allowed`` rows:
+    the dedup keep-list), and how many labelled rows were left out for a missing input (an
+    image without captions).  Every row filter of the stage belongs here."""
+    labelled = np.logical_and.reduce([tgts[t]["has"] for t in columns])
+    keep = np.logical_and.reduce([feats.present[c] for c in inputs] + [labelled])
+    dropped = int(labelled.sum() - keep.sum())
+    if allowed is not None:
+        keep &= allowed
+    return {s: np.flatnonzero(keep & (split == s)) for s in SPLITS}, dropped

@@ -35,6 +35,7 @@ from embeddings.store import (
     ShardInfo,
     ShardRecord,
     column_name,
+    prints_table,
     shard_bytes,
 )
 
@@ -74,6 +75,7 @@ class BlockResult:
     image_vectors: dict[str, np.ndarray]
     image_rejects: list[tuple[int, str]]
     caption_vectors: dict[str, np.ndarray]
+    image_prints: list[Any] | None = None  # per kept row: (digest, phash, pixels) | None
 
 
 def embed_block(block: Block, source: ImageSource, models: Models, cfg: EmbedConfig,
@@ -86,6 +88,7 @@ def embed_block(block: Block, source: ImageSource, models: Models, cfg: EmbedCon
     the models); by default they are read here."""
     encoders = models.load().encoders
     kept: list[int] = []
+    prints: list[Any] = []
     failed: list[tuple[int, str]] = []
     parts: dict[str, list[np.ndarray]] = {}
     image_encoders = [e for e in encoders if "image" in e.modalities]
@@ -99,6 +102,7 @@ def embed_block(block: Block, source: ImageSource, models: Models, cfg: EmbedCon
                                                            batch_size=cfg.batch_size)
         for batch in batches:
             kept += batch.indices
+            prints += batch.prints or [None] * len(batch.indices)
             failed += batch.failures
             for name, vec in batch.vectors.items():
                 parts.setdefault(column_name(name, "image"), []).append(vec)
@@ -108,7 +112,7 @@ def embed_block(block: Block, source: ImageSource, models: Models, cfg: EmbedCon
     # A whole block per call: text models may reorder it by length to save padding.
     texts = embed_texts(block.caption_column("caption"), encoders, cfg.batch_size)
     caption_vectors = {column_name(n, "text"): v for n, v in texts.items()}
-    return BlockResult(kept, image_vectors, failed, caption_vectors)
+    return BlockResult(kept, image_vectors, failed, caption_vectors, prints)
 
 
 def decode_block(block: Block, source: ImageSource,
@@ -157,7 +161,8 @@ def write_block(run: Run, block: Block, result: BlockResult,
             [r["id"] for r in img_info.rejects]))
     kept = block.image_table.take(pa.array(result.image_rows, pa.int64()))
     img = run.embed.write_shard("images", block.index, shard_bytes(
-        "images", kept, result.image_vectors, dtype, img_info))
+        "images", kept, result.image_vectors, dtype, img_info,
+        prints_table(result.image_prints or None, len(result.image_rows))))
     cap = run.embed.write_shard("captions", block.index, shard_bytes(
         "captions", block.caption_table, result.caption_vectors, dtype, cap_info))
     return img, cap

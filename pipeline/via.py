@@ -104,6 +104,15 @@ class Vias:
                 self._bound[name] = open_via(self.run, name, self.device, self.columns)
             return self._bound[name]
 
+    def search(self, service: Any, name: str, text: str, modality: str, column: str | None,
+               k: int, split: str | None, label: str | None) -> Any:
+        """``service``'s (:class:`pipeline.serve.Service`) text search through adapter
+        ``name``: its searcher of the adapter's space, one encode at a time."""
+        v = self.get(name)
+        searcher = service.searcher(v.column(self.columns, modality, column))
+        return service._remember(v.query(text, searcher, k, split, label,
+                                         service._encode_lock))
+
     def listing(self) -> dict[str, dict[str, Any]]:
         return adapters(self.run)
 

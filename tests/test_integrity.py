@@ -213,7 +213,7 @@ def test_head_weights_and_description_are_one_unit(tmp_path: Path,
     monkeypatch.setattr(store.trained, "atomic_write_json", real)
     head, meta = load_head(path)  # the old unit, whole
     assert head.dims == (4,)
-    assert meta["params"]["hidden"] == 8
+    assert meta["params"]["hidden"] == [8]
     weights = tmp_path / "models" / meta["weights"]["file"]
     _flip(weights)
     with pytest.raises(FormatError, match="head weights .* is corrupt"):

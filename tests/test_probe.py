@@ -17,6 +17,7 @@ from embeddings.heads.logistic import balanced_weights
 # optimality gap (f - f*) / f; here f* is scikit-learn's optimum run to tol 1e-10.
 TOL = 1e-3
 DEFAULT_TOL = 1e-2
+ALL = 10_000  # sweep on every train row: the fits are at the given lam
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,8 +52,8 @@ def test_probe_reaches_the_optimum_of_its_objective(digits, solver: str, lam: fl
                                                     weighted: bool, tol: float) -> None:
     x, y, vx, vy = digits
     head = make_head("logistic", task(), [64], lambdas=[lam], refine=0, solver=solver,
-                     tol=tol, class_weights=weighted)
-    assert head.params["tol"] == tol and HEADS["logistic"].defaults["tol"] == DEFAULT_TOL
+                     sweep_rows=ALL, tol=tol, class_weights=weighted)
+    assert head.params.tol == tol and HEADS["logistic"].defaults.tol == DEFAULT_TOL
     head.fit([x], [y], [vx], [vy])
     z = (x - head.mean) / head.scale
     ours = objective(z, y, head.w[:-1].T, head.w[-1], lam, weighted)
@@ -84,7 +85,8 @@ def test_features_far_from_zero_still_reach_the_optimum(digits, ratio: float) ->
     folded = Data.standardising(x, y, x.mean(0), x.std(0), None).mean.any()
     assert folded == (ratio <= MAX_FOLDED_OFFSET)
     lam = 1e-3
-    head = make_head("logistic", task(), [x.shape[1]], lambdas=[lam], refine=0, tol=TOL)
+    head = make_head("logistic", task(), [x.shape[1]], lambdas=[lam], refine=0, tol=TOL,
+                     sweep_rows=ALL)
     head.fit([x], [y], [vx], [vy])
     z = (x.astype(np.float64) - head.mean) / head.scale
     ours = objective(z, y, head.w[:-1].T, head.w[-1], lam, False)
@@ -95,12 +97,12 @@ def test_features_far_from_zero_still_reach_the_optimum(digits, ratio: float) ->
 
 def test_one_lambda_is_a_valid_grid(digits) -> None:
     x, y, vx, vy = digits
-    head = make_head("logistic", task(), [64], lambdas=[1e-3], refine=1)
+    head = make_head("logistic", task(), [64], lambdas=[1e-3], refine=1, sweep_rows=ALL)
     head.fit([x], [y], [vx], [vy])
     # The refinement walks half a decade each way around the single point.
     assert sorted(head.info["sweep"]) == sorted(f"{v:.3g}" for v in
                                                 (1e-3, 1e-3 * 10**0.5, 1e-3 / 10**0.5))
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="at least 1 value"):
         make_head("logistic", task(), [64], lambdas=[]).fit([x], [y], [vx], [vy])
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import save as save_safetensors
 from ..errors import FormatError, InputError
 from ..store import Column, Provenance, check_same_model, load_head_files, save_head_files
 from .base import Head, Task, make_head
+from .params import record
 
 REMEDY = "retrain it with `python -m pipeline heads`"
 
@@ -37,7 +38,8 @@ def save_head(head: Head, path: str | os.PathLike, inputs: Sequence[tuple[str, C
     for t, thr in head.thresholds.items():
         tensors[f"thresholds.{t}"] = torch.from_numpy(np.asarray(thr, dtype=np.float32))
     description = {
-        "head": head.name, "params": head.params, "tasks": [asdict(t) for t in head.tasks],
+        "head": head.name, "params": record(head.params),
+        "tasks": [asdict(t) for t in head.tasks],
         "dims": list(head.dims),
         "inputs": [{"column": name, "provenance": col.provenance.to_dict()}
                    for name, col in inputs],
@@ -51,7 +53,8 @@ def load_head(path: str | os.PathLike) -> tuple[Head, dict[str, Any]]:
     json_path = Path(path).with_suffix(".json")
     meta, weights = load_head_files(json_path)
     try:
-        tasks = [Task(t["column"], tuple(t["classes"]), t["multilabel"]) for t in meta["tasks"]]
+        tasks = [Task(t["column"], tuple(t["classes"]), t["multilabel"],
+                      t.get("regression", False)) for t in meta["tasks"]]
         head = make_head(meta["head"], tasks, meta["dims"], **meta["params"])
         tensors = load_safetensors(weights)
         head.thresholds = {int(k.split(".")[1]): v.numpy() for k, v in tensors.items()

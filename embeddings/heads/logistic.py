@@ -16,45 +16,42 @@ on the imbalanced Debian-packages set balanced weights cost 4.6 points of accura
 Every fit, sweep points included, stops on a tolerance, not a step count: the relative
 gap estimate of :mod:`.lbfgs` at most ``tol``.  The default 1e-2 is where test accuracy
 stopped moving: fits run to 1e-2 vs to 1e-4 at one lam, measured, Debian packages 0.7084
-vs 0.7088 (real gap 2.4e-3, 54 vs 135 iterations), the synthetic benchmark 0.9064 vs
-0.9075 (real gap 4.5e-3).  tests/test_probe.py checks fits against scikit-learn run to
-1e-10 on the same objective and C: within ``tol``, at 1e-2 and 1e-3.  ``head.info``
-records iterations, the final max |grad|, the gap estimate, how it stopped and whether
-it converged (``fits`` has the same for every sweep point).
+vs 0.7088, the synthetic benchmark 0.9064 vs 0.9075.  tests/test_probe.py checks fits
+against scikit-learn run to 1e-10 on the same objective and C: within ``tol``, at 1e-2
+and 1e-3.  ``head.info`` records iterations, the final max |grad|, the gap estimate, how
+it stopped and whether it converged (``fits`` has the same for every sweep point).
 
-Choosing ``lam`` (CLIP linear-probe protocol, made to carry over):
+Choosing ``lam`` (CLIP linear-probe protocol, made to carry over and to be cheap):
 
 1. Sweep, on a seeded subsample of ``m = max(sweep_rows, sweep_fraction * n)`` train rows
    (all rows when fewer), scored on the whole validation split: the ``lambdas`` grid
-   from strong to weak, each fit warm-started from the previous one and run to
-   convergence; the walk stops once the validation score fell ``patience`` points in a
-   row.  Then ``refine`` binary-search rounds around the best point, each toward its
-   better neighbour (both ways at the grid's ends).  Ranked by validation accuracy, ties
-   broken by log-likelihood.
+   (half-decades from 1 to 1e-6) from strong to weak, each fit warm-started from the
+   previous one (weights and L-BFGS memory) and run to convergence; the walk stops once
+   the validation score fell ``patience`` points in a row.  Then ``refine``
+   binary-search rounds around the best point, each toward its better neighbour.
+   Ranked by ``select``: validation accuracy (default), ties broken by log-likelihood,
+   or the other way round.  Measured: ranking by log-likelihood chose a 100x weaker
+   penalty on the synthetic benchmark (0.8859 test accuracy vs 0.9079).
 2. Carry over to the full train split: the best strength on m rows is not the best on n
    (more rows need less regularisation).  ``lam_m * (m/n)**a`` for each ``a`` in
    ``carry`` is fitted on all train rows (warm-started, converged) and the best on
-   validation kept.  Default ``[1.0]``, a constant scikit-learn C (the ridge-regression
-   rate); ``[0.5, 1.0]`` brackets it for one more fit.  Measured with both: a=1 won on
-   the Debian-packages set (validation 0.715 vs 0.710), a=0.5 by 0.001 on the synthetic
-   benchmark.  The sweep itself must converge: a sweep stopped after a fixed 8 steps
-   made weak penalties look good (the unconverged fit is implicitly regularised): issue
-   9 reports C=3.26 chosen where a converged sweep on all rows chose 0.020.  Each fit is
-   warm-started from the previous one, its weights and its curvature scale.
+   validation kept.  Default ``[1.0]``, a constant scikit-learn C.  The sweep itself
+   must converge: a sweep stopped after a fixed 8 steps made weak penalties look good
+   (the unconverged fit is implicitly regularised).
 
-The sweep runs on ``threads``, the fits on all rows on ``full_threads`` (both None:
-torch's default, every core; set 1 on a shared machine, where two threads on small
-matrices ran 6x slower than one).  Quiet 2-core machine, 50k x 1024 synthetic: 2.0 s
-with the defaults, 2.6 s with ``threads=1``.
-Refit on train only (validation stays clean).  ``solver="torch"`` (default) is full-batch
-float32 L-BFGS; ``solver="sklearn"`` runs scikit-learn's L-BFGS on the same objective.
+All fits share one preconditioner (:class:`.lbfgs.Precond`, ``precondition``) built
+from the sweep's rows.  Threads: one for small problems, else the cores that no other
+process is running on (``threads`` for the sweep, ``full_threads`` for the fits on all
+rows override; see :func:`.base.threads_for`).  Refit on train only (validation stays
+clean).  ``solver="torch"`` (default) is full-batch float32 L-BFGS; ``solver="sklearn"``
+runs scikit-learn's L-BFGS on the same objective.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,13 +59,52 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..errors import InputError
-from .base import Head, torch_threads
-from .lbfgs import SOLVERS, Data, Fit
+from .base import Head, threads_for, torch_threads
+from .lbfgs import SOLVERS, Data, Fit, Precond
+from .params import param
 
-# L2 strengths of the coarse sweep (mean loss + lam/2 |W|^2 on standardised features),
-# walked from strong to weak until validation stops improving.
-LAMBDAS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+# Rows of the covariance behind the preconditioner (an estimate is enough).
+COV_ROWS = 4096
+# L2 strengths of the sweep (mean loss + lam/2 |W|^2 on standardised features), half a
+# decade apart from 1 to 1e-6, walked from strong to weak until validation stops
+# improving.
+LAMBDAS = tuple(round(10 ** (-i / 2), 12) for i in range(13))
+
+Scored = tuple[tuple[float, float], Fit]  # ((validation accuracy, log-likelihood), fit)
+Rank = Callable[[tuple[float, float]], tuple[float, float]]
+RANKS: dict[str, Rank] = {"loglik": lambda s: (s[1], s[0]), "accuracy": lambda s: s}
+
+
+@dataclass(frozen=True)
+class LogisticParams:
+    solver: str = param("torch", "torch: float32 L-BFGS; sklearn: scikit-learn's L-BFGS on the "
+                        "same objective", choices=tuple(SOLVERS))
+    lambdas: tuple[float, ...] = param(LAMBDAS, "L2 strengths of the sweep, walked strong to "
+                                       "weak", above=0, min_len=1)
+    select: str = param("accuracy", "what picks the strength on validation, the other "
+                        "breaking ties (loglik chose 100x weaker penalties on the synthetic "
+                        "benchmark and lost 2.2 points of accuracy)", choices=tuple(RANKS))
+    refine: int = param(0, "binary-search rounds around the best swept strength", low=0)
+    patience: int = param(1, "sweep points past the best before the walk stops", low=1)
+    sweep_rows: int = param(1024, "train rows the sweep uses at least (subsample)", low=1)
+    sweep_fraction: float = param(0.125, "... or this fraction of the train rows, if more",
+                                  low=0, high=1)
+    carry: tuple[float, ...] = param((1.0,), "exponents a of the carry-over lam*(m/n)**a to "
+                                     "all rows (1: constant C)", low=0)
+    tol: float = param(1e-2, "stop once the relative optimality gap estimate is below this",
+                       above=0)
+    ftol: float = param(1e-7, "... or once the loss changes by less than this (relative)",
+                        low=0)
+    max_iter: int = param(500, "safety net on solver iterations per fit", low=1)
+    precondition: bool = param(True, "precondition the solver along the features' strongest "
+                               "principal axes (fewer iterations on correlated features)")
+    standardise: bool = param(True, "standardise each feature on the train rows")
+    class_weights: bool = param(False, "balanced class weights (scikit-learn's 'balanced')")
+    threads: int | None = param(None, "torch threads of the sweep (default: by problem size)",
+                                low=1)
+    full_threads: int | None = param(None, "torch threads of the fits on all train rows "
+                                     "(default: by problem size)", low=1)
+    seed: int = param(0, "seed of the sweep subsample")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -88,52 +124,64 @@ class LogisticHead(Head):
     def _fit(self, xs: list[np.ndarray], ys: list[np.ndarray], val_xs: list[np.ndarray],
              val_ys: list[np.ndarray]) -> None:
         p = self.params
-        if p["solver"] not in SOLVERS:
-            raise InputError(f"solver must be one of {sorted(SOLVERS)}, not {p['solver']!r}")
-        lambdas = sorted({float(v) for v in p["lambdas"]}, reverse=True)
-        if not lambdas or min(lambdas) <= 0:
-            raise InputError(f"lambdas must be positive L2 strengths, got {p['lambdas']!r}")
+        lambdas = sorted({float(v) for v in p.lambdas}, reverse=True)
         k = len(self.tasks[0].classes)
         x, y, vx, vy = xs[0], ys[0], val_xs[0], val_ys[0]
-        if p["standardise"]:
-            self.mean = x.mean(axis=0)
-            self.scale = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
-        else:
-            self.mean = np.zeros(x.shape[1], np.float32)
-            self.scale = np.ones(x.shape[1], np.float32)
-        rows = max(int(p["sweep_rows"]), math.ceil(p["sweep_fraction"] * len(x)))
-        sub = _subsample(len(x), rows, np.random.default_rng(p["seed"]))
-        cw = balanced_weights(y, k) if p["class_weights"] else None
-        full_data = Data.standardising(x, y, self.mean, self.scale, cw)
-        sub_data = full_data if len(sub) == len(x) else full_data.rows(sub)
-        vz = self._standardised(vx)
+        # Elementwise passes on one thread unless the problem is large: a second thread
+        # that is not scheduled on a busy machine made them 70 ms instead of a few.
+        with torch_threads(threads_for(x.size, p.threads)):
+            if p.standardise:  # torch: one pass, 5x faster than numpy's mean and std
+                std, mean = torch.std_mean(torch.from_numpy(x), dim=0, correction=0)
+                self.mean, self.scale = mean.numpy(), std.clamp_min(1e-6).numpy()
+            else:
+                self.mean = np.zeros(x.shape[1], np.float32)
+                self.scale = np.ones(x.shape[1], np.float32)
+            rows = max(int(p.sweep_rows), math.ceil(p.sweep_fraction * len(x)))
+            rng = np.random.default_rng(p.seed)
+            sub = _subsample(len(x), rows, rng)
+            cw = balanced_weights(y, k) if p.class_weights else None
+            full_data = Data.standardising(x, y, self.mean, self.scale, cw)
+            sub_data = full_data if len(sub) == len(x) else full_data.rows(sub)
+            vz = self._standardised(vx)
+        d = x.shape[1] + 1
+        rank = RANKS[p.select]
 
-        def solve(data: Data, lam: float, init: Fit | None) -> Fit:
-            return SOLVERS[p["solver"]](data, k, lam, init, p["max_iter"], p["tol"], p["ftol"])
+        def preconditioner(data: Data) -> Precond | None:
+            """From (up to COV_ROWS of) the rows the fits will use: a subsample's own
+            covariance, not the population's, is what its fits see."""
+            if not p.precondition or p.solver != "torch":
+                return None
+            rows = _subsample(len(data.y), COV_ROWS, rng)
+            with torch_threads(threads_for(len(rows) * d * d, p.threads)):
+                return Precond(data, rows, seed=p.seed)
 
-        with torch_threads(p["threads"]):  # small matrices: threads only contend
-            sweep = _sweep(lambda lam, init: solve(sub_data, lam, init), vz, vy, lambdas,
-                           p["refine"], p["patience"])
-        best = _best(sweep)
+        def solve(data: Data, lam: float, init: Fit | None, pre: Precond | None) -> Fit:
+            return SOLVERS[p.solver](data, k, lam, init, p.max_iter, p.tol, p.ftol, pre)
+
+        pre = preconditioner(sub_data)  # also serves the fits on all rows
+        with torch_threads(threads_for(len(sub) * d * k, p.threads)):
+            sweep = _sweep(lambda lam, init: solve(sub_data, lam, init, pre), vz, vy,
+                           lambdas, p.refine, p.patience, rank)
+        best = _best(sweep, rank)
         sweep_lambda = best[1].lam
         full: dict[float, Scored] = {}
-        with torch_threads(p["full_threads"]):
+        with torch_threads(threads_for(len(x) * d * k, p.full_threads)):
             if len(sub) < len(x):  # carry the choice over to all train rows
                 init = best[1]
-                for a in sorted(set(p["carry"])):  # small a first: strong to weak
+                for a in sorted(set(p.carry)):  # small a first: strong to weak
                     lam = best[1].lam * (len(sub) / len(x)) ** a
-                    fit = solve(full_data, lam, init)
+                    fit = solve(full_data, lam, init, pre)
                     full[lam], init = (_val_score(vz, vy, fit.w), fit), fit
-                best = _best(full)
+                best = _best(full, rank)
         score, fit = best
         self.w = fit.w
         self.info = {
             "lambda": fit.lam, "C": 1 / (fit.lam * len(x)), "val_accuracy": score[0],
+            "val_loglik": score[1], "select": p.select,
             "iterations": fit.iterations, "grad_max": fit.grad_max, "gap": fit.gap,
-            "converged": fit.converged, "stop": fit.stop, "tol": p["tol"],
+            "converged": fit.converged, "stop": fit.stop, "tol": p.tol,
             "sweep_rows": len(sub), "sweep_lambda": sweep_lambda,
-            "sweep": {f"{lam:.3g}": round(s[0], 6) for lam, (s, _) in sorted(sweep.items())},
-            "full": {f"{lam:.3g}": round(s[0], 6) for lam, (s, _) in sorted(full.items())},
+            "sweep": _scores(sweep), "full": _scores(full),
             "fits": [f.record() for _, f in [*sweep.values(), *full.values()]],
             "refit_on": "train"}
 
@@ -167,11 +215,8 @@ class LogisticHead(Head):
         return make_pipeline(scaler, lr)
 
 
-Scored = tuple[tuple[float, float], Fit]
-
-
 def _sweep(solve: Callable[[float, Fit | None], Fit], vz: np.ndarray, vy: np.ndarray,
-           lambdas: list[float], refine: int, patience: int) -> dict[float, Scored]:
+           lambdas: list[float], refine: int, patience: int, rank: Rank) -> dict[float, Scored]:
     """Validation-scored fits along ``lambdas`` (strong to weak, warm-started, stopped
     ``patience`` points past the best), then ``refine`` binary-search rounds."""
     tried: dict[float, Scored] = {}
@@ -179,14 +224,14 @@ def _sweep(solve: Callable[[float, Fit | None], Fit], vz: np.ndarray, vy: np.nda
     for lam in lambdas:
         fit = solve(lam, init)
         tried[lam], init = (_val_score(vz, vy, fit.w), fit), fit
-        worse = 0 if _best(tried)[1].lam == lam else worse + 1
+        worse = 0 if _best(tried, rank)[1].lam == lam else worse + 1
         if worse >= patience:
             break
     # Half the grid's (log) spacing; half a decade when the grid has one point.
     step = math.log10(lambdas[0] / lambdas[1]) / 2 if len(lambdas) > 1 else 0.5
     for _ in range(refine):
-        best = _best(tried)[1]
-        for lam in _toward_better(tried, best.lam, 10**step):
+        best = _best(tried, rank)[1]
+        for lam in _toward_better(tried, best.lam, 10**step, rank):
             if lam not in tried:
                 fit = solve(lam, best)
                 tried[lam] = (_val_score(vz, vy, fit.w), fit)
@@ -194,7 +239,8 @@ def _sweep(solve: Callable[[float, Fit | None], Fit], vz: np.ndarray, vy: np.nda
     return tried
 
 
-def _toward_better(tried: Mapping[float, Scored], lam: float, factor: float) -> list[float]:
+def _toward_better(tried: Mapping[float, Scored], lam: float, factor: float,
+                   rank: Rank) -> list[float]:
     """Where to refine around the best ``lam``: toward its better-scoring neighbour when it
     has one on each side (the weak side costs the most iterations, and on the benchmark
     sets the refinement never won on the worse side); else both ways, strong first."""
@@ -203,12 +249,18 @@ def _toward_better(tried: Mapping[float, Scored], lam: float, factor: float) -> 
     both = [lam * factor, lam / factor]
     if not stronger or not weaker:
         return both
-    return both[:1] if tried[min(stronger)][0] >= tried[max(weaker)][0] else both[1:]
+    better_stronger = rank(tried[min(stronger)][0]) >= rank(tried[max(weaker)][0])
+    return both[:1] if better_stronger else both[1:]
 
 
-def _best(tried: Mapping[float, Scored]) -> Scored:
+def _best(tried: Mapping[float, Scored], rank: Rank) -> Scored:
     """Best validation score; among equals the stronger regularisation."""
-    return tried[max(tried, key=lambda lam: (tried[lam][0], lam))]
+    return tried[max(tried, key=lambda lam: (rank(tried[lam][0]), lam))]
+
+
+def _scores(tried: Mapping[float, Scored]) -> dict[str, list[float]]:
+    """``{lam: [validation accuracy, log-likelihood]}`` as ``head.info`` keeps them."""
+    return {f"{lam:.3g}": [round(v, 6) for v in s] for lam, (s, _) in sorted(tried.items())}
 
 
 def _subsample(n: int, rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -216,7 +268,7 @@ def _subsample(n: int, rows: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _val_score(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
-    """Validation accuracy, ties broken by log-likelihood (tiny validation splits tie).
+    """Validation accuracy and mean log-likelihood.
 
     In torch, like the solver: a numpy matmul between two solves wakes OpenBLAS's own
     threads, which spin on after it and took the cores from the next solve (sweep fits
@@ -228,7 +280,3 @@ def _val_score(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, floa
     return float(hit), float(logp.gather(1, t[:, None]).clamp_min(-27.6).mean())
 
 
-DEFAULTS: dict[str, Any] = dict(
-    solver="torch", lambdas=list(LAMBDAS), refine=1, patience=1, sweep_rows=4096,
-    sweep_fraction=0.125, carry=[1.0], tol=1e-2, ftol=1e-7, max_iter=500,
-    standardise=True, class_weights=False, threads=None, full_threads=None, seed=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,18 @@ import torch
 from ..errors import InputError
 from .base import Head
 from .logistic import softmax
+from .params import param
+
+TEMPLATES: Sequence[str] = ("a drawing of {}.", "a picture of {}.", "an illustration of {}.",
+                            "a photo of {}.", "{}")
+
+
+@dataclass(frozen=True)
+class ZeroShotParams:
+    templates: tuple[str, ...] = param(TEMPLATES, "prompt templates, '{}' is the class name",
+                                       min_len=1)
+    logit_scale: float = param(100.0, "softmax temperature on the cosine similarities",
+                               above=0)
 
 
 class ZeroShotHead(Head):
@@ -29,7 +42,7 @@ class ZeroShotHead(Head):
             raise InputError("zero-shot needs the CLIP text tower: set head.text_encoder")
         rows = []
         for name in self.tasks[0].classes:
-            prompts = [t.format(class_prompt(name)) for t in self.params["templates"]]
+            prompts = [t.replace("{}", class_prompt(name)) for t in self.params.templates]
             v = np.asarray(self.text_encoder.encode_texts(prompts), dtype=np.float64).mean(0)
             rows.append(v / max(np.linalg.norm(v), 1e-12))
         self.w = np.asarray(rows, dtype=np.float32)
@@ -39,7 +52,7 @@ class ZeroShotHead(Head):
 
     def _scores(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         x = xs[0] / np.maximum(np.linalg.norm(xs[0], axis=1, keepdims=True), 1e-12)
-        return [softmax(self.params["logit_scale"] * x @ self.w.T)]
+        return [softmax(self.params.logit_scale * x @ self.w.T)]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"class_embeddings": torch.from_numpy(self.w)}
@@ -51,10 +64,3 @@ class ZeroShotHead(Head):
 def class_prompt(label: str) -> str:
     """``signs_and_symbols`` -> ``signs and symbols``."""
     return label.replace("_", " ").replace("-", " ").strip()
-
-
-TEMPLATES: Sequence[str] = ("a drawing of {}.", "a picture of {}.", "an illustration of {}.",
-                            "a photo of {}.", "{}")
-
-
-DEFAULTS: dict[str, Any] = dict(templates=list(TEMPLATES), logit_scale=100.0)

@@ -204,9 +204,10 @@ def neighbours(index: faiss.Index, chunks: Iterable[tuple[int, np.ndarray]], k: 
         yield start, scores, ids
 
 
-def assignments(index: faiss.Index, chunks: Iterable[tuple[int, np.ndarray]]
+def assignments(index: faiss.Index, chunks: Iterable[tuple[int, np.ndarray]], lists: int = 1
                 ) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, list number) of each chunk's vectors in an IVF index (its coarse cell)."""
+    """(start, list number) of each chunk's vectors in an IVF index (its coarse cell);
+    with ``lists > 1`` an ``(n, lists)`` array of the nearest cells, nearest first."""
     ivf = ivf_of(index)
     if ivf is None:
         raise ValueError("only an IVF index has lists")
@@ -214,5 +215,5 @@ def assignments(index: faiss.Index, chunks: Iterable[tuple[int, np.ndarray]]
         x = as_f32(vectors)
         if isinstance(index, faiss.IndexPreTransform):
             x = index.apply_py(x)
-        _, lists = ivf.quantizer.search(x, 1)
-        yield start, lists[:, 0]
+        _, got = ivf.quantizer.search(x, min(lists, ivf.nlist))
+        yield start, got[:, 0] if lists == 1 else got

@@ -19,6 +19,7 @@ clear message)::
     RUN/align/NAME.json, NAME.<token>.safetensors    an adapter between two columns
     RUN/latent/NAME.json, NAME.<token>.safetensors   a latent (meta-space) model
     RUN/eval/retrieval.{json,md}
+    RUN/dedup/groups.parquet, keep.parquet, sheet.png, summary.json (written last)
     RUN/serve/thumbs/<ab>/<key>.<digest>.jpg  thumbnails made by the web page
     RUN/serve/cache/<url>.<digest>.tar    remote tar shards thumbnails were read from (bounded)
     RUN/<stage>/.lock                     held (flock) by the one process writing that stage
@@ -42,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
+from .dedup import DedupFiles
 from .embed import (
     KINDS,
     MODALITY_KIND,
@@ -71,6 +73,7 @@ from .filters import FilterCache
 from .index import IndexEntry, IndexFiles, ShardSpan
 from .lock import StageLock, still_held
 from .outputs import EvalFiles, HeadsFiles, ServeFiles, load_head_files, save_head_files
+from .prints import PRINT_FIELDS, Fingerprints, prints_table, read_prints
 from .provenance import Provenance, check_same_model
 from .shards import FIELDS, ShardInfo, shard_bytes
 from .trained import ADAPTER, LATENT, ModelFormat, TrainedFiles
@@ -88,6 +91,7 @@ class Run:
         self.heads = HeadsFiles(self.path)
         self.eval = EvalFiles(self.path)
         self.serve = ServeFiles(self.path)
+        self.dedup = DedupFiles(self.path)
         self.filters = FilterCache(self.embed, self.index.dir / "filters")
         self.align = TrainedFiles(self.path, "align", ADAPTER)
         self.latent = TrainedFiles(self.path, "latent", LATENT)
@@ -152,11 +156,12 @@ def read_table(run: str | os.PathLike, kind: str, columns: list[str] | None = No
     return Run(run).embed.read_table(kind, columns)
 
 
-__all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "SCHEMA_VERSION", "Column", "DiskFull",
-           "EmbedFiles", "EmbedManifest", "EvalFiles", "FilterCache", "HeadsFiles",
-           "IndexEntry", "IndexFiles", "ModelFormat", "Provenance", "Report", "Run",
-           "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord", "ShardSpan", "StageLock",
-           "Tampered", "TrainedFiles", "atomic_write_bytes", "atomic_write_json", "check_name",
+__all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "PRINT_FIELDS", "SCHEMA_VERSION", "Column",
+           "DedupFiles", "DiskFull", "EmbedFiles", "EmbedManifest", "EvalFiles", "FilterCache",
+           "Fingerprints", "HeadsFiles", "IndexEntry", "IndexFiles", "ModelFormat", "Provenance",
+           "Report", "Run", "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord", "ShardSpan",
+           "StageLock", "Tampered", "TrainedFiles", "atomic_write_bytes", "atomic_write_json",
+           "check_name",
            "check_same_model", "column_name", "confined", "digest_file", "disk_errors",
-           "load_head_files", "read_json", "read_table", "read_vectors", "save_head_files",
-           "shard_bytes", "still_held", "write_errors"]
+           "load_head_files", "prints_table", "read_json", "read_prints", "read_table",
+           "read_vectors", "save_head_files", "shard_bytes", "still_held", "write_errors"]

@@ -149,6 +149,10 @@ class ColumnReader:
                 raise FormatError(f"shard {path} holds {pos - self.offsets.starts[s]} rows, "
                                   f"the manifest {self.records[s].rows}: {REMEDY}")
 
+    def names(self, shard: int) -> list[str]:
+        """The column names of one shard (older shards lack newer optional columns)."""
+        return list(self._open(shard, digest=False).schema_arrow.names)
+
     def read_shard(self, shard: int, columns: Sequence[str]) -> pa.Table:
         """``columns`` of one whole shard (page checksums verified)."""
         pf = self._open(shard, digest=False)

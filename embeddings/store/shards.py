@@ -52,15 +52,20 @@ def vectors_to_arrow(vectors: np.ndarray, dtype: str) -> pa.FixedSizeListArray:
 
 
 def shard_bytes(kind: str, rows: pa.Table | Mapping[str, Sequence[Any]],
-                vectors: Mapping[str, np.ndarray], dtype: str, info: ShardInfo) -> bytes:
+                vectors: Mapping[str, np.ndarray], dtype: str, info: ShardInfo,
+                extra: pa.Table | None = None) -> bytes:
     """One shard as Parquet bytes (page checksums on: readers verify every page they read).
 
-    ``rows``: the metadata columns of ``kind`` (a table, or lists by column name)."""
+    ``rows``: the metadata columns of ``kind`` (a table, or lists by column name);
+    ``extra``: more per-row columns (the image fingerprints, :mod:`.prints`)."""
     if isinstance(rows, pa.Table):
         arrays = [rows.column(f.name).combine_chunks().cast(f.type) for f in FIELDS[kind]]
     else:
         arrays = [pa.array(rows[f.name], type=f.type) for f in FIELDS[kind]]
     names = [f.name for f in FIELDS[kind]]
+    if extra is not None:
+        arrays += [c.combine_chunks() for c in extra.columns]
+        names += extra.column_names
     for name, vec in vectors.items():
         if len(vec) != len(arrays[0]):
             raise ValueError(f"column {name}: {len(vec)} vectors for {len(arrays[0])} rows")

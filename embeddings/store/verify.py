@@ -69,6 +69,7 @@ def verify_run(run: Run) -> Report:
                 continue
             if sealed and not meta["sealed"]:
                 r.problems.append(_unsealed(desc, fmt.remedy))
+    r.problems += run.dedup.verify()
     for leftovers in (run.index.leftovers, run.filters.leftovers, run.heads.leftovers,
                       run.align.leftovers, run.latent.leftovers):
         r.leftovers += _guard(r, leftovers) or []

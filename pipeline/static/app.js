@@ -112,6 +112,10 @@ function show(result, query) {
     card.append(thumb(hit, kind), field("score", hit.score.toFixed(3)),
       field("caption", hit.caption || ""), field("label", hit.label || ""),
       field("id", hit.id));
+    if (hit.duplicates && hit.duplicates.length) {  // copies found by `dedup`
+      card.classList.add("dup");
+      card.append(field("dups", `duplicates: ${hit.duplicates.join(", ")}`));
+    }
     card.addEventListener("click", () => search({
       kind: "similar", id: hit.id, source: kind === "images" ? "image" : "text",
       preview: (card.querySelector("img") || {}).src || null,
