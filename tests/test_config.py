@@ -9,6 +9,7 @@ import pytest
 
 from embeddings.errors import InputError
 from pipeline import config as C
+from pipeline import options as opts
 from pipeline.cli import build_parser, main
 
 TOML = """
@@ -74,7 +75,7 @@ def test_precedence_per_stage(toml: Path, argv: list[str], cls: type, section: s
     raw = C.load_toml(toml)
     assert getattr(C.stage_config(cls, section, raw), field) == toml_value
     args = _parse([*argv, "--config", str(toml), "--run", "runs/cli"])
-    cfg = C.stage_config(cls, section, raw, args.run, **C.overrides(args, cls))
+    cfg = C.stage_config(cls, section, raw, args.run, **opts.overrides(args, cls))
     assert getattr(cfg, field) == cli_value
     assert cfg.run == "runs/cli"
     assert C.stage_config(cls, section, raw).run == "runs/from-toml"
@@ -86,8 +87,8 @@ def test_precedence_embed(toml: Path) -> None:
     assert (cfg.batch_size, cfg.dtype, cfg.shard_size) == (7, "float32", 1000)
     args = _parse(["embed", "--config", str(toml), "--batch-size", "3", "--dtype", "float16",
                    "--data", "x.csv", "--no-progress", "--model", "local-dir:/m"])
-    cfg = C.embed_config(raw, run=args.run, data=C.overrides(args, C.DataConfig),
-                         model=args.model, **C.overrides(args, C.EmbedConfig))
+    cfg = C.embed_config(raw, run=args.run, data=opts.overrides(args, C.DataConfig),
+                         model=args.model, **opts.overrides(args, C.EmbedConfig))
     assert (cfg.batch_size, cfg.dtype, cfg.progress) == (3, "float16", False)
     assert cfg.data.path == "x.csv" and cfg.encoders[0].model == "local-dir:/m"
     assert cfg.run == "runs/from-toml"

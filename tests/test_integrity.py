@@ -202,15 +202,15 @@ def test_head_weights_and_description_are_one_unit(tmp_path: Path,
                        store.Provenance(type="t", model="m", dim=4, weights_sha256="1" * 64))
     path = tmp_path / "models/mlp.json"
     save_head(_head(0, 8), path, [("c", col)])
-    real = store.outputs.atomic_write_json
+    real = store.trained.atomic_write_json
 
     def killed(*a: object, **k: object) -> None:
         raise KeyboardInterrupt  # killed between the weights and the description
 
-    monkeypatch.setattr(store.outputs, "atomic_write_json", killed)
+    monkeypatch.setattr(store.trained, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         save_head(_head(1, 16), path, [("c", col)])
-    monkeypatch.setattr(store.outputs, "atomic_write_json", real)
+    monkeypatch.setattr(store.trained, "atomic_write_json", real)
     head, meta = load_head(path)  # the old unit, whole
     assert head.dims == (4,)
     assert meta["params"]["hidden"] == [8]

@@ -186,7 +186,7 @@ def test_a_killed_index_or_heads_leaves_nothing_for_long(run: Path, tmp_path: Pa
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture) -> None:
     from embeddings.store import index as store_index
-    from embeddings.store import outputs
+    from embeddings.store import trained
 
     real = store_index.IndexFiles.write_entries
 
@@ -198,7 +198,7 @@ def test_a_killed_index_or_heads_leaves_nothing_for_long(run: Path, tmp_path: Pa
         run_index(IndexConfig(run=str(run)))
     monkeypatch.setattr(store_index.IndexFiles, "write_entries", real)
     orphan = next((run / "index").glob("*.faiss"))
-    monkeypatch.setattr(outputs, "atomic_write_json", killed)
+    monkeypatch.setattr(trained, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
         run_heads(HeadsConfig(run=str(run), inputs=("minilm_text",), heads=("logistic",),
                               multilabel="", multitask=()))

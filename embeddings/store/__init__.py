@@ -16,6 +16,8 @@ clear message)::
     RUN/heads/models/NAME.json            a head's description (weights' name, size, digest)
     RUN/heads/models/NAME.<token>.safetensors
     RUN/heads/comparison.{csv,json,png}, confusion.png, splits.json, predictions/NAME.parquet
+    RUN/align/NAME.json, NAME.<token>.safetensors    an adapter between two columns
+    RUN/latent/NAME.json, NAME.<token>.safetensors   a latent (meta-space) model
     RUN/eval/retrieval.{json,md}
     RUN/dedup/groups.parquet, keep.parquet, sheet.png, summary.json (written last)
     RUN/serve/thumbs/<ab>/<key>.<digest>.jpg  thumbnails made by the web page
@@ -74,6 +76,7 @@ from .outputs import EvalFiles, HeadsFiles, ServeFiles, load_head_files, save_he
 from .prints import PRINT_FIELDS, Fingerprints, prints_table, read_prints
 from .provenance import Provenance, check_same_model
 from .shards import FIELDS, ShardInfo, shard_bytes
+from .trained import ADAPTER, LATENT, ModelFormat, TrainedFiles
 from .verify import Report, verify_run
 
 
@@ -90,6 +93,8 @@ class Run:
         self.serve = ServeFiles(self.path)
         self.dedup = DedupFiles(self.path)
         self.filters = FilterCache(self.embed, self.index.dir / "filters")
+        self.align = TrainedFiles(self.path, "align", ADAPTER)
+        self.latent = TrainedFiles(self.path, "latent", LATENT)
 
     def lock(self, stage: str) -> StageLock:
         """The exclusive lock of one stage; once held, temporary files and the files a
@@ -133,6 +138,8 @@ class _CleaningLock(StageLock):
                 self.run.filters.clean()
             elif stage == "heads":
                 self.run.heads.clean()
+            elif stage in ("align", "latent"):
+                getattr(self.run, stage).clean()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -151,9 +158,10 @@ def read_table(run: str | os.PathLike, kind: str, columns: list[str] | None = No
 
 __all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "PRINT_FIELDS", "SCHEMA_VERSION", "Column",
            "DedupFiles", "DiskFull", "EmbedFiles", "EmbedManifest", "EvalFiles", "FilterCache",
-           "Fingerprints", "HeadsFiles", "IndexEntry", "IndexFiles", "Provenance", "Report",
-           "Run", "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord", "ShardSpan",
-           "StageLock", "Tampered", "atomic_write_bytes", "atomic_write_json", "check_name",
+           "Fingerprints", "HeadsFiles", "IndexEntry", "IndexFiles", "ModelFormat", "Provenance",
+           "Report", "Run", "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord", "ShardSpan",
+           "StageLock", "Tampered", "TrainedFiles", "atomic_write_bytes", "atomic_write_json",
+           "check_name",
            "check_same_model", "column_name", "confined", "digest_file", "disk_errors",
            "load_head_files", "prints_table", "read_json", "read_prints", "read_table",
            "read_vectors", "save_head_files", "shard_bytes", "still_held", "write_errors"]

@@ -6,38 +6,30 @@ name, size and digest.  A rerun writes new weights under a new name before repla
 description, so there is no moment where a description meets weights it does not
 describe; weights no description names (a killed run's) are removed when the heads stage
 next takes its lock.  A description edited by hand (two class names swapped) no longer
-matches its digest and is refused.
+matches its digest and is refused.  The mechanics are those of every trained model
+(:mod:`.trained`: heads, adapters, latent models).
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
-from ..errors import FormatError, MissingError
+from ..errors import FormatError
 from . import seal
 from .files import (
     atomic_write_bytes,
     atomic_write_json,
-    check_file,
     check_name,
-    confined,
-    file_record,
     make_dirs,
     no_links,
     read_bytes,
     read_json,
-    tampered,
 )
-
-HEAD_FORMAT = "embeddings.head"
-HEAD_VERSION = 2
-HEAD_REMEDY = "retrain it with `python -m pipeline heads`"
-WEIGHTS_SUFFIX = ".safetensors"
+from .trained import HEAD, descriptions, leftovers, load_model_files, save_model_files
 
 
 class HeadsFiles:
@@ -77,33 +69,11 @@ class HeadsFiles:
                         / f"{check_name(stem, 'head name')}.parquet")
 
     def descriptions(self) -> list[Path]:
-        folder = no_links(self.run, self.models)
-        if not folder.is_dir():
-            return []
-        with os.scandir(folder) as it:
-            found = [folder / e.name for e in it if e.name.endswith(".json")
-                     and not e.name.startswith(".")]
-        for path in found:
-            no_links(self.run, path)
-        return sorted(found)
+        return descriptions(self.run, self.models)
 
     def leftovers(self) -> list[Path]:
-        """Weights files no head description names (a killed run's); a weights file whose
-        description cannot be read is kept (it may be that head's)."""
-        folder = no_links(self.run, self.models)
-        if not folder.is_dir():
-            return []
-        named, unreadable = set(), set()
-        for desc in self.descriptions():
-            try:
-                named.add(read_json(desc, "head", HEAD_REMEDY)["weights"]["file"])
-            except (FormatError, KeyError, TypeError):
-                unreadable.add(desc.stem)
-        with os.scandir(folder) as it:
-            weights = [e.name for e in it if e.name.endswith(WEIGHTS_SUFFIX)
-                       and not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
-        return sorted(folder / w for w in weights
-                      if w not in named and w.rsplit(".", 2)[0] not in unreadable)
+        """Weights files no head description names (a killed run's)."""
+        return leftovers(self.run, self.models, HEAD)
 
     def clean(self) -> list[Path]:
         found = self.leftovers()
@@ -114,53 +84,13 @@ class HeadsFiles:
 
 def save_head_files(json_path: Path, weights: bytes, description: dict[str, Any]) -> Path:
     """Write a head's weights then its description (last); remove the weights it replaced."""
-    old = _old_weights(json_path)
-    name = f"{json_path.stem}.{secrets.token_hex(4)}{WEIGHTS_SUFFIX}"
-    wpath = json_path.with_name(name)
-    if os.path.islink(json_path.parent):
-        raise tampered(json_path.parent)
-    atomic_write_bytes(wpath, weights)
-    meta = {"format": HEAD_FORMAT, "version": HEAD_VERSION, **description,
-            "weights": file_record(wpath, name)}
-    atomic_write_json(json_path, seal.seal(meta))
-    if old and old != name:
-        try:
-            confined(json_path.parent, old, "head weights").unlink(missing_ok=True)
-        except FormatError:
-            pass  # a tampered old record: never delete what it names
-    return json_path
-
-
-def _old_weights(json_path: Path) -> str | None:
-    try:
-        return read_json(json_path, "head", HEAD_REMEDY)["weights"]["file"]
-    except (FormatError, KeyError, TypeError):
-        return None
+    return save_model_files(json_path, weights, description, HEAD)
 
 
 def load_head_files(path: Path) -> tuple[dict[str, Any], bytes]:
     """A head's description and verified weight bytes; FormatError naming the bad file.
     The description's digest is checked (an edited one is refused), the weights' too."""
-    path = path.with_suffix(".json")
-    if os.path.islink(path):
-        raise tampered(path)
-    if not path.is_file():
-        raise MissingError(f"no saved head at {path}")
-    meta = read_json(path, "head description", HEAD_REMEDY)
-    if meta.get("format") != HEAD_FORMAT or meta.get("version") != HEAD_VERSION:
-        raise FormatError(f"{path} is not a saved head of format {HEAD_FORMAT} v{HEAD_VERSION}: "
-                          f"{HEAD_REMEDY}")
-    sealed = seal.check(meta, path, "head description", HEAD_REMEDY)
-    record = meta.get("weights")
-    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
-        raise FormatError(f"head description {path} is corrupt (no weights record): "
-                          f"{HEAD_REMEDY}")
-    wpath = confined(path.parent, record["file"], "head weights", source=path,
-                     remedy=HEAD_REMEDY)
-    check_file(wpath, record, "head weights", HEAD_REMEDY)
-    meta = {k: v for k, v in meta.items() if k != seal.FIELD}
-    meta["sealed"] = sealed
-    return meta, read_bytes(wpath)
+    return load_model_files(path, HEAD)
 
 
 class EvalFiles:

@@ -1,14 +1,14 @@
 """What ``verify`` checks: every recorded file, every JSON file's digest and seal, no link
 anywhere in the run, and the files a killed stage left behind.
 
-Problems (exit 2): a missing, truncated or altered shard, index or head weights file; a
-manifest, run identity or head description whose content does not match its digest; a
-link or special file inside the run; a JSON file not sealed like the rest of a run that
-was sealed on this machine (edited and re-digested); a manifest whose dataset differs from
-the run identity's.  Leftovers (listed, removed by the stage's next run): temporary files,
-index, lists, recall state or weights files no manifest names, index build scratch
-folders, filter bitmaps of shards the embed manifest no longer lists.  Notes: a run not
-sealed on this machine.
+Problems (exit 2): a missing, truncated or altered shard, index, head, adapter or latent
+model weights file; a manifest, run identity or model description whose content does not
+match its digest; a link or special file inside the run; a JSON file not sealed like the
+rest of a run that was sealed on this machine (edited and re-digested); a manifest whose
+dataset differs from the run identity's.  Leftovers (listed, removed by the stage's next
+run): temporary files, index, lists, recall state or weights files no manifest or
+description names, index build scratch folders, filter bitmaps of shards the embed
+manifest no longer lists.  Notes: a run not sealed on this machine.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 from ..errors import MissingError, UserError
 from .embed import KINDS
 from .files import TMP_SUFFIX, tampered
-from .outputs import load_head_files
+from .trained import ADAPTER, HEAD, LATENT, load_model_files
 
 if TYPE_CHECKING:
     from . import Run
@@ -45,7 +45,8 @@ def verify_run(run: Run) -> Report:
     r = Report()
     _links(run.path, r)
     if not os.path.lexists(run.embed.manifest_path):
-        if not any(os.path.lexists(p) for p in (run.index.manifest_path, run.heads.models)):
+        if not any(os.path.lexists(p) for p in (run.index.manifest_path, run.heads.models,
+                                                 run.align.dir, run.latent.dir)):
             raise MissingError(f"{run.path} holds no run (no {run.embed.manifest_path}): "
                                "nothing to verify; run `python -m pipeline embed` first")
         r.problems.append(f"embed manifest {run.embed.manifest_path} is missing: rerun "
@@ -57,18 +58,21 @@ def verify_run(run: Run) -> Report:
     if sealed and trusted_index is False and os.path.lexists(run.index.manifest_path):
         r.problems.append(_unsealed(run.index.manifest_path, "`python -m pipeline index "
                                     "--rebuild`"))
-    for desc in _guard(r, run.heads.descriptions) or []:
-        try:
-            meta, _ = load_head_files(desc)
-        except UserError as e:
-            r.problems.append(str(e))
-            continue
-        if sealed and not meta["sealed"]:
-            r.problems.append(_unsealed(desc, "retrain it with `python -m pipeline heads`"))
+    models = [(run.heads.descriptions, HEAD), (run.align.descriptions, ADAPTER),
+              (run.latent.descriptions, LATENT)]
+    for listing, fmt in models:
+        for desc in _guard(r, listing) or []:
+            try:
+                meta, _ = load_model_files(desc, fmt)
+            except UserError as e:
+                r.problems.append(str(e))
+                continue
+            if sealed and not meta["sealed"]:
+                r.problems.append(_unsealed(desc, fmt.remedy))
     r.problems += run.dedup.verify()
-    for found in (_guard(r, run.index.leftovers), _guard(r, run.filters.leftovers),
-                  _guard(r, run.heads.leftovers)):
-        r.leftovers += found or []
+    for leftovers in (run.index.leftovers, run.filters.leftovers, run.heads.leftovers,
+                      run.align.leftovers, run.latent.leftovers):
+        r.leftovers += _guard(r, leftovers) or []
     r.leftovers += [p for p in run.path.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
     return r
 

@@ -31,8 +31,9 @@ function say(text, kind = "error") {
   box.hidden = !text;
 }
 
-function params(extra) {
+function params(extra, text = false) {
   const p = new URLSearchParams(extra);
+  if (text && $("via").value) p.set("via", $("via").value);
   p.set("modality", $("modality").value);
   p.set("k", $("k").value || "10");
   for (const name of ["split", "label"]) {
@@ -63,7 +64,7 @@ async function search(query) {
   try {
     let result;
     if (query.kind === "text") {
-      result = await api(`/api/search?${params({ q: query.text })}`);
+      result = await api(`/api/search?${params({ q: query.text }, true)}`);
     } else if (query.kind === "image") {
       const form = new FormData();
       form.append("file", query.file, query.file.name);
@@ -124,7 +125,7 @@ function show(result, query) {
   $("results").replaceChildren(...cards);
   const n = result.hits.length;
   $("status").textContent = `${n} hit${n === 1 ? "" : "s"} for ${describe(query)} `
-    + `in ${result.column}`;
+    + `in ${result.column}${result.via ? ` via ${result.via}` : ""}`;
   if (result.notes.length) say(result.notes.join(" "), "note");
   else if (!n) say("No rows match these filters.", "note");
 }
@@ -160,6 +161,14 @@ async function start() {
     .map(([name, m]) => `${name} = ${m.model}${m.pretrained ? ` (${m.pretrained})` : ""}`)
     .join(" · ");
   fill($("split"), run.splits);
+  const vias = Object.values(run.adapters || {}).filter((a) => !a.problem);
+  for (const a of vias) {
+    const opt = document.createElement("option");
+    opt.value = a.name;
+    opt.textContent = `${a.name} (${a.source} → ${a.target})`;
+    $("via").append(opt);
+  }
+  $("via-box").hidden = !vias.length;
   fill($("label"), run.labels);
   $("k").max = run.limits.max_k;
   $("q").maxLength = run.limits.max_query_chars;
@@ -186,7 +195,7 @@ drop.addEventListener("drop", (ev) => {
 drop.addEventListener("keydown", (ev) => {
   if (ev.key === "Enter" || ev.key === " ") $("file").click();
 });
-for (const id of ["modality", "k", "split", "label"]) {
+for (const id of ["modality", "k", "split", "label", "via"]) {
   $(id).addEventListener("change", () => last && search(last));
 }
 start();
