@@ -39,8 +39,9 @@ from ray.exceptions import RayError
 
 from embeddings.encode import Decoded
 from embeddings.encoders import resolve_device
-from embeddings.errors import InputError, UserError
+from embeddings.errors import UserError
 from embeddings.ingest import Block
+from embeddings.ray_cluster import connect
 from embeddings.sources import ImageSource
 from embeddings.store import Run, still_held
 
@@ -66,28 +67,12 @@ CRASH_ONCE_ENV = "MMEMB_RAY_CRASH_ONCE"  # fault injection (tests): a marker fil
 def run_blocks(job: EngineJob, blocks: Iterable[Block]) -> Done:
     """Embed ``blocks`` on the cluster of ``job.cfg.ray_address`` (default: a new local
     one); the records of the blocks finished, as the local engine returns them."""
-    started = _connect(job.cfg.ray_address)
+    started = connect(job.cfg.ray_address)
     try:
         return _run(job, list(blocks))
     finally:
         if started:
             ray.shutdown()
-
-
-def _connect(address: str | None) -> bool:
-    """Join the cluster (or start a local one); True if this call started Ray."""
-    if ray.is_initialized():
-        return False
-    kw: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address is None:
-        kw["include_dashboard"] = False
-    try:
-        ray.init(address=address, **kw)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise InputError(f"cannot reach the Ray cluster at {address!r}: {e} (start one with "
-                         "`ray start --head`, or leave out --ray-address for a local one)"
-                         ) from None
-    return True
 
 
 def _run(job: EngineJob, blocks: list[Block]) -> Done:

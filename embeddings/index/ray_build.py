@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import InputError
+from ..ray_cluster import connect
 from .core import deserialize, serialize, set_threads, trim_memory
 from .jobs import BuildJob, Built, add_shards, sample_pass, trained_for
 from .ondisk import assemble
@@ -108,21 +109,3 @@ def _add_range(job: BuildJob, trained: bytes, truth: Truth, shards: list[int]
     built = add_shards(replace(job, plan=plan), deserialize(trained), truth, shards)
     return {"parts": built.parts, "scores": truth.scores, "ids": truth.ids,
             "rows": sum(job.source.shard_rows[s] for s in shards)}
-
-
-def connect(address: str | None) -> bool:
-    """Join the cluster (or start a local one); True if this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kw: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address is None:
-        kw["include_dashboard"] = False
-    try:
-        ray.init(address=address, **kw)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise InputError(f"cannot reach the Ray cluster at {address!r}: {e} (start one with "
-                         "`ray start --head`, or leave out --ray-address for a local one)"
-                         ) from None
-    return True
