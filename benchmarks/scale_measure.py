@@ -243,7 +243,8 @@ def serve_latency(run: Path, repeat: int = 20) -> dict[str, Any]:
             first, hits = ask(**params)
             times = [ask(**params)[0] for _ in range(repeat)]
             out[name] = {"first_ms": round(1000 * first, 1), "hits": hits,
-                         "p50_ms": round(1000 * float(np.median(times)), 1)}
+                         "p50_ms": round(1000 * float(np.median(times)), 1),
+                         "p99_ms": round(1000 * float(np.percentile(times, 99)), 1)}
         out["peak_rss_gb"] = round(mem.peak / 2**30, 3)
     finally:
         proc.terminate()

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import FormatError
+from .hits import HIT_FIELDS
 
 
 class Shards(Protocol):
@@ -99,19 +100,29 @@ class ColumnReader:
     """Reads of one run's shards of one kind; picklable (Ray tasks take one)."""
 
     def __init__(self, files: Shards, records: Sequence[Any], schema: pa.Schema,
-                 verify: bool = True) -> None:
+                 verify: bool = True, kind: str | None = None, hits: Any = None) -> None:
         self.files = files
         self.schema = schema  # the kind's metadata fields
         self.verify = verify
+        self.kind = kind
+        self.hits = hits  # the run's hit tables (:mod:`.hits`), used where current
         self.offsets = RowOffsets(records)
         self._groups: OrderedDict[tuple[Any, ...], pa.Table] = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # Ray tasks get the reader, not its cache
-        return {k: v for k, v in self.__dict__.items() if k not in ("_groups", "_lock")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_groups", "_lock", "hits")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _groups=OrderedDict(), _lock=threading.Lock())
+        self.__dict__.update(state, _groups=OrderedDict(), _lock=threading.Lock(), hits=None)
+
+    def hit_table(self, shard: int, columns: Sequence[str] = ()) -> pa.Table | None:
+        """The shard's memory-mapped hit table when it is current and holds ``columns``."""
+        if self.hits is None or self.kind is None or \
+                not set(columns) <= set(HIT_FIELDS[self.kind].names):
+            return None
+        return self.hits.table(self.kind, self.records[shard])
 
     @property
     def records(self) -> tuple[Any, ...]:
@@ -166,27 +177,40 @@ class ColumnReader:
         """``columns`` of the given global rows, in the order asked, reading only the row
         groups that hold them (a few recent groups are kept: ``GROUP_CACHE_BYTES``)."""
         rows = np.asarray(rows, dtype=np.int64)
+        target = self._schema(columns)
+        hit_names = HIT_FIELDS[self.kind].names if self.kind else self.schema.names
         parts, where = [], []
         for s, pos, local in self.offsets.groups(rows):
+            hits = self.hit_table(s, columns)
+            if hits is not None:
+                parts.append(hits.select(list(columns)).take(pa.array(local)))
+                where.append(pos)
+                continue
+            stored = [c for c in columns if c in self.schema.names or c not in hit_names]
             pf: pq.ParquetFile | None = None
             starts = self._group_starts(s)
             group = np.searchsorted(starts, local, side="right") - 1
             for g in np.unique(group):
-                key = (s, int(g), tuple(columns))
+                key = (s, int(g), tuple(stored))
                 with self._lock:
                     table = self._groups.get(key)
                     if table is not None:
                         self._groups.move_to_end(key)
                 if table is None:
                     pf = pf or self._open(s, digest=False)
-                    table = self._read_group(s, pf, int(g), columns)
+                    table = self._read_group(s, pf, int(g), stored)
                     self._keep(key, table)
                 mine = group == g
-                parts.append(table.take(pa.array(local[mine] - starts[g])))
+                part = table.take(pa.array(local[mine] - starts[g]))
+                for c in columns:  # hit-table-only fields (a caption's image path): null
+                    if c not in stored:
+                        part = part.append_column(target.field(c),
+                                                  pa.nulls(part.num_rows, target.field(c).type))
+                parts.append(part.select(list(columns)))
                 where.append(pos[mine])
         if not parts:
-            return pa.Table.from_batches([], schema=self._schema(columns))
-        table = pa.concat_tables(parts)
+            return pa.Table.from_batches([], schema=target)
+        table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
         back = np.empty(len(rows), dtype=np.int64)
         back[np.concatenate(where)] = np.arange(len(rows))
         return table.take(pa.array(back))
@@ -233,10 +257,20 @@ class ColumnReader:
 
     def find_ids(self, ids: Sequence[str], shards: Sequence[int] | None = None
                  ) -> dict[str, int]:
-        """Global row of each of ``ids`` found (scanning shards, stopping once all are)."""
+        """Global row of each of ``ids`` found (shard by shard, stopping once all are):
+        a binary search of a shard's hit table where it has one, else a scan of its ids."""
         want = pa.array(list(dict.fromkeys(ids)), pa.string())
         found: dict[str, int] = {}
         for s in range(len(self.records)) if shards is None else shards:
+            hits = self.hit_table(s, ["id"])
+            if hits is not None:
+                rest = [i for i in want.to_pylist() if i not in found]
+                start = int(self.offsets.starts[s])
+                for i, r in self.hits.find(hits, rest).items():
+                    found.setdefault(i, start + r)
+                if len(found) == len(want):
+                    break
+                continue
             col = self.read_shard(s, ["id"]).column(0)
             hit = pc.is_in(col, value_set=want)
             for i in np.flatnonzero(hit.to_numpy(zero_copy_only=False)):
@@ -283,7 +317,7 @@ class ColumnReader:
         return sorted(seen)
 
     def _schema(self, columns: Sequence[str]) -> pa.Schema:
-        fields = {f.name: f for f in self.schema}
+        fields = {f.name: f for f in (HIT_FIELDS[self.kind] if self.kind else self.schema)}
         return pa.schema([fields.get(c, pa.field(c, pa.list_(pa.float16()))) for c in columns])
 
 
