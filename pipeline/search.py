@@ -171,14 +171,14 @@ class Searcher:
         return got
 
     def _locate(self, got: Any, split: str | None, label: str | None) -> None:
-        """A filter keeping few rows: where they sit in the lists, cached beside the index
-        (keyed by the index files' digests), so a search does not rescan the lists' ids."""
+        """A filter keeping few rows: where they sit in the lists (and their codes, when
+        few), cached beside the index (keyed by the index files' digests), so a search
+        neither rescans the lists' ids nor reads a page of the lists file per row."""
         key = self.entry.digest + str((self.entry.lists or {}).get("digest", ""))
         cached = self.files.filters.entries(self.kind, split, label, key)
-        if cached is not None and got.use_entries(self.index, cached):
-            return
-        packed = got.packed_entries(self.index)
-        if packed is not None:
+        usable = cached is not None and got.use_entries(self.index, cached)
+        packed = got.packed_entries(self.index)  # with the rows' codes when they are few
+        if packed is not None and (not usable or len(packed) != len(cached or b"")):
             self.files.filters.keep_entries(self.kind, split, label, key, packed)
 
     def search_vector(self, vector: np.ndarray, query: str, k: int = 10,

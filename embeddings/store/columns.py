@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import FormatError
@@ -41,6 +40,7 @@ class Shards(Protocol):
     def check_shard(self, record: Any, full: bool = True) -> Path: ...
 
 CHUNK_ROWS = 65_536  # rows per streamed chunk: 64 MiB at 512-d float16
+SLICE_MAX = 64  # rows read by slicing (see take)
 GROUP_CACHE_BYTES = 64 * 2**20  # decoded row groups a reader keeps for point reads
 REMEDY = "run `python -m pipeline verify RUN`, then rerun `python -m pipeline embed` to redo it"
 
@@ -183,7 +183,7 @@ class ColumnReader:
         for s, pos, local in self.offsets.groups(rows):
             hits = self.hit_table(s, columns)
             if hits is not None:
-                parts.append(hits.select(list(columns)).take(pa.array(local)))
+                parts.append(take(hits.select(list(columns)), local))
                 where.append(pos)
                 continue
             stored = [c for c in columns if c in self.schema.names or c not in hit_names]
@@ -201,7 +201,7 @@ class ColumnReader:
                     table = self._read_group(s, pf, int(g), stored)
                     self._keep(key, table)
                 mine = group == g
-                part = table.take(pa.array(local[mine] - starts[g]))
+                part = take(table, local[mine] - starts[g])
                 for c in columns:  # hit-table-only fields (a caption's image path): null
                     if c not in stored:
                         part = part.append_column(target.field(c),
@@ -213,7 +213,7 @@ class ColumnReader:
         table = pa.concat_tables([p.replace_schema_metadata(None) for p in parts])
         back = np.empty(len(rows), dtype=np.int64)
         back[np.concatenate(where)] = np.arange(len(rows))
-        return table.take(pa.array(back))
+        return take(table, back)
 
     def _group_starts(self, shard: int) -> np.ndarray:
         key = ("starts", shard)
@@ -259,23 +259,28 @@ class ColumnReader:
                  ) -> dict[str, int]:
         """Global row of each of ``ids`` found (shard by shard, stopping once all are):
         a binary search of a shard's hit table where it has one, else a scan of its ids."""
-        want = pa.array(list(dict.fromkeys(ids)), pa.string())
+        import pyarrow.compute as pc
+
+        wanted = list(dict.fromkeys(ids))
+        want: pa.Array | None = None
         found: dict[str, int] = {}
         for s in range(len(self.records)) if shards is None else shards:
             hits = self.hit_table(s, ["id"])
             if hits is not None:
-                rest = [i for i in want.to_pylist() if i not in found]
+                rest = [i for i in wanted if i not in found]
                 start = int(self.offsets.starts[s])
                 for i, r in self.hits.find(hits, rest).items():
                     found.setdefault(i, start + r)
-                if len(found) == len(want):
+                if len(found) == len(wanted):
                     break
                 continue
             col = self.read_shard(s, ["id"]).column(0)
+            if want is None:
+                want = pa.array(wanted, pa.string())
             hit = pc.is_in(col, value_set=want)
             for i in np.flatnonzero(hit.to_numpy(zero_copy_only=False)):
                 found.setdefault(col[int(i)].as_py(), int(self.offsets.starts[s] + i))
-            if len(found) == len(want):
+            if len(found) == len(wanted):
                 break
         return found
 
@@ -284,6 +289,8 @@ class ColumnReader:
         """Bool per row (of ``shards``, default all): the row's split is ``split`` and
         ``label`` is its label or one of its labels (None: no condition).  Arrow compute,
         one shard at a time."""
+        import pyarrow.compute as pc
+
         shards = range(len(self.records)) if shards is None else shards
         sizes = [int(self.records[s].rows) for s in shards]
         out = np.ones(sum(sizes), dtype=bool)
@@ -310,6 +317,8 @@ class ColumnReader:
 
     def distinct(self, column: str, shards: Sequence[int] | None = None) -> list[str]:
         """Sorted distinct non-empty values of a string column (of ``shards``)."""
+        import pyarrow.compute as pc
+
         seen: set[str] = set()
         for s in range(len(self.records)) if shards is None else shards:
             col = self.read_shard(s, [column]).column(0)
@@ -321,8 +330,22 @@ class ColumnReader:
         return pa.schema([fields.get(c, pa.field(c, pa.list_(pa.float16()))) for c in columns])
 
 
+def take(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table``'s rows at positions ``rows``.  A few rows are sliced out, not taken: a
+    take loads Arrow's compute module, a tenth of a second or more of a CLI search."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) > SLICE_MAX:
+        return table.take(pa.Array.from_buffers(pa.int64(), len(rows),
+                                                [None, pa.py_buffer(rows)]))
+    if not len(rows):
+        return table.slice(0, 0)
+    return pa.concat_tables([table.slice(int(r), 1) for r in rows])
+
+
 def _true(values: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A boolean Arrow result as numpy, nulls counted as false."""
+    import pyarrow.compute as pc
+
     return np.asarray(pc.fill_null(values, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..errors import FormatError
 from . import seal
@@ -131,6 +130,8 @@ class HitTables:
         """Row within the table's shard of each of ``ids`` it holds."""
         col = table.column("id")
         if len(ids) > BISECT_MAX:
+            import pyarrow.compute as pc
+
             hit = pc.index_in(pa.array(list(ids), pa.string()), value_set=col)
             return {i: int(r) for i, r in zip(ids, hit.to_pylist()) if r is not None}
         values = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
@@ -197,6 +198,8 @@ class HitTables:
         return len(todo)
 
     def _write(self, kind: str, shard: Any, table: pa.Table) -> dict[str, Any]:
+        import pyarrow.compute as pc
+
         order = pc.sort_indices(table.column("id"))  # byte order: what find() bisects
         table = table.combine_chunks().append_column(ORDER, order.cast(pa.int32()))
         block = Path(shard.file).stem.split("-")[-1]
@@ -276,6 +279,8 @@ class _StringAt:
 def _image_paths(images: Any, shard: Any, captions: pa.Table) -> pa.Array:
     """The image path of each caption row, from the image shard of the same embed block
     (captions and their images are written together); null where not found there."""
+    import pyarrow.compute as pc
+
     block = next((i for i, r in enumerate(images.records) if r.block == shard.block), None)
     if block is None:
         return pa.nulls(captions.num_rows, pa.string())
