@@ -164,11 +164,13 @@ class ColumnReader:
         """The column names of one shard (older shards lack newer optional columns)."""
         return list(self._open(shard, digest=False).schema_arrow.names)
 
-    def read_shard(self, shard: int, columns: Sequence[str]) -> pa.Table:
-        """``columns`` of one whole shard (page checksums verified)."""
+    def read_shard(self, shard: int, columns: Sequence[str], threads: bool = True
+                   ) -> pa.Table:
+        """``columns`` of one whole shard (page checksums verified); ``threads``: decode
+        columns in parallel (each thread keeps its own allocator cache: tens of MB)."""
         pf = self._open(shard, digest=False)
         try:
-            return pf.read(columns=list(columns))
+            return pf.read(columns=list(columns), use_threads=threads)
         except (OSError, pa.ArrowException) as e:
             path = self.files.shard_path(self.records[shard])
             raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None

@@ -55,6 +55,9 @@ HIT_FIELDS = {"images": FIELDS["images"],
               "captions": FIELDS["captions"].append(pa.field("image", pa.string()))}
 REMEDY = "rerun `python -m pipeline index` (it rebuilds the hit tables)"
 BISECT_MAX = 64  # ids looked up by binary search; more: one vectorised pass per table
+MAPPED_MAX = 4096  # checked, mapped tables a process keeps (maps: only touched pages count)
+_MAPPED: dict[tuple[Any, ...], pa.Table] = {}  # (path, digest, inode, size, mtime) -> table
+_LOCK = threading.Lock()
 
 
 class HitTables:
@@ -66,8 +69,6 @@ class HitTables:
         self.folder = folder
         self.manifest_path = folder / "manifest.json"
         self._records: dict[str, dict[str, Any]] | None = None
-        self._open: dict[str, pa.Table] = {}  # file name -> mapped table (checked)
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ reading
 
@@ -100,16 +101,22 @@ class HitTables:
 
     def table(self, kind: str, shard: Any) -> pa.Table | None:
         """The memory-mapped hit table of ``shard``, None when it has no current one;
-        FormatError naming the file when it fails its checksum."""
+        FormatError naming the file when it fails its checksum.  A file is checked whole
+        once per process (and again if it changes on disk: a new inode, size or mtime)."""
         rec = self.record(kind, shard)
         if rec is None:
             return None
-        name = rec["file"]
-        with self._lock:
-            got = self._open.get(name)
+        path = self._path(rec["file"])
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        key = (str(path), rec["digest"], *((st.st_ino, st.st_size, st.st_mtime_ns)
+                                           if st is not None else ()))
+        with _LOCK:
+            got = _MAPPED.get(key)
         if got is not None:
             return got
-        path = self._path(name)
         check_file(path, rec, "hit table", REMEDY, full=True)
         try:
             table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
@@ -118,8 +125,10 @@ class HitTables:
         want = HIT_FIELDS[kind].append(pa.field(ORDER, pa.int32()))
         if table.num_rows != shard.rows or not table.schema.equals(want):
             raise FormatError(f"hit table {path} does not match its shard: {REMEDY}")
-        with self._lock:
-            self._open[name] = table
+        with _LOCK:
+            _MAPPED[key] = table
+            while len(_MAPPED) > MAPPED_MAX:
+                _MAPPED.pop(next(iter(_MAPPED)))
         return table
 
     def _path(self, name: str) -> Path:
@@ -135,7 +144,7 @@ class HitTables:
             hit = pc.index_in(pa.array(list(ids), pa.string()), value_set=col)
             return {i: int(r) for i, r in zip(ids, hit.to_pylist()) if r is not None}
         values = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-        order = table.column(ORDER).chunk(0).to_numpy()
+        order = _ints(table.column(ORDER).chunk(0))
         at = _StringAt(values)
         found = {}
         for want in ids:
@@ -184,7 +193,7 @@ class HitTables:
         mine = records.setdefault(kind, {})
         saved = time.monotonic()
         for n, s in enumerate(todo, 1):
-            table = reader.read_shard(s, HIT_FIELDS[kind].names[:len(FIELDS[kind])])
+            table = reader.read_shard(s, FIELDS[kind].names, threads=False)
             if images is not None:
                 table = table.append_column("image", _image_paths(images, shards[s], table))
             mine[shards[s].file] = {**self._write(kind, shards[s], table),
@@ -263,6 +272,11 @@ class HitTables:
         return problems
 
 
+def _ints(values: pa.Array) -> np.ndarray:
+    """An int32 Arrow array as a numpy view (``to_numpy`` would import pandas)."""
+    return np.frombuffer(values.buffers()[1], np.int32)[values.offset:values.offset + len(values)]
+
+
 class _StringAt:
     """``at(i)``: the UTF-8 bytes of string ``i`` of an Arrow string array, read straight
     from its buffers (a binary search touches a few of them, no Python strings made)."""
@@ -284,6 +298,6 @@ def _image_paths(images: Any, shard: Any, captions: pa.Table) -> pa.Array:
     block = next((i for i, r in enumerate(images.records) if r.block == shard.block), None)
     if block is None:
         return pa.nulls(captions.num_rows, pa.string())
-    t = images.read_shard(block, ["id", "image"])
+    t = images.read_shard(block, ["id", "image"], threads=False)
     at = pc.index_in(captions.column("image_id"), value_set=t.column("id"))
     return pc.take(t.column("image"), at).combine_chunks()
