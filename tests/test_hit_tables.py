@@ -127,14 +127,25 @@ def test_missing_and_stale_hit_tables_are_rebuilt(indexed, tmp_path: Path) -> No
 
 def test_tampered_hit_tables_are_refused_then_rebuilt(indexed, capsys) -> None:
     run, x = indexed
-    table = _tables(run)[3]
+    table = _tables(run)[2]  # rows 8 to 20
     data = bytearray(table.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    at = data.index(b"r15")  # its id (or image path): a byte of row 15
+    data[at + 1] ^= 0x01  # r15 -> r05: still a valid string, a wrong one
     table.write_bytes(bytes(data))
-    row = sum(SIZES[:3])  # the first row of shard 3
+    row = 15
     s = Searcher(run, COLUMN, device="cpu")
+    assert s.search_vector(x[9], "q", k=1).hits[0].id == "r9"  # its other rows are sound
     with pytest.raises(FormatError, match="hit table .* corrupt"):
         s.search_vector(x[row], "q", k=1)
+    try:  # the id lookup: refused, or (the id itself altered) not found; never wrong
+        assert s.reader.find_ids(["r15", "r05"]) == {}
+    except FormatError as e:
+        assert "corrupt" in str(e)
+    data[at + 1] ^= 0x01
+    data[at + 1] ^= 0x80  # invalid UTF-8: refused the same way, never a traceback
+    table.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="hit table .* corrupt"):
+        Searcher(run, COLUMN, device="cpu").search_vector(x[row], "q", k=1)
     capsys.readouterr()
     assert main(["verify", "--run", str(run)]) == 2
     assert table.name in capsys.readouterr().out

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import FormatError
-from .hits import HIT_FIELDS
+from .hits import HIT_FIELDS, checked
 
 
 class Shards(Protocol):
@@ -185,7 +185,7 @@ class ColumnReader:
         for s, pos, local in self.offsets.groups(rows):
             hits = self.hit_table(s, columns)
             if hits is not None:
-                parts.append(take(hits.select(list(columns)), local))
+                parts.append(checked(hits, local).select(list(columns)))
                 where.append(pos)
                 continue
             stored = [c for c in columns if c in self.schema.names or c not in hit_names]

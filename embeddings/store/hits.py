@@ -24,6 +24,7 @@ Each file is checked whole (size, digest) once per reader before it is mapped.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import threading
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from ..errors import FormatError
 from . import seal
@@ -49,10 +51,13 @@ from .files import (
 )
 from .shards import FIELDS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a checksum per row
 ORDER = "id_order"  # row positions sorted by id (byte order): the id lookup
 HIT_FIELDS = {"images": FIELDS["images"],
               "captions": FIELDS["captions"].append(pa.field("image", pa.string()))}
+DIGEST = "row_digest"  # xxh3_64 of the row's fields (:func:`row_digests`)
+SCHEMAS = {k: v.append(pa.field(ORDER, pa.int32())).append(pa.field(DIGEST, pa.uint64()))
+           for k, v in HIT_FIELDS.items()}
 REMEDY = "rerun `python -m pipeline index` (it rebuilds the hit tables)"
 BISECT_MAX = 64  # ids looked up by binary search; more: one vectorised pass per table
 MAPPED_MAX = 4096  # checked, mapped tables a process keeps (maps: only touched pages count)
@@ -85,10 +90,10 @@ class HitTables:
         d = read_json(path, "hit table manifest", REMEDY)
         seal.check(d, path, "hit table manifest", REMEDY)
         kinds = d.get("kinds")
-        if d.get("schema_version") != SCHEMA_VERSION or not isinstance(kinds, dict) or \
-                not all(isinstance(v, dict) for v in kinds.values()):
-            raise FormatError(f"hit table manifest {path} is corrupt or of another version: "
-                              f"{REMEDY}")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            return {}  # another version's tables: read from the shards until rewritten
+        if not isinstance(kinds, dict) or not all(isinstance(v, dict) for v in kinds.values()):
+            raise FormatError(f"hit table manifest {path} is corrupt: {REMEDY}")
         return {k: dict(v) for k, v in kinds.items()}
 
     def record(self, kind: str, shard: Any) -> dict[str, Any] | None:
@@ -99,10 +104,13 @@ class HitTables:
             return None
         return rec
 
-    def table(self, kind: str, shard: Any) -> pa.Table | None:
-        """The memory-mapped hit table of ``shard``, None when it has no current one;
-        FormatError naming the file when it fails its checksum.  A file is checked whole
-        once per process (and again if it changes on disk: a new inode, size or mtime)."""
+    def table(self, kind: str, shard: Any, full: bool = False) -> pa.Table | None:
+        """The memory-mapped hit table of ``shard``, None when it has no current one.
+
+        Opening checks the file's size and structure; each row read is checked against its
+        own checksum (:func:`checked`), so a search reading 10 rows never hashes 10 whole
+        files.  ``full`` (the index stage, ``verify``): the whole file's digest too.
+        FormatError naming the file when either fails."""
         rec = self.record(kind, shard)
         if rec is None:
             return None
@@ -115,16 +123,16 @@ class HitTables:
                                            if st is not None else ()))
         with _LOCK:
             got = _MAPPED.get(key)
+        check_file(path, rec, "hit table", REMEDY, full=full)
         if got is not None:
             return got
-        check_file(path, rec, "hit table", REMEDY, full=True)
         try:
             table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
         except (OSError, pa.ArrowException) as e:
             raise FormatError(f"hit table {path} is corrupt ({e}): {REMEDY}") from None
-        want = HIT_FIELDS[kind].append(pa.field(ORDER, pa.int32()))
-        if table.num_rows != shard.rows or not table.schema.equals(want):
+        if table.num_rows != shard.rows or not table.schema.equals(SCHEMAS[kind]):
             raise FormatError(f"hit table {path} does not match its shard: {REMEDY}")
+        table = table.replace_schema_metadata({b"path": str(path).encode()})
         with _LOCK:
             _MAPPED[key] = table
             while len(_MAPPED) > MAPPED_MAX:
@@ -142,22 +150,28 @@ class HitTables:
             import pyarrow.compute as pc
 
             hit = pc.index_in(pa.array(list(ids), pa.string()), value_set=col)
-            return {i: int(r) for i, r in zip(ids, hit.to_pylist()) if r is not None}
+            found = {i: int(r) for i, r in zip(ids, hit.to_pylist()) if r is not None}
+            checked(table, np.array(list(found.values()), np.int64))
+            return found
         values = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         order = _ints(table.column(ORDER).chunk(0))
         at = _StringAt(values)
         found = {}
-        for want in ids:
-            key = want.encode()
-            lo, hi = 0, len(order)
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if at(int(order[mid])) < key:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo < len(order) and at(int(order[lo])) == key:
-                found[want] = int(order[lo])
+        try:
+            for want in ids:
+                key = want.encode()
+                lo, hi = 0, len(order)
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if at(int(order[mid])) < key:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo < len(order) and at(int(order[lo])) == key:
+                    found[want] = int(order[lo])
+        except IndexError:  # an order pointing outside the table
+            raise _corrupt(table) from None
+        checked(table, np.array(list(found.values()), np.int64))
         return found
 
     # ------------------------------------------------------------------ writing
@@ -169,7 +183,7 @@ class HitTables:
         for i, shard in enumerate(self.embed.manifest().shards[kind]):
             rec = self.record(kind, shard)
             try:
-                ok = rec is not None and self.table(kind, shard) is not None
+                ok = rec is not None and self.table(kind, shard, full=True) is not None
             except FormatError:
                 ok = False
             if not ok:
@@ -210,7 +224,9 @@ class HitTables:
         import pyarrow.compute as pc
 
         order = pc.sort_indices(table.column("id"))  # byte order: what find() bisects
-        table = table.combine_chunks().append_column(ORDER, order.cast(pa.int32()))
+        table = table.replace_schema_metadata(None).combine_chunks()
+        table = table.append_column(ORDER, order.cast(pa.int32())).append_column(
+            DIGEST, pa.array(row_digests(table.select(HIT_FIELDS[kind].names)), pa.uint64()))
         block = Path(shard.file).stem.split("-")[-1]
         name = f"{kind}.{block}.{secrets.token_hex(4)}.arrow"
         make_dirs(self.run, self.folder)
@@ -264,12 +280,50 @@ class HitTables:
                 for shard in shards.get(kind, []):
                     if shard.file in recs:
                         try:
-                            self.table(kind, shard)
+                            self.table(kind, shard, full=True)
                         except FormatError as e:
                             problems.append(str(e))
         except FormatError as e:
             problems.append(str(e))
         return problems
+
+
+def row_digests(table: pa.Table) -> np.ndarray:
+    """xxh3_64 of each row's fields (their Python values as compact JSON, in order)."""
+    columns = [table.column(i).to_pylist() for i in range(table.num_columns)]
+    return np.fromiter((xxhash.xxh3_64_intdigest(json.dumps(
+        row, ensure_ascii=False, separators=(",", ":")).encode()) for row in zip(*columns)),
+        np.uint64, count=table.num_rows)
+
+
+def checked(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """Rows ``rows`` of a hit table (all its fields), each validated (offsets inside their
+    buffers, UTF-8) and checked against its checksum before anything is copied out of
+    the map: FormatError naming the file when one fails."""
+    try:
+        parts = [table.slice(int(r), 1) for r in rows]
+        for part in parts:
+            part.validate(full=True)
+        got = pa.concat_tables(parts) if parts else table.slice(0, 0)
+        fields = got.schema.names[:got.schema.get_field_index(ORDER)]
+        want = [v for c in got.column(DIGEST).chunks for v in _uints(c)]
+        ok = np.array_equal(row_digests(got.select(fields)), np.array(want, np.uint64))
+    except (pa.ArrowException, UnicodeDecodeError, ValueError, IndexError):
+        ok = False
+    if not ok or len(got) != len(rows):
+        raise _corrupt(table)
+    return got
+
+
+def _corrupt(table: pa.Table) -> FormatError:
+    path = (table.schema.metadata or {}).get(b"path", b"?").decode()
+    return FormatError(f"hit table {path} is corrupt (a row does not match its checksum): "
+                       f"{REMEDY}")
+
+
+def _uints(values: pa.Array) -> np.ndarray:
+    return np.frombuffer(values.buffers()[1], np.uint64)[values.offset:values.offset
+                                                         + len(values)]
 
 
 def _ints(values: pa.Array) -> np.ndarray:
