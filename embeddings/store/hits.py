@@ -47,6 +47,7 @@ from .files import (
     no_links,
     read_json,
 )
+from .rowsum import row_digests
 from .shards import FIELDS
 
 SCHEMA_VERSION = 3  # 3: a checksum per row
@@ -284,68 +285,6 @@ class HitTables:
         except FormatError as e:
             problems.append(str(e))
         return problems
-
-
-def row_digests(table: pa.Table) -> np.ndarray:
-    """A 64-bit checksum of each row's fields, computed on the Arrow buffers with numpy
-    (100,000 rows in milliseconds, where a Python pass took seconds): per string a
-    polynomial in its bytes with an odd base (any one changed byte changes it) and its
-    length; per list the same over its strings' checksums; nulls a constant; mixed
-    column after column."""
-    out = np.zeros(table.num_rows, np.uint64)
-    with np.errstate(over="ignore"):
-        for col in table.columns:
-            arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-            out = _mix(out * _K1 + _column_hash(arr))
-    return out
-
-
-_K1, _K2, _BASE = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(
-    0x100000001B3)
-_NULL = np.uint64(0x94D049BB133111EB)
-
-
-def _mix(h: np.ndarray) -> np.ndarray:
-    h = h ^ (h >> np.uint64(31))
-    return h * _K2
-
-
-def _offsets(arr: pa.Array) -> np.ndarray:
-    return np.frombuffer(arr.buffers()[1], np.int32)[arr.offset:arr.offset + len(arr) + 1]
-
-
-def _segments(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per segment ``[offsets[i], offsets[i+1])`` of ``values`` (uint64): the polynomial
-    sum of ``values + 1`` in powers of the base, and its length mixed in."""
-    lengths = np.diff(offsets).astype(np.int64)
-    n, lo = len(lengths), int(offsets[0])
-    seg = values[lo:int(offsets[-1])].astype(np.uint64) + np.uint64(1)
-    if len(seg):
-        pos = np.arange(len(seg), dtype=np.int64) - np.repeat(offsets[:-1] - lo, lengths)
-        powers = np.cumprod(np.full(int(lengths.max()), _BASE, np.uint64))
-        terms = seg * powers[pos]
-        starts = (offsets[:-1] - lo)[lengths > 0]
-        sums = np.zeros(n, np.uint64)
-        sums[lengths > 0] = np.add.reduceat(terms, starts)
-    else:
-        sums = np.zeros(n, np.uint64)
-    return sums * _K1 + lengths.astype(np.uint64)
-
-
-def _column_hash(arr: pa.Array) -> np.ndarray:
-    if pa.types.is_string(arr.type):
-        data = arr.buffers()[2]
-        values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-        h = _segments(values, _offsets(arr))
-    elif pa.types.is_list(arr.type):
-        inner = _column_hash(arr.values)  # every element (the slice's range is picked below)
-        h = _segments(inner - np.uint64(1), _offsets(arr))
-    else:
-        raise TypeError(f"no row checksum for {arr.type}")
-    if arr.null_count:
-        bits = np.unpackbits(np.frombuffer(arr.buffers()[0], np.uint8), bitorder="little")
-        h = np.where(bits[arr.offset:arr.offset + len(arr)].astype(bool), h, _NULL)
-    return h
 
 
 def checked(table: pa.Table, rows: np.ndarray) -> pa.Table:
