@@ -37,8 +37,16 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h * _K2
 
 
-def _offsets(arr: pa.Array) -> np.ndarray:
-    return np.frombuffer(arr.buffers()[1], np.int32)[arr.offset:arr.offset + len(arr) + 1]
+def _offsets(arr: pa.Array, limit: int) -> np.ndarray:
+    """The array's offsets for its rows, checked to lie in ``[0, limit]`` and to rise:
+    a corrupt file is never read outside its buffers (ValueError instead)."""
+    raw = np.frombuffer(arr.buffers()[1], np.int32)
+    if len(raw) < arr.offset + len(arr) + 1:
+        raise ValueError("offsets buffer too short")
+    off = raw[arr.offset:arr.offset + len(arr) + 1]
+    if off[0] < 0 or off[-1] > limit or (len(off) > 1 and (np.diff(off) < 0).any()):
+        raise ValueError("offsets out of range")
+    return off
 
 
 def _segments(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -60,16 +68,22 @@ def _segments(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def _column_hash(arr: pa.Array) -> np.ndarray:
+    """Per row of ``arr`` (a string or list-of-strings array, maybe a slice): its hash,
+    reading only the bytes its rows reference."""
     if pa.types.is_string(arr.type):
         data = arr.buffers()[2]
         values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-        h = _segments(values, _offsets(arr))
+        h = _segments(values, _offsets(arr, len(values)))
     elif pa.types.is_list(arr.type):
-        inner = _column_hash(arr.values)  # every element (the slice's range is picked below)
-        h = _segments(inner - np.uint64(1), _offsets(arr))
+        off = _offsets(arr, len(arr.values))
+        inner = _column_hash(arr.values.slice(int(off[0]), int(off[-1] - off[0])))
+        h = _segments(inner - np.uint64(1), off - off[0])
     else:
         raise TypeError(f"no row checksum for {arr.type}")
     if arr.null_count:
-        bits = np.unpackbits(np.frombuffer(arr.buffers()[0], np.uint8), bitorder="little")
+        valid = arr.buffers()[0]
+        if valid is None or len(valid) * 8 < arr.offset + len(arr):
+            raise ValueError("validity buffer too short")
+        bits = np.unpackbits(np.frombuffer(valid, np.uint8), bitorder="little")
         h = np.where(bits[arr.offset:arr.offset + len(arr)].astype(bool), h, _NULL)
     return h
