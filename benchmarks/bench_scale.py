@@ -17,8 +17,9 @@ peak resident memory of its whole process tree:
 - ``read``: streaming a column through the store vs ``pyarrow.parquet.read_table`` plus a
   zero-copy numpy view of the same shards;
 - ``search``: CLI ``search`` with and without ``--split`` / ``--label``, next to the time
-  of ``import torch, open_clip`` alone;
-- ``serve``: time until ``serve`` listens, then queries with and without filters;
+  of ``import torch, open_clip`` alone (median of three), and each step of one search;
+- ``serve``: time until ``serve`` listens, then queries with and without filters (p50,
+  p99);
 - ``heads``: logistic and concat on image + caption columns of a separate run of
   ``--heads-n`` labelled rows.
 

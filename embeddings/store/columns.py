@@ -40,7 +40,8 @@ class Shards(Protocol):
     def check_shard(self, record: Any, full: bool = True) -> Path: ...
 
 CHUNK_ROWS = 65_536  # rows per streamed chunk: 64 MiB at 512-d float16
-SLICE_MAX = 64  # rows read by slicing (see take)
+SLICE_MAX = 64  # rows read by slicing (see take); as many from a row group: its prefix
+POINT_BATCH = 1024  # rows decoded at a time when reading a row group's prefix
 GROUP_CACHE_BYTES = 64 * 2**20  # decoded row groups a reader keeps for point reads
 REMEDY = "run `python -m pipeline verify RUN`, then rerun `python -m pipeline embed` to redo it"
 
@@ -198,11 +199,14 @@ class ColumnReader:
                     table = self._groups.get(key)
                     if table is not None:
                         self._groups.move_to_end(key)
+                mine = group == g
                 if table is None:
                     pf = pf or self._open(s, digest=False)
-                    table = self._read_group(s, pf, int(g), stored)
-                    self._keep(key, table)
-                mine = group == g
+                    few = int(mine.sum()) <= SLICE_MAX
+                    upto = int(local[mine].max() - starts[g]) + 1 if few else None
+                    table = self._read_group(s, pf, int(g), stored, upto)
+                    if not few:
+                        self._keep(key, table)
                 part = take(table, local[mine] - starts[g])
                 for c in columns:  # hit-table-only fields (a caption's image path): null
                     if c not in stored:
@@ -230,9 +234,21 @@ class ColumnReader:
         return got
 
     def _read_group(self, shard: int, pf: pq.ParquetFile, group: int,
-                    columns: Sequence[str]) -> pa.Table:
+                    columns: Sequence[str], upto: int | None = None) -> pa.Table:
+        """A row group's ``columns``; with ``upto``, only its first ``upto`` rows, decoded
+        page by page and stopped there (one vector of a 16,384-row group: 0.03-0.04 s
+        to row 2,000 against 0.4-0.5 s for the whole group, cold, on a loaded machine)."""
         try:
-            return pf.read_row_group(group, columns=list(columns))
+            if upto is None:
+                return pf.read_row_group(group, columns=list(columns))
+            batches, n = [], 0
+            for batch in pf.iter_batches(batch_size=POINT_BATCH, row_groups=[group],
+                                         columns=list(columns), use_threads=False):
+                batches.append(batch)
+                n += len(batch)
+                if n >= upto:
+                    break
+            return pa.Table.from_batches(batches)
         except (OSError, pa.ArrowException) as e:
             path = self.files.shard_path(self.records[shard])
             raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
