@@ -186,3 +186,19 @@ def test_a_run_without_hit_tables_still_searches(indexed) -> None:
     assert Run(run).verify() == []
     _index(run)  # the index stage writes them for the run as it is
     assert len(_tables(run)) == len(SIZES)
+
+
+def test_serve_warms_up_at_start(indexed) -> None:
+    """serve's start runs a query per index and maps every hit table in the background,
+    so its first queries pay neither first-use imports nor first reads."""
+    from pipeline.serve import ServeConfig, Service
+    from pipeline.serve_warm import warm
+
+    run, _ = indexed
+    service = Service(ServeConfig(run=str(run), device="cpu"))
+    thread = warm(service)
+    assert thread is not None
+    thread.join(timeout=60)
+    reader = service.searcher(COLUMN).reader
+    assert len(reader.hits._tables) == len(SIZES)  # every table checked and mapped
+    assert service.similar("r50", k=3).hits[0].id == "r50"
