@@ -193,6 +193,54 @@ def read_rates(run: Path, column: str, shards: int = 10, repeat: int = 3) -> dic
             "store_over_baseline": round(best["store_stream"] / best["pyarrow_numpy"], 2)}
 
 
+SEARCH_STEPS = """
+import json, sys, time
+t = time.perf_counter()
+steps = {}
+def lap(name):
+    global t
+    now = time.perf_counter()
+    steps[name] = round(now - t, 3)
+    t = now
+import torch, open_clip, PIL.Image
+lap("import torch, open_clip, PIL")
+import pipeline.cli, pipeline.search
+from embeddings import index as ix
+lap("import pipeline (cli, search)")
+run, image = sys.argv[1], sys.argv[2]
+s = pipeline.search.Searcher(run, "clip_image", device="cpu")
+lap("open index, manifests, reader")
+s.encoder
+lap("load encoder")
+v = s.embed_image(image)
+lap("embed query")
+out = {"steps": steps}
+for name, split, label in (("plain", None, None), ("split", "test", None),
+                           ("label", None, "rare")):
+    t = time.perf_counter()
+    steps = {}
+    allowed = s.allowed(split, label)
+    lap("filter bitmap")
+    scores, ids = ix.search_filtered(s.index, v, 10, allowed)
+    lap("faiss search")
+    hits = s.hits(scores[0], ids[0])
+    lap("hit metadata")
+    out[name] = steps
+print(json.dumps(out))
+"""
+
+
+def search_steps(run: Path, image: str) -> dict[str, Any]:
+    """Seconds of each step of a CLI search (image query) in one fresh process, then of
+    each query kind: filter bitmap, FAISS, the hits' metadata."""
+    import json
+
+    got = run_cmd([sys.executable, "-c", SEARCH_STEPS, str(run), image])
+    if got["returncode"]:
+        return {"error": got["stderr"][-800:]}
+    return json.loads(got["stdout"].strip().splitlines()[-1])
+
+
 def serve_latency(run: Path, repeat: int = 20) -> dict[str, Any]:
     """Seconds until ``serve`` answers, then per query kind the first and the median
     latency over ``repeat`` (a "more like this" query: the run has image rows only, so
@@ -243,7 +291,8 @@ def serve_latency(run: Path, repeat: int = 20) -> dict[str, Any]:
             first, hits = ask(**params)
             times = [ask(**params)[0] for _ in range(repeat)]
             out[name] = {"first_ms": round(1000 * first, 1), "hits": hits,
-                         "p50_ms": round(1000 * float(np.median(times)), 1)}
+                         "p50_ms": round(1000 * float(np.median(times)), 1),
+                         "p99_ms": round(1000 * float(np.percentile(times, 99)), 1)}
         out["peak_rss_gb"] = round(mem.peak / 2**30, 3)
     finally:
         proc.terminate()

@@ -60,9 +60,22 @@ class OpenClipEncoder:
             cached = hub_file(repo, HUB_WEIGHTS) if repo else None
             if cached is not None:
                 self.weights["weights_sha256"] = file_digest(cached)
-        self.tokenizer = open_clip.get_tokenizer(spec.model)
+        self._tokenizer: Any = None
         self.dim = int(open_clip.get_model_config(spec.model)["embed_dim"])
-        self.context_length = int(getattr(self.tokenizer, "context_length", 77))
+        # The model's context length is the one its tokenizer is made with (open_clip
+        # passes text_cfg's to both): an image query never loads the tokenizer.
+        length = getattr(self.model, "context_length", None)
+        self.context_length = int(length if isinstance(length, int) else
+                                  getattr(self.tokenizer, "context_length", 77))
+
+    @property
+    def tokenizer(self) -> Any:
+        """Loaded on first use (a quarter of a second, and only text needs it)."""
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer(self.spec.model)
+        return self._tokenizer
 
     def provenance(self) -> Provenance:
         pp = dict(getattr(self.model.visual, "preprocess_cfg", {}))

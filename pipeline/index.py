@@ -92,6 +92,8 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
                         cfg.dedup, results)
         if any(r.action != "unchanged" for r in results):
             _warm_filters(run, {cols[c].kind for c in columns})
+        for kind in sorted({cols[c].kind for c in columns if c in entries}):
+            _hit_tables(cfg, run, kind)
         if entries and not run.index.trusted and all(r.action == "unchanged" for r in results):
             run.index.write_entries(entries)  # checked against the embed stage: seal it here
     return results
@@ -124,6 +126,22 @@ def _warm_filters(run: Run, kinds: set[str]) -> None:
     for kind in sorted(kinds):
         for split in values["splits"]:
             run.filters.mask(kind, split, None)
+
+
+def _hit_tables(cfg: IndexConfig, run: Run, kind: str) -> None:
+    """What a search hit reads, per shard, memory-mappable (:mod:`embeddings.store.hits`):
+    written for the shards that lack a current one (all of them on a run indexed by an
+    older version, the new ones after an add, none otherwise)."""
+    with tqdm(unit="row", desc=f"hit tables {kind}", disable=not cfg.progress,
+              leave=False) as bar:
+
+        def shown(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        n = run.embed.hits.build(kind, progress=shown)
+    if n:
+        log.info("hit tables: wrote %d for the %s shards", n, kind)
 
 
 def check_config(cfg: IndexConfig) -> None:

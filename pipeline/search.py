@@ -34,7 +34,7 @@ from .leaks import kept_mask
 log = logging.getLogger(__name__)
 MODALITIES = ("image", "text")
 IMAGE_META = ["id", "image", "label", "split", "captions"]
-CAPTION_META = ["id", "caption", "image_id", "label", "split"]
+CAPTION_META = ["id", "caption", "image_id", "label", "split", "image"]  # image: hit tables
 FILTERS_KEPT = 32  # filter bitmaps a searcher keeps in memory (n / 8 bytes each)
 
 
@@ -171,14 +171,14 @@ class Searcher:
         return got
 
     def _locate(self, got: Any, split: str | None, label: str | None) -> None:
-        """A filter keeping few rows: where they sit in the lists, cached beside the index
-        (keyed by the index files' digests), so a search does not rescan the lists' ids."""
+        """A filter keeping few rows: where they sit in the lists (and their codes, when
+        few), cached beside the index (keyed by the index files' digests), so a search
+        neither rescans the lists' ids nor reads a page of the lists file per row."""
         key = self.entry.digest + str((self.entry.lists or {}).get("digest", ""))
         cached = self.files.filters.entries(self.kind, split, label, key)
-        if cached is not None and got.use_entries(self.index, cached):
-            return
-        packed = got.packed_entries(self.index)
-        if packed is not None:
+        usable = cached is not None and got.use_entries(self.index, cached)
+        packed = got.packed_entries(self.index)  # with the rows' codes when they are few
+        if packed is not None and (not usable or len(packed) != len(cached or b"")):
             self.files.filters.keep_entries(self.kind, split, label, key, packed)
 
     def search_vector(self, vector: np.ndarray, query: str, k: int = 10,
@@ -213,10 +213,13 @@ class Searcher:
                         (t["captions"][r] or [None])[0], t["image"][r], t["label"][r],
                         t["split"][r]) for r, (s, row) in enumerate(zip(scores, rows))]
         t = self.reader.read_rows(rows, CAPTION_META).to_pydict()
-        paths = self.image_paths(rows, t["image_id"])
+        unknown = [r for r, path in enumerate(t["image"]) if path is None]
+        paths = self.image_paths(rows[unknown], [t["image_id"][r] for r in unknown]) \
+            if unknown else {}
         return [Hit(r + 1, float(s), int(row), t["id"][r], t["caption"][r],
-                    paths.get(t["image_id"][r]), t["label"][r], t["split"][r],
-                    t["image_id"][r]) for r, (s, row) in enumerate(zip(scores, rows))]
+                    t["image"][r] or paths.get(t["image_id"][r]), t["label"][r],
+                    t["split"][r], t["image_id"][r])
+                for r, (s, row) in enumerate(zip(scores, rows))]
 
     def image_paths(self, caption_rows: np.ndarray, image_ids: list[str]) -> dict[str, str]:
         """Image path of each caption's image, looked up in the image shard of the same

@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .serve import ServeConfig, Service
     from .serve_app import create_app, is_loopback
+    from .serve_warm import warm
 
     cfg = stage_config(ServerConfig, "serve", load_toml(args.config), args.run,
                        **overrides(args, ServerConfig))
@@ -63,6 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.warning("warning: %s", service.root_problem.removeprefix("refused: "))
     for column, problem in service.problems.items():
         log.warning("%s: %s", column, problem)
+    warm(service)  # first-use imports and reads now, not in the first queries
     sock = _listen(cfg.host, cfg.port)  # bound before we say so: errors are ours
     shown = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     print(f"serving {run} on http://{shown}:{sock.getsockname()[1]}/ (API docs: /docs; "

@@ -87,13 +87,16 @@ class Allowed:
         """:meth:`entries` as bytes to cache (None where the few-rows path is not taken)."""
         if not rare.takes(index, self.count):
             return None
-        return rare.pack(self.entries(index))
+        return rare.pack(self.entries(index), rare.codec_ivf(index))
 
     def use_entries(self, index: faiss.Index, data: bytes) -> bool:
         """Take entries cached as :meth:`packed_entries` wrote them (False: unusable)."""
-        found = rare.unpack(data, self.count, self.n)
-        if found is None or not rare.takes(index, self.count) or \
-                not rare.fits(found, rare.codec_ivf(index)):
+        if not rare.takes(index, self.count):
+            return False
+        ivf = rare.codec_ivf(index)
+        found = rare.unpack(data, self.count, self.n,
+                            int(ivf.code_size + ivf.coarse_code_size()))
+        if found is None or not rare.fits(found, ivf):
             return False
         self.memo.clear()
         self.memo[id(index)] = (index, found)

@@ -13,6 +13,8 @@ clear message)::
     RUN/index/<column>.<token>.ivfdata    its inverted lists, when too large for memory
     RUN/index/<column>.<token>.truth.npz  recall queries and their exact neighbours
     RUN/index/filters/                    cached split / label bitmaps (a cache)
+    RUN/index/hits/manifest.json          per embed shard its hit table (size, digest)
+    RUN/index/hits/<kind>.<block>.<token>.arrow  a shard's metadata, memory-mapped by search
     RUN/heads/models/NAME.json            a head's description (weights' name, size, digest)
     RUN/heads/models/NAME.<token>.safetensors
     RUN/heads/comparison.{csv,json,png}, confusion.png, splits.json, predictions/NAME.parquet
@@ -136,6 +138,7 @@ class _CleaningLock(StageLock):
             if stage == "index":
                 self.run.index.clean()
                 self.run.filters.clean()
+                self.run.embed.hits.clean()
             elif stage == "heads":
                 self.run.heads.clean()
             elif stage in ("align", "latent"):

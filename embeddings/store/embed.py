@@ -37,6 +37,7 @@ from .files import (
     read_json,
     tampered,
 )
+from .hits import HitTables
 from .provenance import Provenance
 from .shards import FIELDS, META_KEY, ShardInfo, shard_file
 
@@ -171,6 +172,7 @@ class EmbedFiles:
         self.manifest_path = self.dir / "manifest.json"
         self.spec_path = self.dir / "config.json"
         self.rejects_path = self.dir / "rejects.jsonl"
+        self.hits = HitTables(self, run / "index" / "hits")  # written by the index stage
 
     def _checked(self, path: Path) -> Path:
         return no_links(self.run, path)
@@ -334,7 +336,8 @@ class EmbedFiles:
         """Streaming and point reads of the ``kind`` shards (:mod:`.columns`)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-        return ColumnReader(self, self.manifest().shards[kind], FIELDS[kind], verify)
+        return ColumnReader(self, self.manifest().shards[kind], FIELDS[kind], verify, kind,
+                            self.hits)
 
     def iter_column(self, column: str, chunk_rows: int = CHUNK_ROWS, verify: bool = True,
                     shards: Sequence[int] | None = None) -> Iterator[Chunk]:

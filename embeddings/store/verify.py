@@ -70,7 +70,9 @@ def verify_run(run: Run) -> Report:
             if sealed and not meta["sealed"]:
                 r.problems.append(_unsealed(desc, fmt.remedy))
     r.problems += run.dedup.verify()
-    for leftovers in (run.index.leftovers, run.filters.leftovers, run.heads.leftovers,
+    r.problems += _guard(r, run.embed.hits.verify) or []
+    for leftovers in (run.index.leftovers, run.filters.leftovers, run.embed.hits.leftovers,
+                      run.heads.leftovers,
                       run.align.leftovers, run.latent.leftovers):
         r.leftovers += _guard(r, leftovers) or []
     r.leftovers += [p for p in run.path.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
