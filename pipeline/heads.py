@@ -159,7 +159,7 @@ def run_heads(cfg: HeadsConfig) -> HeadsResult:
     label_file = (read_label_file(cfg.labels_file, [cfg.multilabel] if cfg.multilabel else [])
                   if cfg.labels_file else None)
     with run.lock("heads"):
-        feats = load_features(run.path, cfg.inputs)
+        feats = load_features(run.path, cfg.inputs, cfg.memory_budget_gb)
         notes: list[str] = []
         if label_file is not None:
             table, notes = join_labels(feats.table, label_file)
