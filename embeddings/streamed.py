@@ -88,22 +88,28 @@ class Rows:
                                                      chunk_rows))
         return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
 
-    def read_span(self, p0: int, p1: int) -> np.ndarray:
-        """Rows at positions ``p0:p1`` (float16, NaN/inf checked)."""
+    def read_span(self, p0: int, p1: int) -> torch.Tensor:
+        """Rows at positions ``p0:p1`` as float32, NaN/inf checked (on the float32 copy:
+        numpy's float16 loops are emulated and cost more than the read)."""
         rows = self.rows[p0:p1]
         first = int(rows[0])
-        block = self.column.source.read(first, int(rows[-1]) + 1)
-        part = block if len(block) == len(rows) else block[rows - first]
-        return check_finite_rows(part, f"embedding column {self.column.source.column!r}")
+        block = torch.from_numpy(self.column.source.read(first, int(rows[-1]) + 1))
+        if len(block) != len(rows):
+            block = block.index_select(0, torch.from_numpy(rows - first))
+        out = block.float()
+        if not bool(torch.isfinite(out).all()):
+            check_finite_rows(out.numpy(), f"embedding column {self.column.source.column!r}")
+        return out
 
     def take(self, positions: np.ndarray) -> np.ndarray:
-        """Rows at sorted ``positions`` as one float16 array (one pass over their spans)."""
-        out = np.empty((len(positions), self.shape[1]), np.float16)
+        """Rows at sorted ``positions`` as one float32 array (one pass over their spans)."""
+        out = np.empty((len(positions), self.shape[1]), np.float32)
         done = 0
         for p0, p1 in self.spans():
             lo, hi = np.searchsorted(positions, [p0, p1])
             if hi > lo:
-                out[done:done + hi - lo] = self.read_span(p0, p1)[positions[lo:hi] - p0]
+                part = self.read_span(p0, p1)[torch.from_numpy(positions[lo:hi] - p0)]
+                out[done:done + hi - lo] = part.numpy()
                 done += hi - lo
         return out
 
@@ -118,8 +124,8 @@ def float32(x: np.ndarray) -> torch.Tensor:
 
 
 def chunks(xs: Sequence[Rows], chunk_rows: int | None = None
-           ) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """(first position, float16 rows of every input) per span of the first input."""
+           ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """(first position, float32 rows of every input) per span of the first input."""
     for p0, p1 in xs[0].spans(chunk_rows):
         yield p0, [x.read_span(p0, p1) for x in xs]
 
@@ -130,7 +136,7 @@ def column_stats(x: Rows) -> tuple[np.ndarray, np.ndarray]:
     s = torch.zeros(x.shape[1], dtype=torch.float64)
     s2 = torch.zeros(x.shape[1], dtype=torch.float64)
     for _, (part,) in chunks([x]):
-        t = float32(part).double()
+        t = part.double()
         s += t.sum(0)
         s2 += t.square().sum(0)
     n = max(len(x), 1)
@@ -142,7 +148,7 @@ def column_stats(x: Rows) -> tuple[np.ndarray, np.ndarray]:
 def gather(xs: Sequence[Any], positions: np.ndarray) -> list[np.ndarray]:
     """Rows at ``positions`` of each input as float32 arrays (in memory or streamed)."""
     positions = np.sort(np.asarray(positions, np.int64))
-    return [float32(x.take(positions)).numpy() if isinstance(x, Rows)
+    return [x.take(positions) if isinstance(x, Rows)
             else np.ascontiguousarray(x[positions], np.float32) for x in xs]
 
 
@@ -185,7 +191,7 @@ def epoch_batches(xs: Sequence[Rows], ys: Sequence[torch.Tensor], batch: int,
     carry_y: list[torch.Tensor] = []
     for s in torch.randperm(len(spans), generator=gen).tolist():
         p0, p1 = spans[s]
-        parts = [float32(x.read_span(p0, p1)) for x in xs]
+        parts = [x.read_span(p0, p1) for x in xs]
         order = torch.randperm(p1 - p0, generator=gen)
         px = [t[order] for t in parts]
         py = [y[p0:p1][order] for y in ys]

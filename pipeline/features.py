@@ -88,10 +88,10 @@ def stream_needed(n: int, infos: dict[str, Column], budget: int) -> bool:
              + min(n, streamed.SAMPLE_ROWS) * dims * 4 * 2)
     if floor + budget // SWEEP_SHARE > budget or floor > budget:
         raise InputError(
-            f"the heads need about {need / 2**30:.1f} GiB for {n} images x {dims} features "
-            f"in memory and at least {(floor * SWEEP_SHARE / (SWEEP_SHARE - 1)) / 2**30:.2f} "
+            f"the heads need about {need / 2**30:.3g} GiB for {n} images x {dims} features "
+            f"in memory and at least {floor * SWEEP_SHARE / (SWEEP_SHARE - 1) / 2**30:.3g} "
             f"GiB to stream them from disk, more than the memory budget of "
-            f"{budget / 2**30:.2f} GiB ([heads] memory_budget_gb, default: the memory "
+            f"{budget / 2**30:.3g} GiB ([heads] memory_budget_gb, default: the memory "
             "available): raise it (--memory-budget), use a machine with more memory, or "
             "train on fewer inputs (--inputs)")
     return True

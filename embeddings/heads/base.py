@@ -30,7 +30,7 @@ import torch
 from ..errors import InputError
 from ..features import check_finite
 from ..metrics import best_thresholds
-from ..streamed import Rows, chunks, float32, is_streamed, materialise
+from ..streamed import Rows, chunks, is_streamed, materialise
 from .params import parse
 
 
@@ -87,7 +87,7 @@ class Head:
         xs = self.check(xs)
         if not is_streamed(xs):
             return self._scores(xs)
-        parts = [self._scores(self.check([float32(c).numpy() for c in chunk]))
+        parts = [self._scores(self.check([c.numpy() for c in chunk]))
                  for _, chunk in chunks(xs)]
         if not parts:
             return self._scores([np.zeros((0, d), np.float32) for d in self.dims])

@@ -1,8 +1,7 @@
 """The probe's objective on rows that stay on disk: the same f and gradient as
 :class:`.lbfgs.Objective`, summed over chunks of the feature cache.
 
-Each chunk is read as float16, turned into float32 and standardised in place (the copy
-is made anyway, so nothing is folded into the matmuls), checked for NaN/inf, and its
+Each chunk is read as float16, turned into float32, checked for NaN/inf, and its
 share of the loss, the gradient and the softmax's curvature added; the weights of the
 rows (``1/n`` or class weight ``/ n``) are those of the whole set, so the sum is the
 full-batch objective and L-BFGS runs unchanged on it (:func:`.lbfgs.fit_lbfgs_torch`).
@@ -17,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..streamed import Rows, chunks, float32
+from ..streamed import Rows, chunks
+from .lbfgs import MAX_FOLDED_OFFSET
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,10 @@ class StreamData:
 
 
 class StreamObjective:
-    """f and its gradient summed chunk by chunk (see the module's docstring)."""
+    """f and its gradient summed chunk by chunk (see the module's docstring).  As in
+    :class:`.lbfgs.Objective` the standardisation is folded into the two matmuls (no
+    elementwise passes over each chunk) unless the features sit far from their mean
+    (``MAX_FOLDED_OFFSET``), where each chunk is standardised first."""
 
     def __init__(self, data: StreamData, lam: float) -> None:
         self.data, self.lam = data, lam
@@ -45,20 +48,29 @@ class StreamObjective:
         self.row = (torch.full((n,), 1 / n) if data.class_weight is None
                     else torch.from_numpy(data.class_weight)[self.t] / n)
         self.mean, self.scale = torch.from_numpy(data.mean), torch.from_numpy(data.scale)
+        self.fold = float(np.max(np.abs(data.mean) / data.scale, initial=0.0)) \
+            <= MAX_FOLDED_OFFSET
+        self.a = 1 / self.scale if self.fold else torch.ones_like(self.scale)
+        self.c = self.mean / self.scale if self.fold else torch.zeros_like(self.mean)
         self.curv = 0.0
 
     def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(standardised float32 rows, their targets, their weights) per chunk."""
-        for p0, (part,) in chunks([self.data.x]):
-            x = float32(part).sub_(self.mean).div_(self.scale)
+        """(float32 rows, their targets, their weights) per chunk."""
+        for p0, (x,) in chunks([self.data.x]):
+            if not self.fold:
+                x = x.sub_(self.mean).div_(self.scale)
             yield x, self.t[p0:p0 + len(x)], self.row[p0:p0 + len(x)]
 
-    def __call__(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def _logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         wz, b = w[:-1], w[-1]
+        return torch.addmm(b - self.c @ wz, x, self.a[:, None] * wz)
+
+    def __call__(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
+        wz = w[:-1]
         f, curv = 0.0, 0.0
         g = torch.zeros_like(w)
         for x, t, row in self._chunks():
-            z = torch.addmm(b, x, wz)  # logits
+            z = self._logits(x, w)
             top = z.max(1, keepdim=True).values
             picked = z.gather(1, t[:, None])[:, 0]
             z.sub_(top).exp_()
@@ -72,15 +84,14 @@ class StreamObjective:
             g[:-1] += torch.mm(z.T, x).T
         k = max(w.shape[1] - 1, 1)
         self.curv = curv / (k * float(self.row.sum()))
-        g[:-1].add_(wz, alpha=self.lam)
+        g[:-1].mul_(self.a[:, None]).sub_(self.c[:, None] * g[-1]).add_(wz, alpha=self.lam)
         return f + 0.5 * self.lam * float(wz.square().sum()), g
 
     def curvature(self, w: torch.Tensor) -> float:
         """The softmax's mean curvature per class at ``w`` (as :class:`.lbfgs.Objective`)."""
-        wz, b = w[:-1], w[-1]
         total = 0.0
         for x, _, row in self._chunks():
-            p = torch.softmax(torch.addmm(b, x, wz), 1)
+            p = torch.softmax(self._logits(x, w), 1)
             total += float((1 - p.square().sum(1)) @ row)
         k = max(w.shape[1] - 1, 1)
         return total / float(self.row.sum()) / k
