@@ -117,7 +117,7 @@ class TorchHead(Head):
                 tz = self.net.standardised(_tensors(xs))
             vz = self.net.standardised(_tensors(val_xs))
             lr = p.lr or (1.0 if optimizer == "lbfgs"
-                          else 1 / top_variance(tz.sample(4096, p.seed) if streamed else tz)
+                          else 1 / top_variance(tz.head(4096) if streamed else tz)
                           if optimizer == "sgd"
                           else 1e-2 if self.net.fuser.linear else 3e-3)
         self.net.given_standardised = True
