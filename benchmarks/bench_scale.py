@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--heads-n", type=int, default=5_000_000)
     p.add_argument("--heads-budget-gb", type=float, default=8.0,
                    help="[heads] memory_budget_gb of the heads step")
+    p.add_argument("--heads-list", default="logistic,concat", help="heads of the heads step")
     p.add_argument("--heads-param", nargs="*", default=[], metavar="HEAD.KEY=VALUE",
                    help="head parameters of the heads step (recorded with its figures)")
     p.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES)
@@ -234,12 +235,12 @@ def phase_heads(a, run, prov, queries, res) -> dict[str, Any]:
         scale_data.write(heads_run, a.heads_n, prov, a.shard_rows, seed=5, captions=True)
     cached = [p.name for p in Run(heads_run).heads.cache.files()]
     got = sm.run_cmd(sm.pipeline_cmd("heads", "--run", str(heads_run), "--heads",
-                                     "logistic,concat", "--inputs", "clip_image,clip_text",
+                                     a.heads_list, "--inputs", "clip_image,clip_text",
                                      "--multilabel", "", "--multitask", "", "--memory-budget",
                                      str(a.heads_budget_gb),
                                      *[x for v in a.heads_param for x in ("--param", v)]))
     out = {**_trim(got), "rows": a.heads_n, "budget_gb": a.heads_budget_gb,
-           "params": a.heads_param,
+           "heads_list": a.heads_list, "params": a.heads_param,
            "cache_before": cached, "table": got["stdout"][-2500:]}
     report = heads_run / "heads" / "comparison.json"
     if got["returncode"] == 0 and report.exists():
