@@ -65,6 +65,11 @@ def main() -> None:
     p.add_argument("--shard-rows", type=int, default=100_000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--heads-n", type=int, default=5_000_000)
+    p.add_argument("--heads-budget-gb", type=float, default=8.0,
+                   help="[heads] memory_budget_gb of the heads step")
+    p.add_argument("--heads-list", default="logistic,concat", help="heads of the heads step")
+    p.add_argument("--heads-param", nargs="*", default=[], metavar="HEAD.KEY=VALUE",
+                   help="head parameters of the heads step (recorded with its figures)")
     p.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES)
     p.add_argument("--keep", action="store_true", help="keep the data (default: delete it)")
     a = p.parse_args()
@@ -243,10 +248,25 @@ def phase_heads(a, run, prov, queries, res) -> dict[str, Any]:
             Run(heads_run).embed.manifest().rows("images") == a.heads_n):
         shutil.rmtree(heads_run, ignore_errors=True)
         scale_data.write(heads_run, a.heads_n, prov, a.shard_rows, seed=5, captions=True)
+    cached = [p.name for p in Run(heads_run).heads.cache.files()]
     got = sm.run_cmd(sm.pipeline_cmd("heads", "--run", str(heads_run), "--heads",
-                                     "logistic,concat", "--inputs", "clip_image,clip_text",
-                                     "--multilabel", "", "--multitask", ""))
-    return {**_trim(got), "rows": a.heads_n, "table": got["stdout"][-2500:]}
+                                     a.heads_list, "--inputs", "clip_image,clip_text",
+                                     "--multilabel", "", "--multitask", "", "--memory-budget",
+                                     str(a.heads_budget_gb),
+                                     *[x for v in a.heads_param for x in ("--param", v)]))
+    out = {**_trim(got), "rows": a.heads_n, "budget_gb": a.heads_budget_gb,
+           "heads_list": a.heads_list, "params": a.heads_param,
+           "cache_before": cached, "table": got["stdout"][-2500:]}
+    report = heads_run / "heads" / "comparison.json"
+    if got["returncode"] == 0 and report.exists():
+        rows = json.loads(report.read_text())["rows"]
+        out["heads"] = [{**{k: r[k] for k in ("head", "inputs", "accuracy", "macro_f1",
+                                              "train_s", "rows", "eval_split")},
+                         "info": {k: v for k, v in r["info"].items()
+                                  if k not in ("fits", "val_by_round")}} for r in rows]
+        out["cache_gb"] = round(sum(p.stat().st_size for p in Run(heads_run).heads.cache
+                                    .files()) / 2**30, 2)
+    return out
 
 
 def _trim(got: dict[str, Any]) -> dict[str, Any]:

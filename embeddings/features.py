@@ -55,8 +55,10 @@ class CaptionMeans:
         self.counts += np.bincount(rows[known], minlength=len(self.counts))
 
     def result(self, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-        """(re-normalised means as ``dtype``, has-caption mask); zero rows without one."""
-        out = torch.nn.functional.normalize(self.sums, dim=1)
+        """(re-normalised means as ``dtype``, has-caption mask); zero rows without one.
+        Normalised in place (what ``F.normalize`` computes, without a second array): the
+        sums are spent."""
+        out = self.sums.div_(self.sums.norm(2, 1, keepdim=True).clamp_min(1e-12))
         return out.numpy().astype(dtype, copy=False), self.counts > 0
 
 

@@ -174,6 +174,10 @@ class HeadsConfig:
     seed: int = knob(0, "seed of splits and training")
     exclude_leaks: bool = knob(False, "evaluate without images that have a copy in train too")
     dedup: bool = knob(False, "train and evaluate on the dedup keep-list's images only")
+    memory_budget_gb: float | None = knob(
+        None, "memory the heads may hold in GiB (default: the memory available); features "
+        "beyond it stream from a float16 cache on disk (RUN/heads/cache)",
+        flag="--memory-budget")
     val_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     test_fraction: float = knob(0.15, "used only when splits must be made here", cli=False)
     params: dict[str, dict[str, Any]] = knob(  # noqa: RUF009 (a default_factory field)

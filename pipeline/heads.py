@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -159,7 +160,10 @@ def run_heads(cfg: HeadsConfig) -> HeadsResult:
     label_file = (read_label_file(cfg.labels_file, [cfg.multilabel] if cfg.multilabel else [])
                   if cfg.labels_file else None)
     with run.lock("heads"):
-        feats = load_features(run.path, cfg.inputs)
+        feats = load_features(run.path, cfg.inputs, cfg.memory_budget_gb)
+        _say(feats.streamed, f"{len(feats.ids)} images' features stream from "
+             f"{run.heads.cache.dir} (beyond the memory budget) after "
+             f"{time.perf_counter() - t0:.0f} s")
         notes: list[str] = []
         if label_file is not None:
             table, notes = join_labels(feats.table, label_file)
@@ -188,6 +192,8 @@ def run_heads(cfg: HeadsConfig) -> HeadsResult:
                                          label_file, allowed,
                                          leak if cfg.exclude_leaks else None)
             log.debug("trained %s on %s in %.2f s", job.display, job.inputs, row_set[0].train_s)
+            _say(feats.streamed, f"{job.display} on {'+'.join(job.inputs)} trained in "
+                 f"{row_set[0].train_s:.0f} s")
             rows += row_set
             saved.append((job, head, meta))
         metric = "r2" if cfg.label in regression else cfg.metric
@@ -199,6 +205,12 @@ def run_heads(cfg: HeadsConfig) -> HeadsResult:
         _write(run, cfg, rows, best, metric, saved, split_record, table, notes,
                manifest.columns)
     return HeadsResult(run.path, rows, best, metric, table, notes, time.perf_counter() - t0)
+
+
+def _say(streamed: bool, text: str) -> None:
+    """A progress line on stderr for runs large enough to stream (minutes per head)."""
+    if streamed:
+        print(f"heads: {text}", file=sys.stderr, flush=True)
 
 
 def _regression_columns(cfg: HeadsConfig, feats: Features) -> set[str]:

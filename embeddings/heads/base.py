@@ -30,6 +30,7 @@ import torch
 from ..errors import InputError
 from ..features import check_finite
 from ..metrics import best_thresholds
+from ..streamed import Rows, chunks, is_streamed, materialise
 from .params import parse
 
 
@@ -56,6 +57,7 @@ class Head:
     """
 
     name = "head"
+    streams = False  # fits on streamed inputs (embeddings.streamed.Rows) chunk by chunk
 
     def __init__(self, tasks: Sequence[Task], dims: Sequence[int], params: Any) -> None:
         self.tasks = tuple(tasks)
@@ -67,19 +69,29 @@ class Head:
     def fit(self, xs: Sequence[np.ndarray], ys: Sequence[np.ndarray],
             val_xs: Sequence[np.ndarray], val_ys: Sequence[np.ndarray]) -> Head:
         xs, val_xs = self.check(xs), self.check(val_xs)
+        if is_streamed(xs) and not self.streams:  # float32 arrays, if they fit the budget
+            xs, val_xs = materialise(xs, self.name), materialise(val_xs, self.name)
         ys = check_targets(self.tasks, ys, len(xs[0]))
         val_ys = check_targets(self.tasks, val_ys, len(val_xs[0]))
         self._fit(xs, ys, val_xs, val_ys)
         if any(task.multilabel for task in self.tasks):  # thresholds tuned on validation
-            val_probs = self._scores(val_xs)
+            val_probs = self.predict_proba(val_xs)
             for t, task in enumerate(self.tasks):
                 if task.multilabel:
                     self.thresholds[t] = best_thresholds(val_ys[t], val_probs[t])
         return self
 
     def predict_proba(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Class probabilities, one ``(n, n_classes)`` array per task."""
-        return self._scores(self.check(xs))
+        """Class probabilities, one ``(n, n_classes)`` array per task (streamed inputs:
+        a chunk at a time)."""
+        xs = self.check(xs)
+        if not is_streamed(xs):
+            return self._scores(xs)
+        parts = [self._scores(self.check([c.numpy() for c in chunk]))
+                 for _, chunk in chunks(xs)]
+        if not parts:
+            return self._scores([np.zeros((0, d), np.float32) for d in self.dims])
+        return [np.concatenate(p) for p in zip(*parts, strict=True)]
 
     def predict(self, xs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Class indices ``(n,)`` per single-label task; 0/1 ``(n, n_classes)`` otherwise."""
@@ -96,7 +108,8 @@ class Head:
         """Inputs as float32 arrays, or ValueError on count, dimension, row or NaN trouble."""
         if len(xs) != len(self.dims):
             raise InputError(f"{self.name} takes {len(self.dims)} input column(s), got {len(xs)}")
-        out = [check_finite(x, f"input {i}") for i, x in enumerate(xs)]
+        out = [x if isinstance(x, Rows) else check_finite(x, f"input {i}")  # Rows: per chunk
+               for i, x in enumerate(xs)]
         for i, (x, d) in enumerate(zip(out, self.dims, strict=True)):
             if x.shape[1] != d:
                 raise InputError(f"{self.name}: input {i} has dimension {x.shape[1]}, "

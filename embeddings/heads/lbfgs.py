@@ -62,6 +62,10 @@ class Data:
     def standardised(self) -> np.ndarray:
         return (self.x - self.mean) / self.scale
 
+    def objective(self, lam: float) -> Objective:
+        """f and its gradient on these rows (streamed rows: :mod:`.lbfgs_stream`)."""
+        return Objective(self, lam)
+
 
 @dataclass(frozen=True)
 class Fit:
@@ -204,7 +208,7 @@ def fit_lbfgs_torch(data: Data, k: int, lam: float, init: Fit | None, max_iter: 
     or from a subsample to all rows), so it does not re-learn the curvature from scratch:
     the warm-started sweep fits on the openclipart set took 3-4 iterations each instead
     of 3-7."""
-    objective = Objective(data, lam)
+    objective = data.objective(lam)
     w = torch.zeros(data.x.shape[1] + 1, k) if init is None else torch.from_numpy(init.w.copy())
     gamma = init.gamma if init is not None else 0.0
     scales = None

@@ -59,8 +59,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ..streamed import Rows, column_stats, gather, materialise, sample
 from .base import Head, threads_for, torch_threads
 from .lbfgs import SOLVERS, Data, Fit, Precond
+from .lbfgs_stream import StreamData
 from .params import param
 
 # Rows of the covariance behind the preconditioner (an estimate is enough).
@@ -121,27 +123,45 @@ def balanced_weights(y: np.ndarray, k: int) -> np.ndarray:
 class LogisticHead(Head):
     """Softmax regression on one column: converged fits, a C sweep that carries over."""
 
+    streams = True  # the fits on all rows sum over chunks (:mod:`.lbfgs_stream`)
+
     def _fit(self, xs: list[np.ndarray], ys: list[np.ndarray], val_xs: list[np.ndarray],
              val_ys: list[np.ndarray]) -> None:
         p = self.params
         lambdas = sorted({float(v) for v in p.lambdas}, reverse=True)
         k = len(self.tasks[0].classes)
         x, y, vx, vy = xs[0], ys[0], val_xs[0], val_ys[0]
+        if isinstance(x, Rows) and p.solver != "torch":  # scikit-learn needs arrays
+            (x,), (vx,) = materialise([x], self.name), materialise([vx], self.name)
+        streamed = isinstance(x, Rows)
         # Elementwise passes on one thread unless the problem is large: a second thread
         # that is not scheduled on a busy machine made them 70 ms instead of a few.
         with torch_threads(threads_for(x.size, p.threads)):
-            if p.standardise:  # torch: one pass, 5x faster than numpy's mean and std
+            if p.standardise and streamed:
+                mean, std = column_stats(x)
+                self.mean, self.scale = mean, np.maximum(std, np.float32(1e-6))
+            elif p.standardise:  # torch: one pass, 5x faster than numpy's mean and std
                 std, mean = torch.std_mean(torch.from_numpy(x), dim=0, correction=0)
                 self.mean, self.scale = mean.numpy(), std.clamp_min(1e-6).numpy()
             else:
                 self.mean = np.zeros(x.shape[1], np.float32)
                 self.scale = np.ones(x.shape[1], np.float32)
             rows = max(int(p.sweep_rows), math.ceil(p.sweep_fraction * len(x)))
+            if streamed:  # the sweep's rows are held in memory: a share of the budget
+                rows = min(rows, max(1, x.budget // (4 * 8 * (x.shape[1] + 1))))
             rng = np.random.default_rng(p.seed)
             sub = _subsample(len(x), rows, rng)
             cw = balanced_weights(y, k) if p.class_weights else None
-            full_data = Data.standardising(x, y, self.mean, self.scale, cw)
-            sub_data = full_data if len(sub) == len(x) else full_data.rows(sub)
+            if streamed:
+                full_data: Data | StreamData = StreamData(x, y, self.mean, self.scale, cw)
+                sub_data = Data.standardising(gather([x], sub)[0], y[sub], self.mean,
+                                              self.scale, cw)
+            else:
+                full_data = Data.standardising(x, y, self.mean, self.scale, cw)
+                sub_data = full_data if len(sub) == len(x) else full_data.rows(sub)
+            if isinstance(vx, Rows):  # model choice on a seeded validation sample
+                keep = sample(len(vx), None, p.seed)
+                vx, vy = gather([vx], keep)[0], vy[keep]
             vz = self._standardised(vx)
         d = x.shape[1] + 1
         rank = RANKS[p.select]

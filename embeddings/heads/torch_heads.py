@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..streamed import Batches, column_stats, gather, is_streamed, sample
 from .base import Head, Task, threads_for, torch_state, torch_threads
 from .fusers import Fuser, TrainParams
 from .logistic import balanced_weights
@@ -79,6 +80,7 @@ class TorchHead(Head):
     registered kind (:func:`head_class`)."""
 
     fuser_type: ClassVar[type[Fuser]]
+    streams = True  # mini-batches drawn from streamed chunks (embeddings.streamed.Batches)
 
     def __init__(self, tasks: Sequence[Task], dims: Sequence[int], params: Any) -> None:
         super().__init__(tasks, dims, params)
@@ -90,11 +92,12 @@ class TorchHead(Head):
     def _fit(self, xs: list[np.ndarray], ys: list[np.ndarray], val_xs: list[np.ndarray],
              val_ys: list[np.ndarray]) -> None:
         p = self.params
+        streamed = is_streamed(xs)
         for i, x in enumerate(xs):
             if p.standardise:
-                getattr(self.net, f"mean{i}").copy_(torch.from_numpy(x.mean(axis=0)))
-                getattr(self.net, f"scale{i}").copy_(
-                    torch.from_numpy(np.maximum(x.std(axis=0), 1e-6)))
+                mean, std = column_stats(x) if streamed else (x.mean(axis=0), x.std(axis=0))
+                getattr(self.net, f"mean{i}").copy_(torch.from_numpy(mean))
+                getattr(self.net, f"scale{i}").copy_(torch.from_numpy(np.maximum(std, 1e-6)))
         for t, (task, y) in enumerate(zip(self.tasks, ys, strict=True)):
             if task.regression:
                 getattr(self.net, f"ymean{t}").fill_(float(y.mean()))
@@ -106,10 +109,16 @@ class TorchHead(Head):
         # Standardised once, not on every batch and validation pass; elementwise passes
         # on one thread unless large (an unscheduled second thread stalls them).
         with torch.no_grad(), torch_threads(threads_for(sum(x.size for x in xs), p.threads)):
-            tz = self.net.standardised(_tensors(xs))
+            if streamed:  # batches standardised as they are drawn; a validation sample
+                tz: Any = Batches(xs, self.net.standardised)
+                keep = sample(len(val_xs[0]), None, p.seed)
+                val_xs, val_ys = gather(val_xs, keep), [y[keep] for y in val_ys]
+            else:
+                tz = self.net.standardised(_tensors(xs))
             vz = self.net.standardised(_tensors(val_xs))
             lr = p.lr or (1.0 if optimizer == "lbfgs"
-                          else 1 / top_variance(tz) if optimizer == "sgd"
+                          else 1 / top_variance(tz.head(4096) if streamed else tz)
+                          if optimizer == "sgd"
                           else 1e-2 if self.net.fuser.linear else 3e-3)
         self.net.given_standardised = True
         try:
@@ -239,9 +248,11 @@ def train(net: nn.Module, loss: Loss, tx: list[torch.Tensor], ty: list[torch.Ten
         torch.manual_seed(p.seed)  # dropout masks and augmentation
         done, last = False, math.inf
         while not done:
-            for idx in torch.randperm(n, generator=gen).split(batch):
+            for bx, by in (tx.epoch(ty, batch, gen) if isinstance(tx, Batches) else
+                           (([x[i] for x in tx], [y[i] for y in ty])
+                            for i in torch.randperm(n, generator=gen).split(batch))):
                 net.train()
-                value = step_on([x[idx] for x in tx], [y[idx] for y in ty])
+                value = step_on(bx, by)
                 step += 1
                 # Full-batch L-BFGS at its optimum: nothing left to do, whatever min_steps.
                 converged = optimizer == "lbfgs" and abs(last - value) <= 1e-7 * abs(value)

@@ -20,6 +20,7 @@ import xxhash
 
 from ..errors import FormatError
 from . import seal
+from .featcache import FeatureCache
 from .files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -37,6 +38,7 @@ class HeadsFiles:
         self.run = run
         self.dir = run / "heads"
         self.models = self.dir / "models"
+        self.cache = FeatureCache(run, self.dir / "cache")  # features too large for memory
 
     def model_json(self, stem: str) -> Path:
         path = self.models / f"{check_name(stem, 'head name')}.json"
