@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .ops import Dropout
 from .params import ParamError, param
 
 # ------------------------------------------------------------------------- parameters
@@ -66,10 +67,15 @@ class TrainParams:
     batch_size: int = param(512, "rows per step (at most the training rows)", low=1)
     min_steps: int = param(300, "optimiser steps at least, whatever the rows/batch ratio",
                            low=0)
-    max_epochs: int = param(200, "passes over the training rows at most (min_steps wins)",
-                            low=1)
-    patience: int = param(100, "stop after this many steps without a better validation "
-                          "loss (the best weights are kept)", low=1)
+    schedule: str = param("cosine", "cosine: the learning rate falls to zero over a budget of "
+                          "epochs (after a 5 % warm-up); constant: it stays, and early "
+                          "stopping ends training", choices=("cosine", "constant"))
+    epochs: float = param(3.0, "cosine: passes over the training rows (min_steps wins)",
+                          above=0)
+    max_epochs: int = param(200, "constant: passes over the training rows at most "
+                            "(min_steps wins)", low=1)
+    patience: int = param(100, "constant: stop after this many steps without a better "
+                          "validation loss (the best weights are kept)", low=1)
     standardise: bool = param(True, "standardise each input on the train rows")
     class_weights: bool = param(False, "balanced class weights for single-label tasks (they "
                                 "trade accuracy for the rare classes' recall)")
@@ -152,7 +158,7 @@ def layers(width: int, hidden: Sequence[int], dropout: float) -> nn.Module:
     """``Linear -> GELU -> Dropout`` per hidden width (none: the identity)."""
     mods: list[nn.Module] = []
     for h in hidden:
-        mods += [nn.Linear(width, h), nn.GELU(), nn.Dropout(dropout)]
+        mods += [nn.Linear(width, h), nn.GELU(), Dropout(dropout)]
         width = h
     return nn.Sequential(*mods)
 
@@ -236,7 +242,7 @@ class Product(Projected):
     def __init__(self, dims: Sequence[int], p: ProjectedParams) -> None:
         super().__init__(dims, p)
         # Products of several projections vary wildly in scale: normalise them.
-        self.body = nn.Sequential(nn.LayerNorm(self.width), nn.Dropout(p.dropout))
+        self.body = nn.Sequential(nn.LayerNorm(self.width), Dropout(p.dropout))
         self.out = self.width
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -247,7 +253,7 @@ class Gated(Projected):
     def __init__(self, dims: Sequence[int], p: ProjectedParams) -> None:
         super().__init__(dims, p)
         self.gate = nn.Linear(sum(dims), len(dims))
-        self.body, self.out = nn.Dropout(p.dropout), self.width
+        self.body, self.out = Dropout(p.dropout), self.width
 
     def weights(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.softmax(self.gate(torch.cat(xs, dim=1)), dim=1)
@@ -282,7 +288,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm, self.qkv = nn.LayerNorm(width), nn.Linear(width, 3 * width)
-        self.proj, self.drop = nn.Linear(width, width), nn.Dropout(dropout)
+        self.proj, self.drop = nn.Linear(width, width), Dropout(dropout)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         n, m, w = t.shape
@@ -335,7 +341,7 @@ class Bilinear(Fuser):
         self.proj = nn.ModuleList(nn.Linear(d, p.rank) for d in dims)
         self.pairs = list(itertools.combinations(range(len(dims)), 2))
         width = len(self.pairs) * (p.rank + 1) ** 2
-        self.norm, self.drop = nn.LayerNorm(width), nn.Dropout(p.dropout)
+        self.norm, self.drop = nn.LayerNorm(width), Dropout(p.dropout)
         self.skip = p.skip
         width += sum(dims) if p.skip else 0
         self.body = layers(width, p.hidden, p.dropout)

@@ -52,7 +52,7 @@ class Net(nn.Module):
             nn.init.zeros_(out.bias)
 
     def standardised(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [(x - getattr(self, f"mean{i}")) / getattr(self, f"scale{i}")
+        return [(x - getattr(self, f"mean{i}")).div_(getattr(self, f"scale{i}"))
                 for i, x in enumerate(xs)]
 
     def augmented(self, zs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -219,18 +219,24 @@ def train(net: nn.Module, loss: Loss, tx: list[torch.Tensor], ty: list[torch.Ten
           lr: float) -> dict[str, Any]:
     """Mini-batch training measured in steps; the best validation loss's weights kept.
 
-    The validation loss is checked every epoch, or every few steps when epochs are long
-    (at most a third of the training time), and training stops ``patience`` steps after
-    its best once ``min_steps`` are done."""
+    ``schedule = "cosine"``: a fixed budget of ``epochs`` passes (at least ``min_steps``
+    steps), the learning rate rising over its first 5 % and falling to zero along a
+    cosine.  ``"constant"``: the rate stays, and training stops ``patience`` steps after
+    the best validation loss once ``min_steps`` are done (at most ``max_epochs``).  The
+    validation loss is checked every epoch, or every few steps when epochs are long (at
+    most a third of the training time)."""
     n = len(tx[0])
     batch = n if optimizer == "lbfgs" else min(p.batch_size, n)
     per_epoch = math.ceil(n / batch)
     # Every epoch; at least every 10 steps on tiny sets, and on long epochs as often as
     # keeps validating under a third of the time.
     every = max(min(10, p.patience), min(per_epoch, max(25, 2 * math.ceil(len(vx[0]) / batch))))
-    max_steps = max(p.min_steps, p.max_epochs * per_epoch)
+    cosine = p.schedule == "cosine" and optimizer != "lbfgs"
+    max_steps = max(p.min_steps, (math.ceil(p.epochs * per_epoch) if cosine
+                                  else p.max_epochs * per_epoch))
     patience = max(p.patience, 2 * every)
-    step_on = _stepper(net, loss, p, optimizer, lr)
+    opt, step_on = _stepper(net, loss, p, optimizer, lr)
+    warm = max(1, max_steps // 20)
     gen = torch.Generator().manual_seed(p.seed)
     params = sum(v.numel() for v in net.parameters())
     best, best_state, best_step, step = math.inf, torch_state(net), 0, 0
@@ -241,6 +247,10 @@ def train(net: nn.Module, loss: Loss, tx: list[torch.Tensor], ty: list[torch.Ten
         while not done:
             for idx in torch.randperm(n, generator=gen).split(batch):
                 net.train()
+                if cosine:
+                    for g in opt.param_groups:
+                        g["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (
+                            1 + math.cos(math.pi * step / max_steps))
                 value = step_on([x[idx] for x in tx], [y[idx] for y in ty])
                 step += 1
                 # Full-batch L-BFGS at its optimum: nothing left to do, whatever min_steps.
@@ -260,19 +270,23 @@ def train(net: nn.Module, loss: Loss, tx: list[torch.Tensor], ty: list[torch.Ten
     net.load_state_dict(best_state)
     net.eval()
     return {"steps": step, "best_step": best_step, "epochs": round(step / per_epoch, 2),
-            "batch_size": batch, "best_val_loss": best, "optimizer": optimizer, "lr": lr}
+            "batch_size": batch, "best_val_loss": best, "optimizer": optimizer, "lr": lr,
+            "schedule": "cosine" if cosine else "constant"}
 
 
 def _stepper(net: nn.Module, loss: Loss, p: TrainParams, optimizer: str,
-             lr: float) -> Callable[[list[torch.Tensor], list[torch.Tensor]], float]:
-    """One optimiser step on a batch.  ``lbfgs`` (full batch, deterministic losses only)
-    takes weight decay as an L2 penalty on the weight matrices, like the probe."""
+             lr: float) -> tuple[torch.optim.Optimizer,
+                                 Callable[[list[torch.Tensor], list[torch.Tensor]], float]]:
+    """The optimiser, and one optimiser step on a batch.  ``lbfgs`` (full batch,
+    deterministic losses only) takes weight decay as an L2 penalty on the weight
+    matrices, like the probe."""
     if optimizer == "lbfgs":
         opt: torch.optim.Optimizer = torch.optim.LBFGS(
             net.parameters(), lr=1, max_iter=1, history_size=30, line_search_fn="strong_wolfe")
         weights = [v for v in net.parameters() if v.ndim > 1]
     elif optimizer == "adamw":
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=p.weight_decay)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=p.weight_decay,
+                                fused=True)  # one kernel: 3x faster on CPU
     else:
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True,
                               weight_decay=p.weight_decay)
@@ -286,7 +300,7 @@ def _stepper(net: nn.Module, loss: Loss, p: TrainParams, optimizer: str,
             value.backward()
             return value
         return float(opt.step(closure).detach())  # the loss before the step
-    return step
+    return opt, step
 
 
 def _tensors(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
