@@ -57,9 +57,10 @@ class TrainParams:
     """What every torch head takes: optimiser, schedule, augmentation, threads, seed."""
 
     optimizer: str = param("auto", "sgd (Nesterov momentum 0.9), adamw, lbfgs (full batch), "
-                           "or auto: lbfgs for linear heads on one batch of rows, sgd for "
-                           "other linear heads, adamw for the rest",
-                           choices=("auto", "adamw", "sgd", "lbfgs"))
+                           "probe (linear single-label heads: the logistic probe's solver "
+                           "and L2 sweep), or auto: probe (or lbfgs) for linear heads on "
+                           "one batch of rows, sgd for other linear heads, adamw for the "
+                           "rest", choices=("auto", "adamw", "sgd", "lbfgs", "probe"))
     lr: float | None = param(None, "learning rate (default: sgd 1 / the largest variance "
                              "of the standardised inputs along one direction; adamw 1e-2 "
                              "for linear heads, 3e-3 for the others)", above=0)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Head, Task, threads_for, torch_state, torch_threads
+from ..errors import InputError
+from .base import Head, Task, make_head, threads_for, torch_state, torch_threads
 from .fusers import Fuser, TrainParams
 from .logistic import balanced_weights
 
@@ -90,19 +91,22 @@ class TorchHead(Head):
     def _fit(self, xs: list[np.ndarray], ys: list[np.ndarray], val_xs: list[np.ndarray],
              val_ys: list[np.ndarray]) -> None:
         p = self.params
-        for i, x in enumerate(xs):
-            if p.standardise:
-                getattr(self.net, f"mean{i}").copy_(torch.from_numpy(x.mean(axis=0)))
-                getattr(self.net, f"scale{i}").copy_(
-                    torch.from_numpy(np.maximum(x.std(axis=0), 1e-6)))
+        optimizer = p.optimizer if p.optimizer != "auto" else auto_optimizer(
+            self.net.fuser.linear, len(xs[0]) <= p.batch_size,
+            bool(p.noise or getattr(p, "modality_dropout", 0.0)), self.tasks)
+        if optimizer == "probe":
+            return self._fit_probe(xs, ys, val_xs, val_ys)
+        with torch_threads(threads_for(sum(x.size for x in xs), p.threads)):
+            for i, x in enumerate(xs):  # torch: one pass, 5x faster than numpy's
+                if p.standardise:
+                    std, mean = torch.std_mean(torch.from_numpy(x), dim=0, correction=0)
+                    getattr(self.net, f"mean{i}").copy_(mean)
+                    getattr(self.net, f"scale{i}").copy_(std.clamp_min(1e-6))
         for t, (task, y) in enumerate(zip(self.tasks, ys, strict=True)):
             if task.regression:
                 getattr(self.net, f"ymean{t}").fill_(float(y.mean()))
                 getattr(self.net, f"yscale{t}").fill_(max(float(y.std()), 1e-12))
         loss = task_loss(self.tasks, ys, p.class_weights, self._target_scale())
-        optimizer = p.optimizer if p.optimizer != "auto" else auto_optimizer(
-            self.net.fuser.linear, len(xs[0]) <= p.batch_size,
-            bool(p.noise or getattr(p, "modality_dropout", 0.0)))
         # Standardised once, not on every batch and validation pass; elementwise passes
         # on one thread unless large (an unscheduled second thread stalls them).
         with torch.no_grad(), torch_threads(threads_for(sum(x.size for x in xs), p.threads)):
@@ -127,6 +131,38 @@ class TorchHead(Head):
     def _target_scale(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {t: (getattr(self.net, f"ymean{t}"), getattr(self.net, f"yscale{t}"))
                 for t, task in enumerate(self.tasks) if task.regression}
+
+    def _fit_probe(self, xs: list[np.ndarray], ys: list[np.ndarray],
+                   val_xs: list[np.ndarray], val_ys: list[np.ndarray]) -> None:
+        """A linear single-label head solved by the ``logistic`` probe (its L-BFGS and its
+        validation-chosen L2 strength) on the concatenated inputs; the weights and the
+        standardisation are copied in.  The same model class, so the same solution."""
+        p = self.params
+        task = self.tasks[0]
+        if not self.net.fuser.linear or len(self.tasks) > 1 or task.multilabel \
+                or task.regression or p.noise or getattr(p, "modality_dropout", 0.0):
+            raise InputError(f"{self.name}: optimizer 'probe' takes a linear head (no hidden "
+                             f"layers, no augmentation) and one single-label task")
+
+        def cat(a: list[np.ndarray]) -> np.ndarray:
+            return a[0] if len(a) == 1 else np.hstack(a)
+        probe = make_head("logistic", self.tasks, [sum(self.dims)], seed=p.seed,
+                          standardise=p.standardise, class_weights=p.class_weights,
+                          threads=p.threads)
+        probe.fit([cat(xs)], ys, [cat(val_xs)], val_ys)
+        t = probe.tensors()
+        bounds = np.cumsum([0, *self.dims])
+        with torch.no_grad():
+            for i in range(len(self.dims)):
+                a, b = bounds[i], bounds[i + 1]
+                getattr(self.net, f"mean{i}").copy_(t["scaler.mean"][a:b])
+                getattr(self.net, f"scale{i}").copy_(t["scaler.scale"][a:b])
+            self.net.outs[0].weight.copy_(t["coef"])
+            self.net.outs[0].bias.copy_(t["intercept"])
+        info = probe.info
+        self.info = {"optimizer": "probe", "C": info["C"], "lambda": info["lambda"],
+                     "iterations": info["iterations"], "converged": info["converged"],
+                     "val_accuracy": info["val_accuracy"]}
 
     def _scores(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         self.net.eval()
@@ -184,16 +220,21 @@ def task_loss(tasks: Sequence[Task], ys: Sequence[np.ndarray], class_weights: bo
     return loss
 
 
-def auto_optimizer(linear: bool, one_batch: bool, augmented: bool) -> str:
-    """``optimizer = "auto"``: full-batch L-BFGS for a linear head whose training rows fit
-    in one batch (its loss is then deterministic: the small-set case, where first-order
-    steps were still far from the optimum after 2,000 steps on the binary demo task),
-    SGD for other linear heads (AdamW's per-coordinate steps lead a linear model to a
-    solution that generalises worse: binary demo task, 1,000 steps on one batch,
-    unweighted, AdamW 0.73 vs SGD 0.98), AdamW for the rest."""
+def auto_optimizer(linear: bool, one_batch: bool, augmented: bool,
+                   tasks: Sequence[Task] = ()) -> str:
+    """``optimizer = "auto"``, for a linear head whose training rows fit in one batch and
+    which has no augmentation (the small-set case): the ``logistic`` probe's solver and
+    L2 sweep on one single-label task ("probe"), else full-batch L-BFGS (its loss is
+    deterministic; first-order steps were still far from the optimum after 2,000 steps
+    on the binary demo task).  SGD for other linear heads (AdamW's per-coordinate steps
+    lead a linear model to a solution that generalises worse: binary demo task, 1,000
+    steps on one batch, unweighted, AdamW 0.73 vs SGD 0.98), AdamW for the rest."""
     if not linear:
         return "adamw"
-    return "lbfgs" if one_batch and not augmented else "sgd"
+    if not one_batch or augmented:
+        return "sgd"
+    single = len(tasks) == 1 and not tasks[0].multilabel and not tasks[0].regression
+    return "probe" if single else "lbfgs"
 
 
 def top_variance(zs: list[torch.Tensor], rows: int = 4096, steps: int = 30) -> float:
@@ -251,7 +292,9 @@ def train(net: nn.Module, loss: Loss, tx: list[torch.Tensor], ty: list[torch.Ten
                     for g in opt.param_groups:
                         g["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (
                             1 + math.cos(math.pi * step / max_steps))
-                value = step_on([x[idx] for x in tx], [y[idx] for y in ty])
+                # index_select: 3.5x faster than x[idx] for a batch of rows (same values)
+                value = step_on([x.index_select(0, idx) for x in tx],
+                                [y.index_select(0, idx) for y in ty])
                 step += 1
                 # Full-batch L-BFGS at its optimum: nothing left to do, whatever min_steps.
                 converged = optimizer == "lbfgs" and abs(last - value) <= 1e-7 * abs(value)
