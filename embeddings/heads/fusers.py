@@ -144,7 +144,7 @@ class AttentionParams(FusionParams):
 
 @dataclass(frozen=True)
 class BilinearParams(FusionParams):
-    rank: int = param(32, "width of each modality's projection before the outer product "
+    rank: int = param(16, "width of each modality's projection before the outer product "
                       "((rank + 1)^2 features per pair of modalities)", low=1, high=128)
     skip: bool = param(True, "also hand the standardised inputs themselves to the output "
                        "layer: the interactions add to a linear model")
@@ -266,17 +266,19 @@ class Gated(Projected):
 
 
 def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) over a handful of tokens, ``(n, heads, tokens, d)`` in,
-    by broadcasting: with two or three tokens a product and a sum beat batched matmuls
-    and the fused kernels (which copy and tile for long sequences)."""
-    return torch.softmax((q[:, :, :, None] * k[:, :, None]).sum(-1) / q.shape[-1] ** 0.5, -1)
+    """softmax(q k^T / sqrt(d)) over a handful of tokens: ``(n, queries, heads, d)`` and
+    ``(n, keys, heads, d)`` in, ``(n, queries, keys, heads)`` out.  By broadcasting, in
+    the token-major layout the projections produce (no permuted copies): with two or
+    three tokens a product and a sum beat batched matmuls and the fused kernels (which
+    copy and tile for long sequences)."""
+    return torch.softmax((q[:, :, None] * k[:, None]).sum(-1) / q.shape[-1] ** 0.5, 2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            drop: nn.Module | None = None) -> torch.Tensor:
-    """Attention of queries over a handful of tokens: ``(n, heads, queries, d)`` out."""
+    """Attention of queries over a handful of tokens: ``(n, queries, heads, d)`` out."""
     a = scores(q, k)
-    return ((drop(a) if drop is not None else a)[..., None] * v[:, :, None]).sum(3)
+    return ((drop(a) if drop is not None else a)[..., None] * v[:, None]).sum(2)
 
 
 class SelfAttention(nn.Module):
@@ -293,9 +295,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         n, m, w = t.shape
-        q, k, v = self.qkv(self.norm(t)).view(n, m, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        o = attend(q, k, v, self.drop)
-        return t + self.drop(self.proj(o.transpose(1, 2).reshape(n, m, w)))
+        q, k, v = self.qkv(self.norm(t)).view(n, m, 3, self.heads, -1).unbind(2)
+        o = attend(q, k, v, self.drop)  # (n, m, heads, d): tokens stay in place
+        return t + self.drop(self.proj(o.reshape(n, m, w)))
 
 
 class Attention(Fuser):
@@ -316,21 +318,21 @@ class Attention(Fuser):
         self.out = w
 
     def _tokens(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the tokens after the self-attention blocks, (n, heads, m, d)."""
+        """Keys and values of the tokens after the self-attention blocks, (n, m, heads, d)."""
         t = self.blocks(torch.stack(self.proj(xs), dim=1) + self.modality)
         n, m, _ = t.shape
-        k, v = self.kv(self.norm(t)).view(n, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(self.norm(t)).view(n, m, 2, self.heads, -1).unbind(2)
         return k, v
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
         k, v = self._tokens(xs)
-        o = attend(self.query[None, :, None, :], k, v)  # (n, heads, 1, d)
+        o = attend(self.query[None, None], k, v)  # (n, 1, heads, d)
         return self.out_norm(self.out_proj(o.reshape(len(k), self.out)))
 
     def weights(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """(n, m): the learned query's attention over the modalities, heads averaged."""
         k, _ = self._tokens(xs)
-        return scores(self.query[None, :, None, :], k).mean(1)[:, 0]
+        return scores(self.query[None, None], k).mean(-1)[:, 0]
 
 
 class Bilinear(Fuser):

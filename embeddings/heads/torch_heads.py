@@ -96,12 +96,11 @@ class TorchHead(Head):
             bool(p.noise or getattr(p, "modality_dropout", 0.0)), self.tasks)
         if optimizer == "probe":
             return self._fit_probe(xs, ys, val_xs, val_ys)
-        with torch_threads(threads_for(sum(x.size for x in xs), p.threads)):
-            for i, x in enumerate(xs):  # torch: one pass, 5x faster than numpy's
-                if p.standardise:
-                    std, mean = torch.std_mean(torch.from_numpy(x), dim=0, correction=0)
-                    getattr(self.net, f"mean{i}").copy_(mean)
-                    getattr(self.net, f"scale{i}").copy_(std.clamp_min(1e-6))
+        for i, x in enumerate(xs):  # numpy: 31 ms at 50,000 x 512, torch.std_mean 200
+            if p.standardise:
+                getattr(self.net, f"mean{i}").copy_(torch.from_numpy(x.mean(axis=0)))
+                getattr(self.net, f"scale{i}").copy_(
+                    torch.from_numpy(np.maximum(x.std(axis=0), 1e-6)))
         for t, (task, y) in enumerate(zip(self.tasks, ys, strict=True)):
             if task.regression:
                 getattr(self.net, f"ymean{t}").fill_(float(y.mean()))
