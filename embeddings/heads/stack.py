@@ -28,17 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Head, Task, head_type, make_head
+from .base import Head, Task, make_head
 from .fusers import TrainParams
 from .late import part_params
 from .params import param
 from .torch_heads import outputs, task_loss, train
-
-# Steps at least of each torch part (unless base_params sets min_steps): a linear part on
-# two thirds of the rows converges in fewer than a single head's 300, and the combiner
-# corrects the rest.  Synthetic 50k x 1,024: 8.1 s of CPU instead of 11.3 (load 12),
-# test accuracy 0.9140 instead of 0.9145.
-PART_MIN_STEPS = 100
 
 
 @dataclass(frozen=True)
@@ -92,8 +86,6 @@ class StackHead(Head):
     def __init__(self, tasks: Sequence[Task], dims: Sequence[int], params: StackParams) -> None:
         super().__init__(tasks, dims, params)
         kw = part_params(params.base, params.base_params, params.seed, "[heads.params.stack]")
-        if hasattr(head_type(params.base).defaults, "min_steps"):
-            kw = {"min_steps": PART_MIN_STEPS, **kw}
         self.parts = [[make_head(params.base, tasks, [d], **kw) for _ in range(params.folds)]
                       for d in self.dims]
         with torch.random.fork_rng(devices=[]):
