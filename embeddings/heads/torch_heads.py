@@ -158,10 +158,7 @@ class TorchHead(Head):
                 getattr(self.net, f"scale{i}").copy_(t["scaler.scale"][a:b])
             self.net.outs[0].weight.copy_(t["coef"])
             self.net.outs[0].bias.copy_(t["intercept"])
-        info = probe.info
-        self.info = {"optimizer": "probe", "C": info["C"], "lambda": info["lambda"],
-                     "iterations": info["iterations"], "converged": info["converged"],
-                     "val_accuracy": info["val_accuracy"]}
+        self.info = {"optimizer": "probe", **probe.info}
 
     def _scores(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         self.net.eval()
