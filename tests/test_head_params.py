@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from embeddings.errors import InputError
 from embeddings.heads import HEADS, ParamError, Task, load_head, make_head, save_head
 from embeddings.heads.params import record
 from embeddings.heads.torch_heads import Net
@@ -137,10 +138,17 @@ def test_mlp_depth_sgd_and_augmentation() -> None:
                     (make_head("concat", tasks, [16, 12], noise=0.3, modality_dropout=0.3), 2)]:
         head.fit(tr[:x], ytr, va[:x], yva)
         assert (head.predict(te[:x])[0] == yte[0]).mean() >= 0.9, head.name
-    # auto: full-batch L-BFGS for a linear head on one batch, SGD on more, AdamW otherwise
+    # auto: the probe's solver for a linear single-label head on one batch (full-batch
+    # L-BFGS for other tasks), SGD on more rows, AdamW otherwise
     chosen = {name: make_head(name, tasks, [16]).fit(tr[:1], ytr, va[:1], yva).info
               for name in ("linear", "mlp")}
-    assert chosen["linear"]["optimizer"] == "lbfgs" and chosen["mlp"]["optimizer"] == "adamw"
+    assert chosen["linear"]["optimizer"] == "probe" and chosen["mlp"]["optimizer"] == "adamw"
+    multi = [Task("tags", CLASSES, multilabel=True)]
+    onehot = [np.eye(len(CLASSES), dtype=np.float32)[y] for y in (ytr[0], yva[0])]
+    info = make_head("linear", multi, [16]).fit(tr[:1], onehot[:1], va[:1], onehot[1:]).info
+    assert info["optimizer"] == "lbfgs"
+    with pytest.raises(InputError, match="optimizer 'probe' takes a linear head"):
+        make_head("mlp", tasks, [16], optimizer="probe").fit(tr[:1], ytr, va[:1], yva)
     sgd = make_head("linear", tasks, [16], batch_size=32).fit(tr[:1], ytr, va[:1], yva).info
     assert sgd["optimizer"] == "sgd" and sgd["batch_size"] == 32 and 0 < sgd["lr"] < 1
 

@@ -3,11 +3,11 @@ same column, on the bundled demo's real captions (300 drawings, 204 train / 48 v
 48 test rows, MiniLM) for its 12 labels and for a binary task made from them.
 
 Before the fix (epoch-counted early stopping, random init, AdamW) ``linear`` scored
-0.688 on the binary task where ``logistic`` scored 1.000.  The tolerance is one test
-row of 48 (2.1 points), not the issue's 1 point: on the 12 labels the probe scores 0.896
-because its fit stops at a 1e-2 gap (the exact optimum at the C it chose scores 0.854,
-scikit-learn at tol 1e-10), while ``linear`` converges and scores 0.875, one borderline
-row apart; a rerun of the old bug loses 15 rows.  Seeds are fixed."""
+0.688 on the binary task where ``logistic`` scored 1.000; full-batch L-BFGS at a fixed
+weight decay then scored 0.875 on the 12 labels against the probe's 0.896 (one row).
+Now a linear single-label head whose rows fit in one batch is solved by the probe's
+solver with its validation-chosen L2 strength (``optimizer = "auto"`` -> ``"probe"``).
+The tolerance is 1 point: with 48 test rows, not one row worse.  Seeds are fixed."""
 
 from __future__ import annotations
 
@@ -50,4 +50,4 @@ def test_linear_matches_logistic_on_the_demo(captions, task: str) -> None:
         head.fit([x[tr]], [y[tr]], [x[va]], [y[va]])
         acc[name] = float((head.predict([x[te]])[0] == y[te]).mean())
     assert acc["logistic"] >= (0.8 if task == "labels" else 0.97), acc  # a real task
-    assert acc["linear"] >= acc["logistic"] - 1 / 48 - 1e-9, acc  # one test row at most
+    assert acc["linear"] >= acc["logistic"] - 0.01, acc  # 48 rows: not one row worse

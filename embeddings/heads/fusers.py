@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from .ops import Dropout
 from .params import ParamError, param
 
 # ------------------------------------------------------------------------- parameters
@@ -56,9 +57,10 @@ class TrainParams:
     """What every torch head takes: optimiser, schedule, augmentation, threads, seed."""
 
     optimizer: str = param("auto", "sgd (Nesterov momentum 0.9), adamw, lbfgs (full batch), "
-                           "or auto: lbfgs for linear heads on one batch of rows, sgd for "
-                           "other linear heads, adamw for the rest",
-                           choices=("auto", "adamw", "sgd", "lbfgs"))
+                           "probe (linear single-label heads: the logistic probe's solver "
+                           "and L2 sweep), or auto: probe (or lbfgs) for linear heads on "
+                           "one batch of rows, sgd for other linear heads, adamw for the "
+                           "rest", choices=("auto", "adamw", "sgd", "lbfgs", "probe"))
     lr: float | None = param(None, "learning rate (default: sgd 1 / the largest variance "
                              "of the standardised inputs along one direction; adamw 1e-2 "
                              "for linear heads, 3e-3 for the others)", above=0)
@@ -66,10 +68,15 @@ class TrainParams:
     batch_size: int = param(512, "rows per step (at most the training rows)", low=1)
     min_steps: int = param(300, "optimiser steps at least, whatever the rows/batch ratio",
                            low=0)
-    max_epochs: int = param(200, "passes over the training rows at most (min_steps wins)",
-                            low=1)
-    patience: int = param(100, "stop after this many steps without a better validation "
-                          "loss (the best weights are kept)", low=1)
+    schedule: str = param("cosine", "cosine: the learning rate falls to zero over a budget of "
+                          "epochs (after a 5 % warm-up); constant: it stays, and early "
+                          "stopping ends training", choices=("cosine", "constant"))
+    epochs: float = param(3.0, "cosine: passes over the training rows (min_steps wins)",
+                          above=0)
+    max_epochs: int = param(200, "constant: passes over the training rows at most "
+                            "(min_steps wins)", low=1)
+    patience: int = param(100, "constant: stop after this many steps without a better "
+                          "validation loss (the best weights are kept)", low=1)
     standardise: bool = param(True, "standardise each input on the train rows")
     class_weights: bool = param(False, "balanced class weights for single-label tasks (they "
                                 "trade accuracy for the rare classes' recall)")
@@ -137,7 +144,7 @@ class AttentionParams(FusionParams):
 
 @dataclass(frozen=True)
 class BilinearParams(FusionParams):
-    rank: int = param(32, "width of each modality's projection before the outer product "
+    rank: int = param(16, "width of each modality's projection before the outer product "
                       "((rank + 1)^2 features per pair of modalities)", low=1, high=128)
     skip: bool = param(True, "also hand the standardised inputs themselves to the output "
                        "layer: the interactions add to a linear model")
@@ -152,7 +159,7 @@ def layers(width: int, hidden: Sequence[int], dropout: float) -> nn.Module:
     """``Linear -> GELU -> Dropout`` per hidden width (none: the identity)."""
     mods: list[nn.Module] = []
     for h in hidden:
-        mods += [nn.Linear(width, h), nn.GELU(), nn.Dropout(dropout)]
+        mods += [nn.Linear(width, h), nn.GELU(), Dropout(dropout)]
         width = h
     return nn.Sequential(*mods)
 
@@ -236,7 +243,7 @@ class Product(Projected):
     def __init__(self, dims: Sequence[int], p: ProjectedParams) -> None:
         super().__init__(dims, p)
         # Products of several projections vary wildly in scale: normalise them.
-        self.body = nn.Sequential(nn.LayerNorm(self.width), nn.Dropout(p.dropout))
+        self.body = nn.Sequential(nn.LayerNorm(self.width), Dropout(p.dropout))
         self.out = self.width
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
@@ -247,7 +254,7 @@ class Gated(Projected):
     def __init__(self, dims: Sequence[int], p: ProjectedParams) -> None:
         super().__init__(dims, p)
         self.gate = nn.Linear(sum(dims), len(dims))
-        self.body, self.out = nn.Dropout(p.dropout), self.width
+        self.body, self.out = Dropout(p.dropout), self.width
 
     def weights(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.softmax(self.gate(torch.cat(xs, dim=1)), dim=1)
@@ -259,17 +266,19 @@ class Gated(Projected):
 
 
 def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) over a handful of tokens, ``(n, heads, tokens, d)`` in,
-    by broadcasting: with two or three tokens a product and a sum beat batched matmuls
-    and the fused kernels (which copy and tile for long sequences)."""
-    return torch.softmax((q[:, :, :, None] * k[:, :, None]).sum(-1) / q.shape[-1] ** 0.5, -1)
+    """softmax(q k^T / sqrt(d)) over a handful of tokens: ``(n, queries, heads, d)`` and
+    ``(n, keys, heads, d)`` in, ``(n, queries, keys, heads)`` out.  By broadcasting, in
+    the token-major layout the projections produce (no permuted copies): with two or
+    three tokens a product and a sum beat batched matmuls and the fused kernels (which
+    copy and tile for long sequences)."""
+    return torch.softmax((q[:, :, None] * k[:, None]).sum(-1) / q.shape[-1] ** 0.5, 2)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            drop: nn.Module | None = None) -> torch.Tensor:
-    """Attention of queries over a handful of tokens: ``(n, heads, queries, d)`` out."""
+    """Attention of queries over a handful of tokens: ``(n, queries, heads, d)`` out."""
     a = scores(q, k)
-    return ((drop(a) if drop is not None else a)[..., None] * v[:, :, None]).sum(3)
+    return ((drop(a) if drop is not None else a)[..., None] * v[:, None]).sum(2)
 
 
 class SelfAttention(nn.Module):
@@ -282,13 +291,13 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm, self.qkv = nn.LayerNorm(width), nn.Linear(width, 3 * width)
-        self.proj, self.drop = nn.Linear(width, width), nn.Dropout(dropout)
+        self.proj, self.drop = nn.Linear(width, width), Dropout(dropout)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         n, m, w = t.shape
-        q, k, v = self.qkv(self.norm(t)).view(n, m, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        o = attend(q, k, v, self.drop)
-        return t + self.drop(self.proj(o.transpose(1, 2).reshape(n, m, w)))
+        q, k, v = self.qkv(self.norm(t)).view(n, m, 3, self.heads, -1).unbind(2)
+        o = attend(q, k, v, self.drop)  # (n, m, heads, d): tokens stay in place
+        return t + self.drop(self.proj(o.reshape(n, m, w)))
 
 
 class Attention(Fuser):
@@ -309,21 +318,21 @@ class Attention(Fuser):
         self.out = w
 
     def _tokens(self, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the tokens after the self-attention blocks, (n, heads, m, d)."""
+        """Keys and values of the tokens after the self-attention blocks, (n, m, heads, d)."""
         t = self.blocks(torch.stack(self.proj(xs), dim=1) + self.modality)
         n, m, _ = t.shape
-        k, v = self.kv(self.norm(t)).view(n, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(self.norm(t)).view(n, m, 2, self.heads, -1).unbind(2)
         return k, v
 
     def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
         k, v = self._tokens(xs)
-        o = attend(self.query[None, :, None, :], k, v)  # (n, heads, 1, d)
+        o = attend(self.query[None, None], k, v)  # (n, 1, heads, d)
         return self.out_norm(self.out_proj(o.reshape(len(k), self.out)))
 
     def weights(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """(n, m): the learned query's attention over the modalities, heads averaged."""
         k, _ = self._tokens(xs)
-        return scores(self.query[None, :, None, :], k).mean(1)[:, 0]
+        return scores(self.query[None, None], k).mean(-1)[:, 0]
 
 
 class Bilinear(Fuser):
@@ -335,7 +344,7 @@ class Bilinear(Fuser):
         self.proj = nn.ModuleList(nn.Linear(d, p.rank) for d in dims)
         self.pairs = list(itertools.combinations(range(len(dims)), 2))
         width = len(self.pairs) * (p.rank + 1) ** 2
-        self.norm, self.drop = nn.LayerNorm(width), nn.Dropout(p.dropout)
+        self.norm, self.drop = nn.LayerNorm(width), Dropout(p.dropout)
         self.skip = p.skip
         width += sum(dims) if p.skip else 0
         self.body = layers(width, p.hidden, p.dropout)

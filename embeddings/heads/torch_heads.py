@@ -3,8 +3,12 @@ trained on CPU in seconds, on 200 rows or on 50,000.
 
 Training (:func:`train`): AdamW (or SGD with Nesterov momentum) on mini-batches of at
 most the training rows, for at least ``min_steps`` optimiser steps whatever the
-rows/batch ratio, stopped once the validation loss has not improved for ``patience``
-steps (the best weights are kept).  Counting in steps, not epochs, is what makes small
+rows/batch ratio, the learning rate decaying along a cosine over a budget of ``epochs``
+(``schedule = "cosine"``: at 50k rows 300 steps did more than 600 to 880 at a constant
+rate), stopped early once the validation loss has not improved for ``patience`` steps
+(the best weights are kept).  A linear single-label head on one batch of rows is solved
+by the ``logistic`` probe instead (:meth:`TorchHead._fit_probe`).  Counting in steps, not
+epochs, is what makes small
 sets work: with fewer rows than a batch an epoch is one step, and the old "3 epochs
 without improvement" stopped a 204-row head after about 8 steps (a binary demo task:
 0.688 for ``linear`` vs 1.000 for ``logistic`` on the same column).  Balanced class
@@ -25,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..streamed import Batches, column_stats, gather, is_streamed, sample
-from .base import Head, Task, threads_for, torch_state, torch_threads
+from .base import Head, Task, make_head, threads_for, torch_state, torch_threads
 from .fusers import Fuser, TrainParams
 from .logistic import balanced_weights
 
@@ -53,7 +58,7 @@ class Net(nn.Module):
             nn.init.zeros_(out.bias)
 
     def standardised(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [(x - getattr(self, f"mean{i}")) / getattr(self, f"scale{i}")
+        return [(x - getattr(self, f"mean{i}")).div_(getattr(self, f"scale{i}"))
                 for i, x in enumerate(xs)]
 
     def augmented(self, zs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -93,7 +98,16 @@ class TorchHead(Head):
              val_ys: list[np.ndarray]) -> None:
         p = self.params
         streamed = is_streamed(xs)
-        for i, x in enumerate(xs):
+        optimizer = p.optimizer if p.optimizer != "auto" else auto_optimizer(
+            self.net.fuser.linear, len(xs[0]) <= p.batch_size,
+            bool(p.noise or getattr(p, "modality_dropout", 0.0)), self.tasks)
+        if optimizer == "probe":
+            if streamed:
+                raise InputError(f"{self.name}: optimizer 'probe' needs the features in "
+                                 f"memory; these stream beyond the heads' memory budget "
+                                 f"(use optimizer = \"sgd\", or raise memory_budget_gb)")
+            return self._fit_probe(xs, ys, val_xs, val_ys)
+        for i, x in enumerate(xs):  # numpy: 31 ms at 50,000 x 512, torch.std_mean 200
             if p.standardise:
                 mean, std = column_stats(x) if streamed else (x.mean(axis=0), x.std(axis=0))
                 getattr(self.net, f"mean{i}").copy_(torch.from_numpy(mean))
@@ -103,9 +117,6 @@ class TorchHead(Head):
                 getattr(self.net, f"ymean{t}").fill_(float(y.mean()))
                 getattr(self.net, f"yscale{t}").fill_(max(float(y.std()), 1e-12))
         loss = task_loss(self.tasks, ys, p.class_weights, self._target_scale())
-        optimizer = p.optimizer if p.optimizer != "auto" else auto_optimizer(
-            self.net.fuser.linear, len(xs[0]) <= p.batch_size,
-            bool(p.noise or getattr(p, "modality_dropout", 0.0)))
         # Standardised once, not on every batch and validation pass; elementwise passes
         # on one thread unless large (an unscheduled second thread stalls them).
         with torch.no_grad(), torch_threads(threads_for(sum(x.size for x in xs), p.threads)):
@@ -136,6 +147,35 @@ class TorchHead(Head):
     def _target_scale(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         return {t: (getattr(self.net, f"ymean{t}"), getattr(self.net, f"yscale{t}"))
                 for t, task in enumerate(self.tasks) if task.regression}
+
+    def _fit_probe(self, xs: list[np.ndarray], ys: list[np.ndarray],
+                   val_xs: list[np.ndarray], val_ys: list[np.ndarray]) -> None:
+        """A linear single-label head solved by the ``logistic`` probe (its L-BFGS and its
+        validation-chosen L2 strength) on the concatenated inputs; the weights and the
+        standardisation are copied in.  The same model class, so the same solution."""
+        p = self.params
+        task = self.tasks[0]
+        if not self.net.fuser.linear or len(self.tasks) > 1 or task.multilabel \
+                or task.regression or p.noise or getattr(p, "modality_dropout", 0.0):
+            raise InputError(f"{self.name}: optimizer 'probe' takes a linear head (no hidden "
+                             f"layers, no augmentation) and one single-label task")
+
+        def cat(a: list[np.ndarray]) -> np.ndarray:
+            return a[0] if len(a) == 1 else np.hstack(a)
+        probe = make_head("logistic", self.tasks, [sum(self.dims)], seed=p.seed,
+                          standardise=p.standardise, class_weights=p.class_weights,
+                          threads=p.threads)
+        probe.fit([cat(xs)], ys, [cat(val_xs)], val_ys)
+        t = probe.tensors()
+        bounds = np.cumsum([0, *self.dims])
+        with torch.no_grad():
+            for i in range(len(self.dims)):
+                a, b = bounds[i], bounds[i + 1]
+                getattr(self.net, f"mean{i}").copy_(t["scaler.mean"][a:b])
+                getattr(self.net, f"scale{i}").copy_(t["scaler.scale"][a:b])
+            self.net.outs[0].weight.copy_(t["coef"])
+            self.net.outs[0].bias.copy_(t["intercept"])
+        self.info = {"optimizer": "probe", **probe.info}
 
     def _scores(self, xs: list[np.ndarray]) -> list[np.ndarray]:
         self.net.eval()
@@ -193,16 +233,21 @@ def task_loss(tasks: Sequence[Task], ys: Sequence[np.ndarray], class_weights: bo
     return loss
 
 
-def auto_optimizer(linear: bool, one_batch: bool, augmented: bool) -> str:
-    """``optimizer = "auto"``: full-batch L-BFGS for a linear head whose training rows fit
-    in one batch (its loss is then deterministic: the small-set case, where first-order
-    steps were still far from the optimum after 2,000 steps on the binary demo task),
-    SGD for other linear heads (AdamW's per-coordinate steps lead a linear model to a
-    solution that generalises worse: binary demo task, 1,000 steps on one batch,
-    unweighted, AdamW 0.73 vs SGD 0.98), AdamW for the rest."""
+def auto_optimizer(linear: bool, one_batch: bool, augmented: bool,
+                   tasks: Sequence[Task] = ()) -> str:
+    """``optimizer = "auto"``, for a linear head whose training rows fit in one batch and
+    which has no augmentation (the small-set case): the ``logistic`` probe's solver and
+    L2 sweep on one single-label task ("probe"), else full-batch L-BFGS (its loss is
+    deterministic; first-order steps were still far from the optimum after 2,000 steps
+    on the binary demo task).  SGD for other linear heads (AdamW's per-coordinate steps
+    lead a linear model to a solution that generalises worse: binary demo task, 1,000
+    steps on one batch, unweighted, AdamW 0.73 vs SGD 0.98), AdamW for the rest."""
     if not linear:
         return "adamw"
-    return "lbfgs" if one_batch and not augmented else "sgd"
+    if not one_batch or augmented:
+        return "sgd"
+    single = len(tasks) == 1 and not tasks[0].multilabel and not tasks[0].regression
+    return "probe" if single else "lbfgs"
 
 
 def top_variance(zs: list[torch.Tensor], rows: int = 4096, steps: int = 30) -> float:
@@ -228,18 +273,24 @@ def train(net: nn.Module, loss: Loss, tx: list[torch.Tensor], ty: list[torch.Ten
           lr: float) -> dict[str, Any]:
     """Mini-batch training measured in steps; the best validation loss's weights kept.
 
-    The validation loss is checked every epoch, or every few steps when epochs are long
-    (at most a third of the training time), and training stops ``patience`` steps after
-    its best once ``min_steps`` are done."""
+    ``schedule = "cosine"``: a fixed budget of ``epochs`` passes (at least ``min_steps``
+    steps), the learning rate rising over its first 5 % and falling to zero along a
+    cosine.  ``"constant"``: the rate stays, and training stops ``patience`` steps after
+    the best validation loss once ``min_steps`` are done (at most ``max_epochs``).  The
+    validation loss is checked every epoch, or every few steps when epochs are long (at
+    most a third of the training time)."""
     n = len(tx[0])
     batch = n if optimizer == "lbfgs" else min(p.batch_size, n)
     per_epoch = math.ceil(n / batch)
     # Every epoch; at least every 10 steps on tiny sets, and on long epochs as often as
     # keeps validating under a third of the time.
     every = max(min(10, p.patience), min(per_epoch, max(25, 2 * math.ceil(len(vx[0]) / batch))))
-    max_steps = max(p.min_steps, p.max_epochs * per_epoch)
+    cosine = p.schedule == "cosine" and optimizer != "lbfgs"
+    max_steps = max(p.min_steps, (math.ceil(p.epochs * per_epoch) if cosine
+                                  else p.max_epochs * per_epoch))
     patience = max(p.patience, 2 * every)
-    step_on = _stepper(net, loss, p, optimizer, lr)
+    opt, step_on = _stepper(net, loss, p, optimizer, lr)
+    warm = max(1, max_steps // 20)
     gen = torch.Generator().manual_seed(p.seed)
     params = sum(v.numel() for v in net.parameters())
     best, best_state, best_step, step = math.inf, torch_state(net), 0, 0
@@ -249,9 +300,15 @@ def train(net: nn.Module, loss: Loss, tx: list[torch.Tensor], ty: list[torch.Ten
         done, last = False, math.inf
         while not done:
             for bx, by in (tx.epoch(ty, batch, gen) if isinstance(tx, Batches) else
-                           (([x[i] for x in tx], [y[i] for y in ty])
+                           # index_select: 3.5x faster than x[idx] (same values)
+                           (([x.index_select(0, i) for x in tx],
+                             [y.index_select(0, i) for y in ty])
                             for i in torch.randperm(n, generator=gen).split(batch))):
                 net.train()
+                if cosine:
+                    for g in opt.param_groups:
+                        g["lr"] = lr * min(1.0, (step + 1) / warm) * 0.5 * (
+                            1 + math.cos(math.pi * step / max_steps))
                 value = step_on(bx, by)
                 step += 1
                 # Full-batch L-BFGS at its optimum: nothing left to do, whatever min_steps.
@@ -271,19 +328,23 @@ def train(net: nn.Module, loss: Loss, tx: list[torch.Tensor], ty: list[torch.Ten
     net.load_state_dict(best_state)
     net.eval()
     return {"steps": step, "best_step": best_step, "epochs": round(step / per_epoch, 2),
-            "batch_size": batch, "best_val_loss": best, "optimizer": optimizer, "lr": lr}
+            "batch_size": batch, "best_val_loss": best, "optimizer": optimizer, "lr": lr,
+            "schedule": "cosine" if cosine else "constant"}
 
 
 def _stepper(net: nn.Module, loss: Loss, p: TrainParams, optimizer: str,
-             lr: float) -> Callable[[list[torch.Tensor], list[torch.Tensor]], float]:
-    """One optimiser step on a batch.  ``lbfgs`` (full batch, deterministic losses only)
-    takes weight decay as an L2 penalty on the weight matrices, like the probe."""
+             lr: float) -> tuple[torch.optim.Optimizer,
+                                 Callable[[list[torch.Tensor], list[torch.Tensor]], float]]:
+    """The optimiser, and one optimiser step on a batch.  ``lbfgs`` (full batch,
+    deterministic losses only) takes weight decay as an L2 penalty on the weight
+    matrices, like the probe."""
     if optimizer == "lbfgs":
         opt: torch.optim.Optimizer = torch.optim.LBFGS(
             net.parameters(), lr=1, max_iter=1, history_size=30, line_search_fn="strong_wolfe")
         weights = [v for v in net.parameters() if v.ndim > 1]
     elif optimizer == "adamw":
-        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=p.weight_decay)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=p.weight_decay,
+                                fused=True)  # one kernel: 3x faster on CPU
     else:
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True,
                               weight_decay=p.weight_decay)
@@ -297,7 +358,7 @@ def _stepper(net: nn.Module, loss: Loss, p: TrainParams, optimizer: str,
             value.backward()
             return value
         return float(opt.step(closure).detach())  # the loss before the step
-    return step
+    return opt, step
 
 
 def _tensors(arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
