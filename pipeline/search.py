@@ -60,9 +60,11 @@ class SearchResult:
     hits: list[Hit]
     notes: list[str] = field(default_factory=list)
     via: str | None = None  # the adapter the text query went through (search --via)
+    hybrid: dict[str, float] | None = None  # search --hybrid: each source's weight
 
     def to_dict(self) -> dict[str, Any]:
         return {"column": self.column, "query": self.query, "k": self.k, "via": self.via,
+                **({"hybrid": self.hybrid} if self.hybrid else {}),
                 "notes": self.notes, "hits": [asdict(h) for h in self.hits]}
 
 
@@ -239,13 +241,22 @@ class Searcher:
 def search(run: str | Path, text: str | None = None, image: str | Path | None = None,
            modality: str = "image", column: str | None = None, k: int = 10,
            split: str | None = None, label: str | None = None, device: str = "auto",
-           mmap: bool = True, verify: bool = True, via: str | None = None) -> SearchResult:
+           mmap: bool = True, verify: bool = True, via: str | None = None,
+           hybrid: bool = False) -> SearchResult:
     """One query (``text`` or ``image``) against the run's index of the chosen column;
-    with ``via``, a text query through that adapter (:mod:`.via`)."""
+    with ``via``, a text query through that adapter (:mod:`.via`); with ``hybrid``, a text
+    query through every source of the tuned hybrid weights (:mod:`.hybrid`)."""
     if (text is None) == (image is None):
         raise InputError("give exactly one query: text, or an image (--image PATH)")
     if text is not None and not text.strip():
         raise InputError("empty query: give some text, or --image PATH")
+    if hybrid:
+        if image is not None or via is not None or column is not None or modality != "image":
+            raise InputError("--hybrid fuses its saved sources for a text query and returns "
+                             "images: drop --image, --via, --column and --modality text")
+        from .hybrid import HybridSearch
+
+        return HybridSearch(run, device, mmap, verify).search(text or "", k, split, label)
     if via is not None:
         from .via import open_via
 
@@ -271,6 +282,8 @@ def format_table(result: SearchResult, width: int = 48) -> str:
              h.label or "") for h in result.hits]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     via = f" via {result.via}" if result.via else ""
+    if result.hybrid:
+        via = " hybrid " + " + ".join(f"{w:g} {n}" for n, w in result.hybrid.items())
     lines = [f"{result.column}{via}: {result.query!r} ({len(result.hits)} hits)"]
     for r in [head, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
