@@ -211,6 +211,20 @@ def evaluate_via(run: str | Path, name: str, p: Protocol, use_index: bool = True
     return rows
 
 
+def _hybrid_rows(run: str | Path, record: dict[str, Any], p: Protocol
+                 ) -> list[dict[str, Any]]:
+    """Text->image rows of each hybrid source alone and of their fusion (exact)."""
+    from .hybrid_eval import hybrid_ranks
+
+    t0 = time.perf_counter()
+    ranked = hybrid_ranks(run, record, p)
+    info = {"weights": dict(zip((s["name"] for s in record["sources"]), record["weights"])),
+            "tuned_on": record["tuned"]["split"], "tuned_queries": record["tuned"]["queries"]}
+    seconds = time.perf_counter() - t0
+    return [{**_row(label, "exact", r, None, KS, seconds if i == len(ranked) - 1 else 0.0),
+             "hybrid": info} for i, (label, r) in enumerate(ranked)]
+
+
 def _mask(n: int, rows: np.ndarray) -> np.ndarray | None:
     if len(rows) == n:
         return None
@@ -277,7 +291,7 @@ def run_retrieval_eval(run: str | Path, split: str | None = None,
     if hybrid:
         from .hybrid_eval import tune_hybrid
 
-        record = tune_hybrid(run, hybrid_sources, hybrid_split)
+        record = tune_hybrid(run, hybrid_sources, protocol(run, hybrid_split), hybrid_split)
         if split is None:  # not the captions the weights were tuned on
             split = "test" if len(protocol(run, "test").caption_rows) else None
         if split in (None, hybrid_split):
@@ -290,9 +304,7 @@ def run_retrieval_eval(run: str | Path, split: str | None = None,
     rows = [r for e in chosen for r in evaluate_encoder(run, e, p, use_index)]
     rows += [r for name in via for r in evaluate_via(run, name, p, use_index)]
     if record is not None:
-        from .hybrid_eval import hybrid_rows
-
-        rows += hybrid_rows(run, record, p, KS)
+        rows += _hybrid_rows(run, record, p)
     leaks = _leaks(run, split, exclude_leaks)
     if exclude_leaks and leaks is not None:
         for r in rows:

@@ -214,5 +214,19 @@ class HybridSearch:
         return result
 
 
-__all__ = ["FETCH", "HybridSearch", "Source", "default_sources", "describe", "load_weights",
-           "resolve"]
+def hybrid_search(cfg: Any, text: str | None, image: str | None = None,
+                  split: str | None = None, label: str | None = None) -> Any:
+    """``search --hybrid``: one text query through the saved sources (``cfg``: the
+    :class:`pipeline.config.SearchConfig`)."""
+    if image is not None or cfg.via is not None or cfg.column is not None \
+            or cfg.modality != "image":
+        raise InputError("--hybrid fuses its saved sources for a text query and returns "
+                         "images: drop --image, --via, --column and --modality text")
+    if not text or not text.strip():
+        raise InputError("empty query: --hybrid needs a query text")
+    return HybridSearch(cfg.run, cfg.device, cfg.mmap, cfg.verify).search(
+        text, cfg.k, split, label)
+
+
+__all__ = ["FETCH", "HybridSearch", "Source", "default_sources", "describe", "hybrid_search",
+           "load_weights", "resolve"]

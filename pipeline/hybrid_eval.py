@@ -96,14 +96,12 @@ def _right(p: Any) -> np.ndarray:
     return at[p.caption_image]
 
 
-def tune_hybrid(run: str | Path, names: Sequence[str], split: str) -> dict[str, Any]:
-    """Tune the weights on the captions of ``split``, save them through the store, and
-    return the saved record."""
-    from .evaluate import protocol
-
+def tune_hybrid(run: str | Path, names: Sequence[str], p: Any, split: str
+                ) -> dict[str, Any]:
+    """Tune the weights on the captions of protocol ``p`` (of ``split``), save them
+    through the store, and return the saved record."""
     columns = Run(run).embed.manifest().columns
     sources = resolve(run, names, columns)
-    p = protocol(run, split)
     if len(p.caption_rows) == 0:
         raise InputError(f"no captions with an embedded image in split {split!r} to tune the "
                          "hybrid weights on: pass --hybrid-split (a validation split)")
@@ -123,30 +121,20 @@ def tune_hybrid(run: str | Path, names: Sequence[str], split: str) -> dict[str, 
     return record
 
 
-def hybrid_rows(run: str | Path, record: dict[str, Any], p: Any,
-                ks: Sequence[int]) -> list[dict[str, Any]]:
-    """The evaluated split's rows: each source alone, then the fused weights."""
-    from .evaluate import _row
-
+def hybrid_ranks(run: str | Path, record: dict[str, Any], p: Any
+                 ) -> list[tuple[str, np.ndarray]]:
+    """Per-query ranks of the right image on the captions of ``p``: each source alone
+    (``hybrid source NAME``), then the fused weights (``hybrid W1 NAME1 + ...``)."""
     columns = Run(run).embed.manifest().columns
     sources = resolve(run, [s["name"] for s in record["sources"]], columns)
     weights = tuple(record["weights"])
-    t0 = time.perf_counter()
     u = hy.union([candidates(run, s, p) for s in sources])
     right = _right(p)
-    rows = []
-    for i, s in enumerate(sources):
-        corner = tuple(float(i == j) for j in range(len(sources)))
-        rows.append(_row(f"hybrid source {s.name}", "exact", hy.ranks(u, corner, right),
-                         None, ks, 0.0))
+    out = [(f"hybrid source {s.name}",
+            hy.ranks(u, tuple(float(i == j) for j in range(len(sources))), right))
+           for i, s in enumerate(sources)]
     label = "hybrid " + " + ".join(f"{w:g} {s.name}" for s, w in zip(sources, weights))
-    rows.append(_row(label, "exact", hy.ranks(u, weights, right), None, ks,
-                     time.perf_counter() - t0))
-    tuned = record["tuned"]
-    for r in rows:
-        r["hybrid"] = {"weights": {s.name: w for s, w in zip(sources, weights)},
-                       "tuned_on": tuned["split"], "tuned_queries": tuned["queries"]}
-    return rows
+    return [*out, (label, hy.ranks(u, weights, right))]
 
 
-__all__ = ["best_caption", "candidates", "hybrid_rows", "tune_hybrid"]
+__all__ = ["best_caption", "candidates", "hybrid_ranks", "tune_hybrid"]

@@ -96,10 +96,14 @@ def _search(args: argparse.Namespace) -> int:
 
     cfg = stage_config(SearchConfig, "search", load_toml(args.config), args.run,
                        **overrides(args, SearchConfig))
-    result = search(cfg.run, text=args.query, image=args.image, modality=cfg.modality,
-                    column=cfg.column, k=cfg.k, split=args.split, label=args.label,
-                    device=cfg.device, mmap=cfg.mmap, verify=cfg.verify, via=cfg.via,
-                    hybrid=cfg.hybrid)
+    if cfg.hybrid:
+        from .hybrid import hybrid_search
+
+        result = hybrid_search(cfg, args.query, args.image, args.split, args.label)
+    else:
+        result = search(cfg.run, text=args.query, image=args.image, modality=cfg.modality,
+                        column=cfg.column, k=cfg.k, split=args.split, label=args.label,
+                        device=cfg.device, mmap=cfg.mmap, verify=cfg.verify, via=cfg.via)
     print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) if args.json
           else format_table(result))
     return 0

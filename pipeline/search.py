@@ -241,22 +241,13 @@ class Searcher:
 def search(run: str | Path, text: str | None = None, image: str | Path | None = None,
            modality: str = "image", column: str | None = None, k: int = 10,
            split: str | None = None, label: str | None = None, device: str = "auto",
-           mmap: bool = True, verify: bool = True, via: str | None = None,
-           hybrid: bool = False) -> SearchResult:
+           mmap: bool = True, verify: bool = True, via: str | None = None) -> SearchResult:
     """One query (``text`` or ``image``) against the run's index of the chosen column;
-    with ``via``, a text query through that adapter (:mod:`.via`); with ``hybrid``, a text
-    query through every source of the tuned hybrid weights (:mod:`.hybrid`)."""
+    with ``via``, a text query through that adapter (:mod:`.via`)."""
     if (text is None) == (image is None):
         raise InputError("give exactly one query: text, or an image (--image PATH)")
     if text is not None and not text.strip():
         raise InputError("empty query: give some text, or --image PATH")
-    if hybrid:
-        if image is not None or via is not None or column is not None or modality != "image":
-            raise InputError("--hybrid fuses its saved sources for a text query and returns "
-                             "images: drop --image, --via, --column and --modality text")
-        from .hybrid import HybridSearch
-
-        return HybridSearch(run, device, mmap, verify).search(text or "", k, split, label)
     if via is not None:
         from .via import open_via
 
