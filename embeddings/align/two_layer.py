@@ -97,6 +97,37 @@ def schedule(total_steps: int, warmup: float) -> Any:
     return factor
 
 
+class AdamW:
+    """AdamW (decoupled weight decay, bias-corrected moments, as ``torch.optim.AdamW``)
+    with the learning rate ``lr * factor(step)``.  Written out because constructing
+    ``torch.optim``'s imports ``torch._dynamo``: 3 s on a quiet 2-core machine, 8 s under
+    load, more than a whole round of training here."""
+
+    def __init__(self, params: list[Any], lr: float, weight_decay: float, factor: Any,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        import torch
+
+        self.params, self.lr, self.wd, self.factor = params, lr, weight_decay, factor
+        self.b1, self.b2, self.eps, self.t = betas[0], betas[1], eps, 0
+        self.m = [torch.zeros_like(q) for q in params]
+        self.v = [torch.zeros_like(q) for q in params]
+
+    def step(self) -> None:
+        import torch
+
+        lr = self.lr * self.factor(self.t)
+        self.t += 1
+        c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
+        with torch.no_grad():
+            for q, m, v in zip(self.params, self.m, self.v):
+                if q.grad is None:
+                    continue
+                q.mul_(1 - lr * self.wd)
+                m.mul_(self.b1).add_(q.grad, alpha=1 - self.b1)
+                v.mul_(self.b2).addcmul_(q.grad, q.grad, value=1 - self.b2)
+                q.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+
+
 def fit_two_layer(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                   ridge: RidgeFit, params: TwoLayerParams | None = None,
                   progress: bool = False) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -132,9 +163,8 @@ def fit_two_layer(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.nda
         nn.init.zeros_(branch[2].weight)
         nn.init.zeros_(branch[2].bias)
         plan = list(rounds(len(x), p.batch_size, p.round_rows, p.max_rounds, rng))
-        opt = torch.optim.AdamW(branch.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-        lr_at = torch.optim.lr_scheduler.LambdaLR(
-            opt, schedule(sum(len(r) for r in plan), p.warmup))
+        opt = AdamW(list(branch.parameters()), p.lr, p.weight_decay,
+                    schedule(sum(len(r) for r in plan), p.warmup))
         # The branch predicts the ridge residual in units of its RMS, so its weights (and
         # Adam's steps on them) are O(1) whatever the targets' scale (unit vectors of a
         # 384-d space have coordinates near 0.05: unscaled, the first steps overshot).
@@ -149,7 +179,9 @@ def fit_two_layer(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.nda
             xb = torch.from_numpy(np.asarray(xa[idx], np.float32))
             yb = torch.from_numpy(np.asarray(ya[idx], np.float32))
             yb = yb / yb.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return (xb - mu_t) / sd_t, torch.addmm(b, xb, w), yb
+            with fast():  # the frozen ridge part too: its rounding is far below its error
+                lin = torch.addmm(b, xb, w)
+            return (xb - mu_t) / sd_t, lin.float(), yb
 
         m = p.structure_rows
 
@@ -192,10 +224,9 @@ def fit_two_layer(x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.nda
                 xs, lin, yb = batch(x, y, idx)
                 pred = forward(xs, lin)
                 loss = nn.functional.mse_loss(pred, yb) + p.structure * structure(pred, yb)
-                opt.zero_grad(set_to_none=True)
+                branch.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                lr_at.step()
             objective, mse_now = validate()
             done = stop.update(objective, lambda: torch_state(branch))
             if progress:
