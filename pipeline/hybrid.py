@@ -161,18 +161,24 @@ class HybridSearch:
             self.searchers[self.image_column] = Searcher(run, self.image_column, device=device,
                                                          mmap=mmap, verify=verify)
         self.device = device
+        self._embedders: dict[str, Any] = {}
 
     def _vector(self, s: Source, text: str) -> np.ndarray:
-        if s.via:
-            from .via import open_via
+        """The query embedded for source ``s`` (encoders and adapters load once)."""
+        if s.name not in self._embedders:
+            if s.via:
+                from .via import open_via
 
-            return open_via(self.run, s.via, self.device).encode_texts([text])
-        if s.query == s.column:
-            return self.searchers[s.column].embed_text(text)
-        from embeddings.encoders import encoder_for_column, resolve_device
+                self._embedders[s.name] = open_via(self.run, s.via, self.device).encode_texts
+            elif s.query == s.column:
+                self._embedders[s.name] = lambda t: self.searchers[s.column].embed_text(t[0])
+            else:
+                from embeddings.encoders import encoder_for_column, resolve_device
 
-        info = Run(self.run).embed.manifest().column(s.query)
-        return encoder_for_column(info, resolve_device(self.device)).encode_texts([text])
+                info = Run(self.run).embed.manifest().column(s.query)
+                self._embedders[s.name] = encoder_for_column(
+                    info, resolve_device(self.device)).encode_texts
+        return self._embedders[s.name]([text])
 
     def _ranked(self, s: Source, text: str, fetch: int, split: str | None,
                 label: str | None) -> hy.Ranked:
