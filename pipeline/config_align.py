@@ -23,7 +23,7 @@ class AlignConfig:
                                            "used (kept for evaluation)")
     hidden: int = knob(512, "two_layer: width of the branch")
     structure: float = knob(0.1, "two_layer: weight of the batch-similarity term")
-    lr: float = knob(3e-3, "two_layer: AdamW peak learning rate (warm-up, then cosine "
+    lr: float = knob(6e-3, "two_layer: AdamW peak learning rate (warm-up, then cosine "
                      "decay to zero over the budget)")
     batch_size: int = knob(2048, "two_layer: pairs per step")
     max_rounds: int = knob(6, "two_layer: the training budget, in rounds of 50,000 pairs (or "

@@ -41,7 +41,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 @dataclass(frozen=True)
 class TwoLayerParams:
     hidden: int = 512
-    lr: float = 3e-3
+    lr: float = 6e-3
     weight_decay: float = 1e-4
     batch_size: int = 2048
     structure: float = 0.1
