@@ -64,8 +64,8 @@ class SearchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"column": self.column, "query": self.query, "k": self.k, "via": self.via,
-                **({"hybrid": self.hybrid} if self.hybrid else {}),
-                "notes": self.notes, "hits": [asdict(h) for h in self.hits]}
+                "hybrid": self.hybrid, "notes": self.notes,
+                "hits": [asdict(h) for h in self.hits]}
 
 
 def pick_column(run: str | Path, modality: str = "image", query: str = "text",
