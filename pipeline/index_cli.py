@@ -96,9 +96,14 @@ def _search(args: argparse.Namespace) -> int:
 
     cfg = stage_config(SearchConfig, "search", load_toml(args.config), args.run,
                        **overrides(args, SearchConfig))
-    result = search(cfg.run, text=args.query, image=args.image, modality=cfg.modality,
-                    column=cfg.column, k=cfg.k, split=args.split, label=args.label,
-                    device=cfg.device, mmap=cfg.mmap, verify=cfg.verify, via=cfg.via)
+    if cfg.hybrid:
+        from .hybrid import hybrid_search
+
+        result = hybrid_search(cfg, args.query, args.image, args.split, args.label)
+    else:
+        result = search(cfg.run, text=args.query, image=args.image, modality=cfg.modality,
+                        column=cfg.column, k=cfg.k, split=args.split, label=args.label,
+                        device=cfg.device, mmap=cfg.mmap, verify=cfg.verify, via=cfg.via)
     print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) if args.json
           else format_table(result))
     return 0
@@ -111,7 +116,9 @@ def _eval(args: argparse.Namespace) -> int:
                        **overrides(args, EvalConfig))
     report = run_retrieval_eval(cfg.run, split=cfg.split, encoders=cfg.encoders or None,
                                 use_index=not cfg.exact_only,
-                                exclude_leaks=cfg.exclude_leaks, via=cfg.via)
+                                exclude_leaks=cfg.exclude_leaks, via=cfg.via,
+                                hybrid=cfg.hybrid, hybrid_sources=cfg.hybrid_sources,
+                                hybrid_split=cfg.hybrid_split)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -60,10 +60,12 @@ class SearchResult:
     hits: list[Hit]
     notes: list[str] = field(default_factory=list)
     via: str | None = None  # the adapter the text query went through (search --via)
+    hybrid: dict[str, float] | None = None  # search --hybrid: each source's weight
 
     def to_dict(self) -> dict[str, Any]:
         return {"column": self.column, "query": self.query, "k": self.k, "via": self.via,
-                "notes": self.notes, "hits": [asdict(h) for h in self.hits]}
+                "hybrid": self.hybrid, "notes": self.notes,
+                "hits": [asdict(h) for h in self.hits]}
 
 
 def pick_column(run: str | Path, modality: str = "image", query: str = "text",
@@ -274,6 +276,8 @@ def format_table(result: SearchResult, width: int = 48) -> str:
              h.label or "") for h in result.hits]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     via = f" via {result.via}" if result.via else ""
+    if result.hybrid:
+        via = " hybrid " + " + ".join(f"{w:g} {n}" for n, w in result.hybrid.items())
     lines = [f"{result.column}{via}: {result.query!r} ({len(result.hits)} hits)"]
     for r in [head, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

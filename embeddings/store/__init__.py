@@ -21,6 +21,7 @@ clear message)::
     RUN/align/NAME.json, NAME.<token>.safetensors    an adapter between two columns
     RUN/latent/NAME.json, NAME.<token>.safetensors   a latent (meta-space) model
     RUN/eval/retrieval.{json,md}
+    RUN/eval/hybrid.json                  tuned weights of hybrid retrieval (sealed)
     RUN/dedup/groups.parquet, keep.parquet, sheet.png, summary.json (written last)
     RUN/serve/thumbs/<ab>/<key>.<digest>.jpg  thumbnails made by the web page
     RUN/serve/cache/<url>.<digest>.tar    remote tar shards thumbnails were read from (bounded)

@@ -107,6 +107,24 @@ class EvalFiles:
         atomic_write_bytes(no_links(self.run, self.dir / f"{name}.md"), markdown.encode())
         return self.dir / f"{name}.json"
 
+    def write_hybrid(self, record: dict[str, Any]) -> Path:
+        """Save the tuned weights of hybrid retrieval (``RUN/eval/hybrid.json``, sealed:
+        search trusts them only as written)."""
+        make_dirs(self.run, self.dir)
+        path = no_links(self.run, self.dir / "hybrid.json")
+        atomic_write_json(path, seal.seal(record))
+        return path
+
+    def read_hybrid(self) -> dict[str, Any] | None:
+        """The saved hybrid weights (None when none were tuned); an edited file is refused."""
+        path = no_links(self.run, self.dir / "hybrid.json")
+        if not os.path.lexists(path):
+            return None
+        remedy = "tune them again with `python -m pipeline eval-retrieval --hybrid`"
+        record = read_json(path, "hybrid weights", remedy)
+        seal.check(record, path, "hybrid weights", remedy)
+        return record
+
 
 class ServeFiles:
     """The server's own cache: thumbnails named by their key and their content's digest
