@@ -116,7 +116,14 @@ def pca_error(train: np.ndarray, held_out: np.ndarray, k: int) -> float:
     """Held-out MSE per coordinate of a PCA of size ``k`` fitted on ``train`` (rows already
     standardised the way the latent model sees them): the linear baseline."""
     mean = train.mean(axis=0)
-    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
-    p = vt[:k].T
+    p = principal_directions(np.asarray(train - mean, np.float32), k)
     c = held_out - mean
     return float(np.mean((c @ p @ p.T - c) ** 2))
+
+
+def principal_directions(s: np.ndarray, k: int) -> np.ndarray:
+    """The top ``k`` principal directions (``D x k``, float32) of rows ``s`` (standardised:
+    zero mean), from their covariance: ``s^T s`` in float32, its eigenvectors in float64."""
+    cov = (s.T @ s).astype(np.float64)
+    _, vecs = np.linalg.eigh(cov)  # ascending eigenvalues
+    return np.ascontiguousarray(vecs[:, ::-1][:, :k], np.float32)
