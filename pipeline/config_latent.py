@@ -28,7 +28,8 @@ class LatentConfig:
     max_rows: int = knob(200_000, "rows sampled into memory to train on (float16); every "
                          "row is encoded")
     val_fraction: float = knob(0.05, "share of the sampled rows that validate (stop "
-                               "training, score against PCA)")
+                               "training, score against PCA); at least 64 rows (up to "
+                               "20%) on small runs")
     round_rows: int = knob(50_000, "training rows between two validations")
     max_rounds: int = knob(8, "at most this many rounds")
     patience: int = knob(2, "rounds without a better validation error to stop")

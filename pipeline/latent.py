@@ -51,6 +51,7 @@ from .config_latent import LatentConfig
 from .latent_rows import Plan, plan_inputs, shard_rows
 
 log = logging.getLogger(__name__)
+MIN_VAL = 64  # validation rows of a small run (at most 20% of it)
 SETTINGS = ("kind", "dim", "hidden", "modality_dropout", "beta", "lr", "batch_size",
             "max_rows", "val_fraction", "round_rows", "max_rounds", "patience", "seed")
 
@@ -160,13 +161,15 @@ def _saved(run: Run, name: str, cfg: LatentConfig,
                  name)
         return None, ""
     check_latent_inputs(model, {c.name: c for c in plan.columns}, f"run {run.path}")
-    return model, "saved model reused: the settings and inputs are the same"
+    return model, "the settings and inputs are those it was trained with"
 
 
 def _train(run: Run, cfg: LatentConfig, plan: Plan) -> LatentModel:
     """Sample at most ``max_rows`` rows (one pass), split off validation, fit."""
     total = run.embed.manifest().rows(plan.kind)
     keep = min(1.0, cfg.max_rows / max(1, total))
+    # a small run validates on at least MIN_VAL rows (up to 20%): 5% of 300 rows is noise
+    frac = max(cfg.val_fraction, min(0.2, MIN_VAL / max(1, min(total, cfg.max_rows))))
     rng = np.random.default_rng(cfg.seed)
     train: list[list[np.ndarray]] = [[] for _ in range(2 * len(plan.columns))]
     val: list[list[np.ndarray]] = [[] for _ in range(2 * len(plan.columns))]
@@ -177,8 +180,8 @@ def _train(run: Run, cfg: LatentConfig, plan: Plan) -> LatentModel:
             draw, split = rng.random(n), rng.random(n)
             picked = draw < keep
             for i, (x, p) in enumerate(zip(rows.xs, rows.present)):
-                for into, rows_of in ((train, picked & (split >= cfg.val_fraction)),
-                                      (val, picked & (split < cfg.val_fraction))):
+                for into, rows_of in ((train, picked & (split >= frac)),
+                                      (val, picked & (split < frac))):
                     into[2 * i].append(np.asarray(x[rows_of], np.float16))
                     into[2 * i + 1].append(p[rows_of])
             bar.update(n)
