@@ -28,7 +28,7 @@ import json
 import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,28 @@ class DerivedFiles:
     def reader(self, col: DerivedColumn, verify: bool = True) -> ColumnReader:
         """Streaming and point reads of ``col``'s parts (rows as the embed shards')."""
         return ColumnReader(self, col.parts, EMPTY, verify)
+
+    def attach(self, manifest: Any, make: Callable[[str, dict[str, Any], bool], Any]) -> Any:
+        """``manifest`` (the embed stage's) with the derived columns listed after its own
+        and each one's staleness in ``derived``; ``make(name, spec, sealed)`` builds a
+        column (the manifest's type, so this module never imports it)."""
+        cols = self.columns()
+        if not cols:
+            return manifest
+        sealed = manifest.trusted and self.trusted
+        columns, stale = merge(manifest.columns, cols.values(), manifest.shards.__getitem__,
+                               lambda n, c: make(n, c, sealed))
+        return replace(manifest, columns=columns, derived={n: stale.get(n) for n in cols})
+
+    def readers(self, manifest: Any, kind: str, verify: bool = True
+                ) -> dict[str, ColumnReader | str]:
+        """The readers of ``manifest``'s derived columns of ``kind`` (a stale one: the
+        message refusing it)."""
+        if not manifest.derived:
+            return {}
+        cols = self.columns()
+        return {n: why or self.reader(cols[n], verify)
+                for n, why in manifest.derived.items() if manifest.columns[n].kind == kind}
 
     # ------------------------------------------------------------------ writing
     def write_part(self, column: str, block: int, source: Any, vectors: np.ndarray,

@@ -26,7 +26,7 @@ from ..errors import FormatError
 from ..limits import DEFAULT_MAX_PIXELS
 from . import seal
 from .columns import CHUNK_ROWS, Chunk, ColumnReader, ColumnSource
-from .derived import DerivedFiles, merge
+from .derived import DerivedFiles
 from .files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -321,13 +321,9 @@ class EmbedFiles:
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise FormatError(f"embed manifest {path} is corrupt ({type(e).__name__}: {e}): "
                               f"{remedy}") from None
-        derived = self.derived.columns()
-        if not derived:
-            return m
-        where, sealed = str(self.derived.manifest_path), trusted and self.derived.trusted
-        columns, stale = merge(m.columns, derived.values(), m.shards.__getitem__,
-                               lambda n, c: Column.from_dict(n, c, where, sealed))
-        return replace(m, columns=columns, derived={n: stale.get(n) for n in derived})
+        where = str(self.derived.manifest_path)  # derived columns follow the embed stage's
+        return self.derived.attach(m, lambda n, c, sealed: Column.from_dict(n, c, where,
+                                                                            sealed))
 
     def shard_path(self, record: ShardRecord) -> Path:
         return confined(self.dir, record.file, "shard file", root=self.run,
@@ -352,12 +348,8 @@ class EmbedFiles:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         m = self.manifest()
-        derived: dict[str, ColumnReader | str] = {}
-        if m.derived:
-            cols = self.derived.columns()
-            derived = {n: why or self.derived.reader(cols[n], verify)
-                       for n, why in m.derived.items() if m.columns[n].kind == kind}
-        return ColumnReader(self, m.shards[kind], FIELDS[kind], verify, derived)
+        return ColumnReader(self, m.shards[kind], FIELDS[kind], verify,
+                            self.derived.readers(m, kind, verify))
 
     def iter_column(self, column: str, chunk_rows: int = CHUNK_ROWS, verify: bool = True,
                     shards: Sequence[int] | None = None) -> Iterator[Chunk]:
