@@ -49,7 +49,7 @@ class LatentParams:
     patience: int = 2
     val_rows: int = 20_000  # validation rows scored each round (a seeded sample)
     seed: int = 0
-    threads: int | None = None
+    threads: int | None = 1  # torch threads (None: torch default): 1 is faster on a busy machine
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
