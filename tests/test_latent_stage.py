@@ -159,6 +159,11 @@ def test_tampered_part_refused_and_rebuild_rewrites(latent_run: Path, tmp_path: 
     assert not path.exists() and run.verify() == [] and run.report().leftovers == []
     [res] = run_index(IndexConfig(run=str(run.path), columns=(COLUMN,), progress=False))
     assert res.action == "built"
+    manifest = run.derived.manifest_path  # an edited manifest is refused, naming itself
+    manifest.write_text(manifest.read_text().replace('"stage": "latent"', '"stage": "x"'))
+    with pytest.raises(FormatError, match="derived columns manifest .* remove the run's "
+                       "derived/ folder"):
+        run.embed.read_vectors(COLUMN)
 
 
 def test_saved_model_refused_on_columns_of_other_models(latent_run: Path,
