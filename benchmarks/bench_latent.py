@@ -71,7 +71,7 @@ def heads(run: Path, dim: int, seeds: int) -> list[str]:
     xs = [feats.arrays[c] for c in INPUTS]
 
     def score(arrays: list[np.ndarray], head: str, seed: int = 0) -> dict:
-        extra = {"seed": seed} if "seed" in HEADS[head].defaults else {}
+        extra = {"seed": seed} if hasattr(HEADS[head].defaults, "seed") else {}
         h = make_head(head, task, [a.shape[1] for a in arrays], **extra)
         h.fit([a[rows["train"]] for a in arrays], [y[rows["train"]]],
               [a[rows["val"]] for a in arrays], [y[rows["val"]]])
@@ -88,6 +88,7 @@ def heads(run: Path, dim: int, seeds: int) -> list[str]:
         model = fit_latent([x[~val] for x in xs], None, [x[val] for x in xs],
                            params=LatentParams(dim=dim, seed=seed))
         z = model.encode(xs, [every, every])
+        z /= np.linalg.norm(z, axis=1, keepdims=True)  # unit length, as the column holds it
         table.setdefault(f"logistic (latent {dim} of clip_image + minilm_text)", []).append(
             score([z], "logistic"))
     out += ["", "| head (inputs) | accuracy | macro F1 | runs |", "|---|---|---|---|"]

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 
 from embeddings.errors import UserError
 
-from . import align_cli, dedup_cli, embed_cli, heads_cli, index_cli, serve_cli
+from . import align_cli, dedup_cli, embed_cli, heads_cli, index_cli, latent_cli, serve_cli
 
 # Each module registers its sub-commands with ``register(subparsers)``.
-COMMAND_MODULES = (embed_cli, index_cli, heads_cli, align_cli, serve_cli, dedup_cli)
+COMMAND_MODULES = (embed_cli, index_cli, heads_cli, align_cli, latent_cli, serve_cli,
+                   dedup_cli)
 MEMORY_HINT = "lower the batch size or work on a smaller run"
 
 

@@ -8,7 +8,7 @@ directory is the top-level ``run``::
     [[encoders]] name, type, model, pretrained       [index]  memory_budget_gb, ...
     [search]  k, modality, ...   [heads] label, inputs, heads, ...   [eval] split, ...
     [serve]   host, port, ...    [dedup] by, threshold, method, keep, ...
-    [align]  source, target, adapter, ...
+    [align]  source, target, adapter, ...   [latent] inputs, name, kind, dim, ...
 
 Precedence: dataclass default < TOML < command line.  A knob's field carries its help
 text and CLI flag (:func:`knob`); ``pipeline.options.add_options`` derives the argparse options from
@@ -31,6 +31,7 @@ from embeddings.limits import DEFAULT_MAX_PIXELS
 from embeddings.names import check_name
 
 from .config_align import AlignConfig
+from .config_latent import LatentConfig
 from .knobs import DEFAULT_RUN, knob
 
 DEFAULT_CONFIG = Path("configs/default.toml")
@@ -234,7 +235,7 @@ class DedupConfig:  # README "The dedup stage" says what each knob does
 SECTIONS: dict[str, type] = {"data": DataConfig, "embed": EmbedConfig, "index": IndexConfig,
                              "search": SearchConfig, "eval": EvalConfig, "heads": HeadsConfig,
                              "serve": ServerConfig, "dedup": DedupConfig,
-                             "align": AlignConfig}
+                             "align": AlignConfig, "latent": LatentConfig}
 NOT_IN_TOML = {"run", "data", "encoders"}  # top-level keys / own tables, not section keys
 
 

@@ -46,6 +46,9 @@ def register(sub: Any) -> None:
     s.add_argument("query", nargs="?", help="query text (or use --image)")
     s.add_argument("--image", help="query image file (image->image, or image->text with "
                    "--modality text)")
+    s.add_argument("--id", dest="row_id", help="query by a stored row: the vector of the "
+                   "image (or caption) with this id in the searched column (the query a "
+                   "latent column answers)")
     s.add_argument("--split", help="only rows of this split (train, val, test, ...)")
     s.add_argument("--label", help="only rows with this label")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -90,8 +93,8 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    if args.query is not None and args.image is not None:
-        raise InputError("give either a query text or --image, not both")
+    if sum(q is not None for q in (args.query, args.image, args.row_id)) > 1:
+        raise InputError("give one query: a text, --image or --id, not both")
     from .search import format_table, search
 
     cfg = stage_config(SearchConfig, "search", load_toml(args.config), args.run,
@@ -99,11 +102,14 @@ def _search(args: argparse.Namespace) -> int:
     if cfg.hybrid:
         from .hybrid import hybrid_search
 
+        if args.row_id is not None:
+            raise InputError("search --hybrid takes a text or an image query, not --id")
         result = hybrid_search(cfg, args.query, args.image, args.split, args.label)
     else:
         result = search(cfg.run, text=args.query, image=args.image, modality=cfg.modality,
                         column=cfg.column, k=cfg.k, split=args.split, label=args.label,
-                        device=cfg.device, mmap=cfg.mmap, verify=cfg.verify, via=cfg.via)
+                        device=cfg.device, mmap=cfg.mmap, verify=cfg.verify, via=cfg.via,
+                        row_id=args.row_id)
     print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) if args.json
           else format_table(result))
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 
 from embeddings import index as ix
 from embeddings.encoders import Encoder, encoder_for_column, resolve_device
-from embeddings.errors import FormatError, InputError
+from embeddings.errors import FormatError, InputError, MissingError
 from embeddings.images import ImageError, load_image
 from embeddings.store import Run, column_name
 
@@ -73,12 +73,20 @@ def pick_column(run: str | Path, modality: str = "image", query: str = "text",
     """The column to search for a ``query``-modality query returning ``modality`` rows.
 
     Only encoders that embed both modalities qualify; for text->text a text-only model
-    (sentence-transformers) is preferred to a CLIP text tower.
+    (sentence-transformers) is preferred to a CLIP text tower.  ``query="id"`` (a stored
+    row's vector) needs no encoder: any column of ``modality``, or a latent column.
     """
     manifest = Run(run).embed.manifest()
     columns = manifest.columns
     if column is not None:
         col = manifest.column(column)
+        if query == "id":
+            return column
+        if col.modality not in MODALITIES:  # a derived column: no model embeds queries
+            made = (col.provenance.preprocess or {}).get("inputs") or {}
+            raise InputError(f"column {column} is a {col.modality} column (learned over "
+                             f"{' + '.join(made) or 'other columns'}): no encoder embeds a "
+                             f"{query} query into it; search it by a stored row: --id ID")
         if column_name(col.encoder, query) not in columns:
             raise InputError(f"column {column} was made by {col.encoder}, which cannot "
                              f"embed {query} queries; choose another --column of "
@@ -87,7 +95,8 @@ def pick_column(run: str | Path, modality: str = "image", query: str = "text",
     if modality not in MODALITIES:
         raise InputError(f"--modality must be one of {MODALITIES}, not {modality!r}")
     found = [c for c, col in columns.items()
-             if col.modality == modality and column_name(col.encoder, query) in columns]
+             if col.modality == modality and (query == "id" or column_name(col.encoder, query)
+                                              in columns)]
     if not found:
         raise InputError(f"no embedding column of this run answers {query}->{modality} "
                          f"queries; it has {sorted(columns)}")
@@ -148,6 +157,18 @@ class Searcher:
     def search_image(self, path: str | Path, k: int = 10, split: str | None = None,
                      label: str | None = None) -> SearchResult:
         return self.search_vector(self.embed_image(path), f"image:{path}", k, split, label)
+
+    def search_id(self, row_id: str, k: int = 10, split: str | None = None,
+                  label: str | None = None) -> SearchResult:
+        """"More like this": the column's stored vector of row ``row_id`` is the query
+        (no encoder: the one query a latent column answers)."""
+        row = self.reader.find_ids([row_id]).get(row_id)
+        if row is None:
+            what = "image" if self.kind == "images" else "caption"
+            raise MissingError(f"no {what} row with id {row_id[:200]!r} in {self.run} "
+                               f"(column {self.column})")
+        vector = self.reader.read_vectors(self.column, self.info.dim, [row])
+        return self.search_vector(vector.astype(np.float32), f"like:{row_id}", k, split, label)
 
     def allowed(self, split: str | None, label: str | None) -> Any:
         """The rows a split / label filter keeps (the bitmap cached beside the index, then
@@ -244,11 +265,19 @@ class Searcher:
 def search(run: str | Path, text: str | None = None, image: str | Path | None = None,
            modality: str = "image", column: str | None = None, k: int = 10,
            split: str | None = None, label: str | None = None, device: str = "auto",
-           mmap: bool = True, verify: bool = True, via: str | None = None) -> SearchResult:
-    """One query (``text`` or ``image``) against the run's index of the chosen column;
-    with ``via``, a text query through that adapter (:mod:`.via`)."""
-    if (text is None) == (image is None):
-        raise InputError("give exactly one query: text, or an image (--image PATH)")
+           mmap: bool = True, verify: bool = True, via: str | None = None,
+           row_id: str | None = None) -> SearchResult:
+    """One query (``text``, ``image`` or a stored row's ``row_id``) against the run's index
+    of the chosen column; with ``via``, a text query through that adapter (:mod:`.via`)."""
+    if sum(q is not None for q in (text, image, row_id)) != 1:
+        raise InputError("give exactly one query: text, an image (--image PATH) or a row "
+                         "(--id ID)")
+    if row_id is not None:
+        if via is not None:
+            raise InputError("--via maps text queries: give a query text, or drop --via")
+        col = pick_column(run, modality, "id", column)
+        return Searcher(run, col, device=device, mmap=mmap, verify=verify).search_id(
+            row_id, k, split, label)
     if text is not None and not text.strip():
         raise InputError("empty query: give some text, or --image PATH")
     if via is not None:

@@ -102,3 +102,16 @@ def test_run_verify_covers_saved_latent_models(columns: tuple, align_run: Path,
     weights = next(path.parent.glob("meta.*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8])
     assert any("latent model weights" in p for p in run.verify())
+
+
+def test_folded_encode_matches_the_formula(columns: tuple) -> None:
+    """``encode`` folds the standardisation into the weights; the result is the formula's
+    (``encode_standardised`` of the standardised rows), a missing input included."""
+    d, _ = columns
+    model = fit_latent(d["train"], None, d["val"],
+                       params=LatentParams(dim=8, threads=1, max_rounds=1))
+    n = len(d["test"][0])
+    present = [np.ones(n, bool), np.arange(n) % 3 > 0]
+    s, flags, _ = model.standardise(d["test"], present)
+    np.testing.assert_allclose(model.encode(d["test"], present, chunk=7),
+                               model.encode_standardised(s, flags), rtol=1e-4, atol=1e-4)

@@ -56,17 +56,19 @@ def check_latent_inputs(model: LatentModel, columns: Mapping[str, Column],
                              f"has {sorted(columns)}")
         check_same_model(col.provenance, columns[col.name].provenance,
                          f"column {col.name!r} of {where}",
-                         "use a latent model trained on this run's columns, or retrain it")
+                         "retrain it on this run's columns (`python -m pipeline latent "
+                         "--rebuild`)")
 
 
 def latent_provenance(path: str | Path, name: str) -> Provenance:
     """The provenance of a latent column made by the saved model at ``path``: its weights'
-    digest is the identity, the inputs' own identities ride along in ``preprocess``."""
+    digest is the identity, the inputs' own identities ride along in ``preprocess``; the
+    column holds unit-length latents (cosine search, like every column)."""
     json_path = Path(path).with_suffix(".json")
     meta = read_json(json_path, "latent model description", LATENT.remedy)
     model = load_latent(json_path)
     return Provenance(
         type="latent", model=name, dim=model.dim, weights_sha256=meta["weights"]["digest"],
-        weights_source=str(json_path), normalized=False,
+        weights_source=str(json_path), normalized=True,
         preprocess={"kind": model.kind,
                     "inputs": {c.name: c.provenance.identity() for c in model.inputs}})

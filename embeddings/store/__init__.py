@@ -20,6 +20,9 @@ clear message)::
     RUN/heads/comparison.{csv,json,png}, confusion.png, splits.json, predictions/NAME.parquet
     RUN/align/NAME.json, NAME.<token>.safetensors    an adapter between two columns
     RUN/latent/NAME.json, NAME.<token>.safetensors   a latent (meta-space) model
+    RUN/derived/manifest.json, <column>/part-<block>.<token>.parquet
+                                          derived columns (the latent stage's), one part per
+                                          embed shard, read with the run's columns (.derived)
     RUN/eval/retrieval.{json,md}
     RUN/eval/hybrid.json                  tuned weights of hybrid retrieval (sealed)
     RUN/dedup/groups.parquet, keep.parquet, sheet.png, summary.json (written last)
@@ -47,6 +50,7 @@ import pyarrow as pa
 
 from ..errors import InputError
 from .dedup import DedupFiles
+from .derived import DerivedColumn, DerivedFiles, DerivedPart
 from .embed import (
     KINDS,
     MODALITY_KIND,
@@ -98,6 +102,7 @@ class Run:
         self.filters = FilterCache(self.embed, self.index.dir / "filters")
         self.align = TrainedFiles(self.path, "align", ADAPTER)
         self.latent = TrainedFiles(self.path, "latent", LATENT)
+        self.derived = self.embed.derived
 
     def lock(self, stage: str) -> StageLock:
         """The exclusive lock of one stage; once held, temporary files and the files a
@@ -142,7 +147,7 @@ class _CleaningLock(StageLock):
                 self.run.embed.hits.clean()
             elif stage == "heads":
                 self.run.heads.clean()
-            elif stage in ("align", "latent"):
+            elif stage in ("align", "latent", "derived"):
                 getattr(self.run, stage).clean()
         except BaseException:
             self.__exit__(None, None, None)
@@ -161,7 +166,8 @@ def read_table(run: str | os.PathLike, kind: str, columns: list[str] | None = No
 
 
 __all__ = ["FIELDS", "KINDS", "MODALITY_KIND", "PRINT_FIELDS", "SCHEMA_VERSION", "Column",
-           "DedupFiles", "DiskFull", "EmbedFiles", "EmbedManifest", "EvalFiles", "FilterCache",
+           "DedupFiles", "DerivedColumn", "DerivedFiles", "DerivedPart",
+           "DiskFull", "EmbedFiles", "EmbedManifest", "EvalFiles", "FilterCache",
            "Fingerprints", "HeadsFiles", "IndexEntry", "IndexFiles", "ModelFormat", "Provenance",
            "Report", "Run", "RunIdentity", "ServeFiles", "ShardInfo", "ShardRecord", "ShardSpan",
            "StageLock", "Tampered", "TrainedFiles", "atomic_write_bytes", "atomic_write_json",

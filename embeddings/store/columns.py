@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -98,15 +98,20 @@ def _vectors(array: pa.Array, dim: int, where: Path) -> np.ndarray:
 
 
 class ColumnReader:
-    """Reads of one run's shards of one kind; picklable (Ray tasks take one)."""
+    """Reads of one run's shards of one kind; picklable (Ray tasks take one).
+
+    ``derived``: columns kept in their own files, one part per shard (:mod:`.derived`),
+    read through their own reader (or, for a stale one, the message refusing it)."""
 
     def __init__(self, files: Shards, records: Sequence[Any], schema: pa.Schema,
-                 verify: bool = True, kind: str | None = None, hits: Any = None) -> None:
+                 verify: bool = True, kind: str | None = None, hits: Any = None,
+                 derived: Mapping[str, ColumnReader | str] | None = None) -> None:
         self.files = files
         self.schema = schema  # the kind's metadata fields
         self.verify = verify
         self.kind = kind
         self.hits = hits  # the run's hit tables (:mod:`.hits`), used where current
+        self.derived = dict(derived or {})
         self.offsets = RowOffsets(records)
         self._groups: OrderedDict[tuple[Any, ...], pa.Table] = OrderedDict()
         self._lock = threading.Lock()
@@ -140,9 +145,18 @@ class ColumnReader:
         except (OSError, pa.ArrowException) as e:
             raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
 
+    def _derived(self, column: str) -> ColumnReader | None:
+        got = self.derived.get(column)
+        if isinstance(got, str):
+            raise FormatError(got)
+        return got
+
     def iter_column(self, column: str, dim: int, chunk_rows: int = CHUNK_ROWS,
                     shards: Sequence[int] | None = None) -> Iterator[Chunk]:
         """``column`` shard by shard, in chunks of at most ``chunk_rows`` rows."""
+        if (other := self._derived(column)) is not None:
+            yield from other.iter_column(column, dim, chunk_rows, shards)
+            return
         for s in range(len(self.records)) if shards is None else shards:
             pf = self._open(s, digest=True)
             path = self.files.shard_path(self.records[s])
@@ -179,6 +193,8 @@ class ColumnReader:
     def read_rows(self, rows: Sequence[int] | np.ndarray, columns: Sequence[str]) -> pa.Table:
         """``columns`` of the given global rows, in the order asked, reading only the row
         groups that hold them (a few recent groups are kept: ``GROUP_CACHE_BYTES``)."""
+        if any(c in self.derived for c in columns):
+            return self._read_derived(rows, columns)
         rows = np.asarray(rows, dtype=np.int64)
         target = self._schema(columns)
         hit_names = HIT_FIELDS[self.kind].names if self.kind else self.schema.names
@@ -220,6 +236,15 @@ class ColumnReader:
         back = np.empty(len(rows), dtype=np.int64)
         back[np.concatenate(where)] = np.arange(len(rows))
         return take(table, back)
+
+    def _read_derived(self, rows: Sequence[int] | np.ndarray,
+                      columns: Sequence[str]) -> pa.Table:
+        own = [c for c in columns if c not in self.derived]
+        got = dict(zip(own, self.read_rows(rows, own).columns)) if own else {}
+        for c in columns:
+            if c not in got:
+                got[c] = self._derived(c).read_rows(rows, [c]).column(0)  # type: ignore[union-attr]
+        return pa.table([got[c] for c in columns], names=list(columns))
 
     def _group_starts(self, shard: int) -> np.ndarray:
         key = ("starts", shard)

@@ -26,6 +26,7 @@ from ..errors import FormatError
 from ..limits import DEFAULT_MAX_PIXELS
 from . import seal
 from .columns import CHUNK_ROWS, Chunk, ColumnReader, ColumnSource
+from .derived import DerivedFiles
 from .files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -107,6 +108,14 @@ class EmbedManifest:
     versions: dict[str, str]
     updated: str
     trusted: bool = field(default=False, compare=False)  # sealed on this machine
+    # Derived columns (:mod:`.derived`, listed in ``columns`` after the embed stage's):
+    # name -> why it cannot be read now (None: it can).
+    derived: dict[str, str | None] = field(default_factory=dict, compare=False)
+
+    @property
+    def own_columns(self) -> dict[str, Column]:
+        """The columns the embed stage wrote (without the derived ones)."""
+        return {n: c for n, c in self.columns.items() if n not in self.derived}
 
     @property
     def root(self) -> Path:
@@ -145,7 +154,7 @@ class EmbedManifest:
     def to_dict(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "stage": "embed", "complete": True,
                 "updated": self.updated, "dataset": self.dataset, "config": self.config,
-                "columns": {n: c.to_dict() for n, c in self.columns.items()},
+                "columns": {n: c.to_dict() for n, c in self.own_columns.items()},
                 "rows": {k: self.rows(k) for k in KINDS},
                 "shards": {k: [vars(s) for s in v] for k, v in self.shards.items()},
                 "rejects": self.rejects, "versions": self.versions}
@@ -173,6 +182,7 @@ class EmbedFiles:
         self.spec_path = self.dir / "config.json"
         self.rejects_path = self.dir / "rejects.jsonl"
         self.hits = HitTables(self, run / "index" / "hits")  # written by the index stage
+        self.derived = DerivedFiles(run)
 
     def _checked(self, path: Path) -> Path:
         return no_links(self.run, path)
@@ -305,7 +315,7 @@ class EmbedFiles:
         trusted = seal.check(d, path, "embed manifest", remedy)
         try:
             where = str(path)
-            return EmbedManifest(
+            m = EmbedManifest(
                 dict(d["dataset"]), dict(d["config"]),
                 {n: Column.from_dict(n, c, where, trusted) for n, c in d["columns"].items()},
                 {k: [ShardRecord(**s) for s in d["shards"][k]] for k in KINDS},
@@ -313,6 +323,9 @@ class EmbedFiles:
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise FormatError(f"embed manifest {path} is corrupt ({type(e).__name__}: {e}): "
                               f"{remedy}") from None
+        where = str(self.derived.manifest_path)  # derived columns follow the embed stage's
+        return self.derived.attach(m, lambda n, c, sealed: Column.from_dict(n, c, where,
+                                                                            sealed))
 
     def shard_path(self, record: ShardRecord) -> Path:
         return confined(self.dir, record.file, "shard file", root=self.run,
@@ -336,8 +349,9 @@ class EmbedFiles:
         """Streaming and point reads of the ``kind`` shards (:mod:`.columns`)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-        return ColumnReader(self, self.manifest().shards[kind], FIELDS[kind], verify, kind,
-                            self.hits)
+        m = self.manifest()
+        return ColumnReader(self, m.shards[kind], FIELDS[kind], verify, kind, self.hits,
+                            self.derived.readers(m, kind, verify))
 
     def iter_column(self, column: str, chunk_rows: int = CHUNK_ROWS, verify: bool = True,
                     shards: Sequence[int] | None = None) -> Iterator[Chunk]:

@@ -48,7 +48,7 @@ def write_vectors_run(path: str | os.PathLike, columns: dict[str, int | Provenan
     on this machine, like an embedded run's."""
     run = Run(path)
     old = run.embed.manifest() if append else None
-    cols = dict(old.columns) if old else {
+    cols = dict(old.own_columns) if old else {
         name: _column(name, spec, dtype, model) for name, spec in columns.items()}
     records: dict[str, list[ShardRecord]] = {k: list(old.shards[k]) if old else []
                                              for k in ("images", "captions")}

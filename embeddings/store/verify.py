@@ -1,14 +1,16 @@
 """What ``verify`` checks: every recorded file, every JSON file's digest and seal, no link
 anywhere in the run, and the files a killed stage left behind.
 
-Problems (exit 2): a missing, truncated or altered shard, index, head, adapter or latent
-model weights file; a manifest, run identity or model description whose content does not
-match its digest; a link or special file inside the run; a JSON file not sealed like the
-rest of a run that was sealed on this machine (edited and re-digested); a manifest whose
-dataset differs from the run identity's.  Leftovers (listed, removed by the stage's next
-run): temporary files, index, lists, recall state or weights files no manifest or
-description names, index build scratch folders, filter bitmaps of shards the embed
-manifest no longer lists.  Notes: a run not sealed on this machine.
+Problems (exit 2): a missing, truncated or altered shard, derived column part, index,
+head, adapter or latent model weights file; a manifest, run identity or model description
+whose content does not match its digest; a link or special file inside the run; a JSON
+file not sealed like the rest of a run that was sealed on this machine (edited and
+re-digested); a manifest whose dataset differs from the run identity's.  Leftovers
+(listed, removed by the stage's next run): temporary files, index, lists, recall state
+or weights files no manifest or description names, index build scratch folders, filter
+bitmaps of shards the embed manifest no longer lists, derived column parts no manifest
+names.  Notes: a run not sealed on this machine, a derived column the embed stage has
+moved past (stale: its stage's rerun brings it up to date).
 """
 
 from __future__ import annotations
@@ -71,9 +73,11 @@ def verify_run(run: Run) -> Report:
                 r.problems.append(_unsealed(desc, fmt.remedy))
     r.problems += run.dedup.verify()
     r.problems += _guard(r, run.embed.hits.verify) or []
+    r.problems += run.derived.verify()
+    r.notes += _stale(run)
     for leftovers in (run.index.leftovers, run.filters.leftovers, run.embed.hits.leftovers,
-                      run.heads.leftovers,
-                      run.align.leftovers, run.latent.leftovers):
+                      run.heads.leftovers, run.align.leftovers, run.latent.leftovers,
+                      run.derived.leftovers):
         r.leftovers += _guard(r, leftovers) or []
     r.leftovers += [p for p in run.path.rglob(f".*{TMP_SUFFIX}") if p.is_file()]
     return r
@@ -107,7 +111,7 @@ def _embed(run: Run, r: Report) -> bool:
         if found != value:
             r.problems.append(f"embed manifest {run.embed.manifest_path} records dataset {key} "
                               f"{found!r}, the run identity {value!r}: one of them was edited")
-    if {n: c.provenance for n, c in manifest.columns.items()} != \
+    if {n: c.provenance for n, c in manifest.own_columns.items()} != \
             {n: c.provenance for n, c in identity.columns.items()}:
         r.problems.append(f"embed manifest {run.embed.manifest_path} and the run identity "
                           "disagree on the columns' models: one of them was edited")
@@ -120,6 +124,14 @@ def _embed(run: Run, r: Report) -> bool:
                        "are not trusted (serve needs --root; local models must be named in "
                        "your config)")
     return identity.trusted
+
+
+def _stale(run: Run) -> list[str]:
+    """Derived columns the embed stage has moved past (rerunning their stage fixes it)."""
+    try:
+        return [why for why in run.embed.manifest().derived.values() if why]
+    except UserError:
+        return []  # said above
 
 
 def _index(run: Run, r: Report) -> bool:
