@@ -84,7 +84,7 @@ def run_cmd(cmd: list[str], timeout: float | None = None,
     peak = mem.stop()
     return {"cmd": " ".join(cmd), "seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_gb": round(peak / 2**30, 3), "returncode": proc.returncode,
-            "stdout": out[-3000:], "stderr": err[-3000:]}
+            "stdout": out[-200_000:], "stderr": err[-3000:]}
 
 
 def pipeline_cmd(*args: str) -> list[str]:

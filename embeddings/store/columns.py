@@ -260,7 +260,7 @@ class ColumnReader:
         with self._lock:
             got = self._groups.get(key)
         if got is None:
-            meta = self._open(shard, digest=False).metadata
+            meta = self._open(shard, digest=False, point=True).metadata  # kept for reads
             sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
             got = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
             with self._lock:
