@@ -5,7 +5,9 @@ Each chunk is read as float16, turned into float32, checked for NaN/inf, and its
 share of the loss, the gradient and the softmax's curvature added; the weights of the
 rows (``1/n`` or class weight ``/ n``) are those of the whole set, so the sum is the
 full-batch objective and L-BFGS runs unchanged on it (:func:`.lbfgs.fit_lbfgs_torch`).
-Memory: one chunk and its logits at a time, whatever the number of rows.
+Memory: one chunk and its logits at a time, whatever the number of rows.  Threads are
+chosen again for every pass (a pass over millions of rows takes a minute: the load seen
+when the fit started says little about the load an hour later).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from ..streamed import Rows, chunks
+from .base import threads_for, torch_threads
 from .lbfgs import MAX_FOLDED_OFFSET
 
 
@@ -30,6 +33,7 @@ class StreamData:
     mean: np.ndarray
     scale: np.ndarray
     class_weight: np.ndarray | None
+    threads: int | None = None  # None: by problem size and load, each pass
 
     def objective(self, lam: float) -> StreamObjective:
         return StreamObjective(self, lam)
@@ -65,7 +69,14 @@ class StreamObjective:
         wz, b = w[:-1], w[-1]
         return torch.addmm(b - self.c @ wz, x, self.a[:, None] * wz)
 
+    def _threads(self, w: torch.Tensor) -> int:
+        return threads_for(len(self.data.y) * w.shape[0] * w.shape[1], self.data.threads)
+
     def __call__(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
+        with torch_threads(self._threads(w)):
+            return self._value_grad(w)
+
+    def _value_grad(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
         wz = w[:-1]
         f, curv = 0.0, 0.0
         g = torch.zeros_like(w)
@@ -90,8 +101,9 @@ class StreamObjective:
     def curvature(self, w: torch.Tensor) -> float:
         """The softmax's mean curvature per class at ``w`` (as :class:`.lbfgs.Objective`)."""
         total = 0.0
-        for x, _, row in self._chunks():
-            p = torch.softmax(self._logits(x, w), 1)
-            total += float((1 - p.square().sum(1)) @ row)
+        with torch_threads(self._threads(w)):
+            for x, _, row in self._chunks():
+                p = torch.softmax(self._logits(x, w), 1)
+                total += float((1 - p.square().sum(1)) @ row)
         k = max(w.shape[1] - 1, 1)
         return total / float(self.row.sum()) / k

@@ -153,7 +153,8 @@ class LogisticHead(Head):
             sub = _subsample(len(x), rows, rng)
             cw = balanced_weights(y, k) if p.class_weights else None
             if streamed:
-                full_data: Data | StreamData = StreamData(x, y, self.mean, self.scale, cw)
+                full_data: Data | StreamData = StreamData(x, y, self.mean, self.scale, cw,
+                                                          p.full_threads)
                 sub_data = Data.standardising(gather([x], sub)[0], y[sub], self.mean,
                                               self.scale, cw)
             else:
