@@ -16,6 +16,9 @@ peak resident memory of its whole process tree:
 - ``add``: 1,000,000 more rows appended as new shards, then ``index`` (rows read counted);
 - ``read``: streaming a column through the store vs ``pyarrow.parquet.read_table`` plus a
   zero-copy numpy view of the same shards;
+- ``filters``: filtered recall@10 (200 queries, exact filtered answers from one streaming
+  pass) and per-query latency for a split (15% of every list) and a label made of 3 of the
+  256 clusters (1.2%), next to the previous rule (nprobe / share) in the same run;
 - ``search``: CLI ``search`` with and without ``--split`` / ``--label``, next to the time
   of ``import torch, open_clip`` alone (median of three), and each step of one search;
 - ``serve``: time until ``serve`` listens, then queries with and without filters (p50,
@@ -48,11 +51,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scale_data
+import scale_filters
 import scale_measure as sm
 
 from embeddings.store import Run
 
-PHASES = ["data", "build", "ray", "autofaiss", "add", "read", "search", "serve", "heads"]
+PHASES = ["data", "build", "ray", "autofaiss", "add", "read", "filters", "search", "serve",
+          "heads"]
 AUTOFAISS_VENV = Path(__file__).resolve().parent / ".venv-autofaiss"
 
 
@@ -84,9 +89,9 @@ def main() -> None:
     queries = scale_data.held_out(a.queries, prov.dim)
     for phase in a.phases:
         print(f"--- {phase} (load {sm.load()})", flush=True)
-        t = time.perf_counter()
+        t, load = time.perf_counter(), sm.load()
         res[phase] = {**globals()[f"phase_{phase}"](a, run, prov, queries, res),
-                      "load_before": sm.load()}
+                      "load_before": load}
         res[phase]["phase_seconds"] = round(time.perf_counter() - t, 1)
         res[phase]["load_after"] = sm.load()
         out.write_text(json.dumps(res, indent=2, default=str))
@@ -203,12 +208,17 @@ def phase_read(a, run, prov, queries, res) -> dict[str, Any]:
     return sm.read_rates(run, "clip_image", shards=10)
 
 
+def phase_filters(a, run, prov, queries, res) -> dict[str, Any]:
+    return scale_filters.filtered_recall(run, "clip_image", queries[:200])
+
+
 def phase_search(a, run, prov, queries, res) -> dict[str, Any]:
     """An image query (the run has image rows only: no caption column to prove a text
     tower), so the query needs torch, open_clip and PIL.  ``import torch, open_clip,
-    PIL.Image`` alone is timed before, between and after the searches (its median is the
-    baseline: it swings by seconds on a loaded machine); ``breakdown`` times each step of
-    one search per filter in one process (``sm.search_steps``)."""
+    PIL.Image`` alone is timed before and after each kind of search (its median is the
+    baseline: it swings by seconds on a loaded machine); each kind runs three times (the
+    median counts), a rare label first once alone (it builds the filter's cache);
+    ``breakdown`` times each step of one search per filter in one process."""
     image = str(sm.REPO / "data/demo/images/animals/abeille_tanguy_jacq_01.png")
     imports = []
 
@@ -218,16 +228,19 @@ def phase_search(a, run, prov, queries, res) -> dict[str, Any]:
 
     runs = {}
     imp()
-    for name, extra in (("plain", []), ("split", ["--split", "test"]),
-                        ("label_first", ["--label", "rare"]), ("label", ["--label", "rare"])):
-        got = sm.run_cmd(sm.pipeline_cmd("search", "--run", str(run), "--image", image,
-                                         "--json", "--device", "cpu", *extra))
-        hits = len(json.loads(got["stdout"])["hits"]) if got["returncode"] == 0 else None
-        runs[name] = {"seconds": got["seconds"], "peak_rss_gb": got["peak_rss_gb"],
-                      "hits": hits,
-                      **({"stderr": got["stderr"][-500:]} if got["returncode"] else {})}
-        if name in ("split", "label"):
-            imp()
+    for name, extra, times in (("label_first", ["--label", "rare"], 1),
+                               ("plain", [], 3), ("split", ["--split", "test"], 3),
+                               ("label", ["--label", "rare"], 3)):
+        got = [sm.run_cmd(sm.pipeline_cmd("search", "--run", str(run), "--image", image,
+                                          "--json", "--device", "cpu", *extra))
+               for _ in range(times)]
+        last = got[-1]
+        hits = len(json.loads(last["stdout"])["hits"]) if last["returncode"] == 0 else None
+        runs[name] = {"seconds": round(float(np.median([g["seconds"] for g in got])), 2),
+                      "runs_s": [g["seconds"] for g in got],
+                      "peak_rss_gb": max(g["peak_rss_gb"] for g in got), "hits": hits,
+                      **({"stderr": last["stderr"][-500:]} if last["returncode"] else {})}
+        imp()
     base = float(np.median(imports))
     for r in runs.values():
         r["beyond_import_s"] = round(r["seconds"] - base, 2)

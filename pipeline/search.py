@@ -194,13 +194,14 @@ class Searcher:
         return got
 
     def _locate(self, got: Any, split: str | None, label: str | None) -> None:
-        """A filter keeping few rows: where they sit in the lists (and their codes, when
-        few), cached beside the index (keyed by the index files' digests), so a search
-        neither rescans the lists' ids nor reads a page of the lists file per row."""
+        """Where a filter's rows sit in the lists (few rows: their entries, and their codes
+        when few; many: how many each list holds), cached beside the index (keyed by the
+        index files' digests), so a search neither rescans the lists' ids nor reads a page
+        of the lists file per row."""
         key = self.entry.digest + str((self.entry.lists or {}).get("digest", ""))
         cached = self.files.filters.entries(self.kind, split, label, key)
-        usable = cached is not None and got.use_entries(self.index, cached)
-        packed = got.packed_entries(self.index)  # with the rows' codes when they are few
+        usable = cached is not None and got.use_placement(self.index, cached)
+        packed = got.packed_placement(self.index)  # with the rows' codes when they are few
         if packed is not None and (not usable or len(packed) != len(cached or b"")):
             self.files.filters.keep_entries(self.kind, split, label, key, packed)
 

@@ -5,7 +5,8 @@ Arrow's compute functions load their own module: over a second together on a bus
 machine) and opens files (a hit table is checked whole before it is mapped).  One
 "more like this" query per indexed column at start pays the imports and the first reads;
 then a background thread checks and maps every hit table of those columns' rows, so the
-first lookup of an unseen id (a scan of every shard's table) does not check 200 files.
+first lookup of an unseen id (a scan of every shard's table) does not check 200 files,
+and parses every shard's footer, so the first vector read there does not.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def _check_tables(readers: list[Any]) -> None:
         for shard in range(len(reader.records)):
             try:
                 reader.hit_table(shard)
+                reader.keep_footer(shard)  # the first "more like this" read there
             except UserError as e:
                 log.warning("%s", e)
                 break

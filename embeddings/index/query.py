@@ -13,7 +13,10 @@ are ever scored, and widens the search until every query has ``min(k, allowed)``
 
 Before any of that, IVF-Flat / SQ / PQ indexes answer a filter keeping few rows (see
 :mod:`.rare`) by scoring exactly just those rows' codes, found in the lists once per
-filter: a rare label never makes a query read every list.
+filter: a rare label never makes a query read every list.  A filter keeping many rows
+there first probes, per query, the nearest lists that hold its rows (see :mod:`.dense`):
+a split costs what an unfiltered query costs, a label made of a few clusters finds them;
+only queries still short of hits go on to the widening.
 
 GPU indexes take no selector: they oversample and filter, asking up to 2,048 neighbours.
 """
@@ -28,7 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from . import rare
+from . import dense, rare
 from .core import GPU_MAX_K, _hnsw, as_f32, is_gpu, ivf_of
 
 SEARCH_BATCH = 4096
@@ -61,7 +64,7 @@ class Allowed:
     bits: np.ndarray  # uint8, little-endian bit order
     n: int
     count: int
-    # index id -> (index, rare.Entries): where the rows sit in that index's lists
+    # index id -> (index, where the rows sit): rare.Entries or dense per-list counts
     memo: dict[int, tuple[Any, Any]] = field(default_factory=dict, compare=False,
                                              repr=False)
 
@@ -73,31 +76,47 @@ class Allowed:
     def mask(self) -> np.ndarray:
         return np.unpackbits(self.bits, count=self.n, bitorder="little").astype(bool)
 
-    def entries(self, index: faiss.Index) -> rare.Entries:
+    def placement(self, index: faiss.Index) -> Any:
         """Where these rows sit in ``index``'s inverted lists, found once per index (the
-        memo holds the index too, so its id is not reused while the entry is kept)."""
+        memo holds the index too, so its id is not reused while the entry is kept):
+        their (list, offset) entries when few (:mod:`.rare`), else how many each list
+        holds (:mod:`.dense`); None where neither path applies."""
         got = self.memo.get(id(index))
-        if got is None or got[0] is not index:
-            got = (index, rare.entries(rare.codec_ivf(index), self.bits, self.n))
+        if got is None or got[0] is not index or \
+                isinstance(got[1], rare.Entries) != rare.takes(index, self.count):
+            ivf = rare.codec_ivf(index)
+            if ivf is None or is_gpu(index):
+                return None
+            found = rare.entries(ivf, self.bits, self.n) if rare.takes(index, self.count) \
+                else dense.place(ivf, self.bits, self.n)
+            got = (index, found)
             self.memo.clear()
             self.memo[id(index)] = got
         return got[1]
 
-    def packed_entries(self, index: faiss.Index) -> bytes | None:
-        """:meth:`entries` as bytes to cache (None where the few-rows path is not taken)."""
-        if not rare.takes(index, self.count):
+    def packed_placement(self, index: faiss.Index) -> bytes | None:
+        """:meth:`placement` as bytes to cache (None where no path uses it)."""
+        found = self.placement(index)
+        if found is None:
             return None
-        return rare.pack(self.entries(index), rare.codec_ivf(index))
+        if isinstance(found, rare.Entries):
+            return rare.pack(found, rare.codec_ivf(index))
+        return dense.pack(found)
 
-    def use_entries(self, index: faiss.Index, data: bytes) -> bool:
-        """Take entries cached as :meth:`packed_entries` wrote them (False: unusable)."""
-        if not rare.takes(index, self.count):
-            return False
+    def use_placement(self, index: faiss.Index, data: bytes) -> bool:
+        """Take a placement cached as :meth:`packed_placement` wrote it (False: unusable)."""
         ivf = rare.codec_ivf(index)
-        found = rare.unpack(data, self.count, self.n,
-                            int(ivf.code_size + ivf.coarse_code_size()))
-        if found is None or not rare.fits(found, ivf):
+        if ivf is None or is_gpu(index):
             return False
+        if rare.takes(index, self.count):
+            found = rare.unpack(data, self.count, self.n,
+                                int(ivf.code_size + ivf.coarse_code_size()))
+            if found is None or not rare.fits(found, ivf):
+                return False
+        else:
+            found = dense.unpack(data, ivf, self.count)
+            if found is None:
+                return False
         self.memo.clear()
         self.memo[id(index)] = (index, found)
         return True
@@ -120,22 +139,29 @@ def search_filtered(index: faiss.Index, queries: np.ndarray, k: int,
         return out_s, out_i
     if is_gpu(index):
         return _oversample(index, q, k, rows.mask(), rows.count, out_s, out_i)
-    if rare.takes(index, rows.count):
-        out_s, out_i = rare.search_entries(index, q, k, rows.entries(index))
+    found = rows.placement(index)
+    if isinstance(found, rare.Entries):
+        out_s, out_i = rare.search_entries(index, q, k, found)
         out_s[out_i < 0] = -np.inf
         return out_s, out_i
     sel = faiss.IDSelectorBitmap(rows.n, faiss.swig_ptr(rows.bits))  # points into bits
     want = min(k, rows.count)
     todo = np.arange(len(q))
+    if found is not None:  # many rows: the lists holding them, nearest first
+        for start in range(0, len(q), SEARCH_BATCH):
+            part = slice(start, start + SEARCH_BATCH)
+            out_s[part], out_i[part] = dense.search(index, rare.codec_ivf(index), q[part], k,
+                                                    found, sel)
+        todo = todo[(out_i >= 0).sum(1) < want]
     for params in _widening(index, sel, k, rows.count / index.ntotal):
+        if not len(todo):
+            break
         if isinstance(params, _Exact):
             scores, ids = params.search(q[todo], k)
         else:
             scores, ids = search(index, q[todo], k, params)
         out_s[todo], out_i[todo] = scores, ids
         todo = todo[(ids >= 0).sum(1) < want]
-        if not len(todo):
-            break
     out_s[out_i < 0] = -np.inf
     return out_s, out_i
 

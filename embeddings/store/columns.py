@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import FormatError
+from . import pages
 from .hits import HIT_FIELDS, checked
 
 
@@ -40,6 +41,7 @@ class Shards(Protocol):
     def check_shard(self, record: Any, full: bool = True) -> Path: ...
 
 CHUNK_ROWS = 65_536  # rows per streamed chunk: 64 MiB at 512-d float16
+PAGE_ROWS = 8  # vectors read from their pages (see pages); more: through their row groups
 SLICE_MAX = 64  # rows read by slicing (see take); as many from a row group: its prefix
 POINT_BATCH = 1024  # rows decoded at a time when reading a row group's prefix
 GROUP_CACHE_BYTES = 64 * 2**20  # decoded row groups a reader keeps for point reads
@@ -255,12 +257,24 @@ class ColumnReader:
                 got[c] = self._derived(c).read_rows(rows, [c]).column(0)  # type: ignore[union-attr]
         return pa.table([got[c] for c in columns], names=list(columns))
 
+    def keep_footer(self, shard: int) -> None:
+        """Parse and keep the shard's footer now (``serve`` does it in the background),
+        so the first point read there does not (10 ms a shard when cold)."""
+        self._group_starts(shard)
+
+    def _footer(self, shard: int) -> Any:
+        """The shard's parsed footer, kept (a reader built on it still costs 7 ms: the
+        Arrow schema with the shard's metadata is rebuilt)."""
+        with self._lock:
+            meta = self._groups.get(("meta", shard))
+        return meta if meta is not None else self._open(shard, digest=False, point=True).metadata
+
     def _group_starts(self, shard: int) -> np.ndarray:
         key = ("starts", shard)
         with self._lock:
             got = self._groups.get(key)
         if got is None:
-            meta = self._open(shard, digest=False, point=True).metadata  # kept for reads
+            meta = self._footer(shard)
             sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
             got = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
             with self._lock:
@@ -301,11 +315,42 @@ class ColumnReader:
 
     def read_vectors(self, column: str, dim: int, rows: Sequence[int] | np.ndarray
                      ) -> np.ndarray:
-        """The vectors of the given rows (stored dtype), in the order asked."""
+        """The vectors of the given rows (stored dtype), in the order asked; a few rows
+        from the pages that hold them (:mod:`.pages`), more through their row groups."""
+        if 0 < len(rows) <= PAGE_ROWS and column not in self.derived:
+            got = self._page_rows(column, dim, np.asarray(rows, dtype=np.int64))
+            if got is not None:
+                return got
         col = self.read_rows(rows, [column]).column(0)
         if len(col) == 0:
             return np.empty((0, dim), dtype=np.float16)
         return np.array(_vectors(col, dim, self.files.dir))
+
+    def _page_rows(self, column: str, dim: int, rows: np.ndarray) -> np.ndarray | None:
+        if rows.min() < 0 or rows.max() >= self.offsets.total:
+            return None  # the row-group path says what is wrong
+        out: list[np.ndarray | None] = [None] * len(rows)
+        for s, pos, local in self.offsets.groups(rows):
+            path = self.files.check_shard(self.records[s], full=False)
+            starts = self._group_starts(s)
+            for p, r in zip(pos.tolist(), local.tolist()):
+                g = int(np.searchsorted(starts, r, side="right") - 1)
+                key = ("pages", s, g, column)
+                with self._lock:
+                    chunk = self._groups.get(key, False)
+                if chunk is False:
+                    chunk = pages.chunk_of(path, self._footer(s), g, column, dim)
+                    with self._lock:
+                        self._groups[key] = chunk
+                if chunk is None:
+                    return None
+                try:
+                    out[p] = pages.read_row(path, chunk, r - int(starts[g]), dim)
+                except (OSError, ValueError) as e:
+                    raise FormatError(f"shard {path} is corrupt ({e}): {REMEDY}") from None
+                if out[p] is None:
+                    return None
+        return np.stack(out)  # type: ignore[arg-type]
 
     def find_ids(self, ids: Sequence[str], shards: Sequence[int] | None = None
                  ) -> dict[str, int]:
