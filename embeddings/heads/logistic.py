@@ -67,6 +67,9 @@ from .params import param
 
 # Rows of the covariance behind the preconditioner (an estimate is enough).
 COV_ROWS = 4096
+# Features' mean and std by numpy up to this many values (torch's column reductions on
+# one thread are 8x slower there; beyond, torch's threads win).
+NUMPY_STATS = 2**22
 # L2 strengths of the sweep (mean loss + lam/2 |W|^2 on standardised features), half a
 # decade apart from 1 to 1e-6, walked from strong to weak until validation stops
 # improving.
@@ -88,7 +91,9 @@ class LogisticParams:
                         "benchmark and lost 2.2 points of accuracy)", choices=tuple(RANKS))
     refine: int = param(0, "binary-search rounds around the best swept strength", low=0)
     patience: int = param(1, "sweep points past the best before the walk stops", low=1)
-    sweep_rows: int = param(1024, "train rows the sweep uses at least (subsample)", low=1)
+    sweep_rows: int = param(512, "train rows the sweep uses at least (subsample; 512, not "
+                            "1024: on 3,950 openclipart rows the sweep and the fit on all "
+                            "rows took 78 ms instead of 141, same accuracy)", low=1)
     sweep_fraction: float = param(0.125, "... or this fraction of the train rows, if more",
                                   low=0, high=1)
     carry: tuple[float, ...] = param((1.0,), "exponents a of the carry-over lam*(m/n)**a to "
@@ -140,6 +145,9 @@ class LogisticHead(Head):
             if p.standardise and streamed:
                 mean, std = column_stats(x)
                 self.mean, self.scale = mean, np.maximum(std, np.float32(1e-6))
+            elif p.standardise and x.size <= NUMPY_STATS:  # 1.2 ms vs torch's 9 at 4k x 384
+                self.mean = x.mean(0, dtype=np.float32)
+                self.scale = np.maximum(x.std(0, dtype=np.float32), np.float32(1e-6))
             elif p.standardise:  # torch: one pass, 5x faster than numpy's mean and std
                 std, mean = torch.std_mean(torch.from_numpy(x), dim=0, correction=0)
                 self.mean, self.scale = mean.numpy(), std.clamp_min(1e-6).numpy()
