@@ -113,3 +113,25 @@ def test_a_searcher_caches_a_splits_counts_beside_the_index(tmp_path: Path) -> N
     again = Searcher(tmp_path / "run", COLUMN, device="cpu")  # a new `search` process
     assert [again.search_vector(q, "q", k=10, split="train").hits for q in x[:5]] == first
     assert dense.STATS["count_scans"] == scans + 1
+
+
+def test_batches_and_graph_quantizers_give_the_same_answers(base, monkeypatch) -> None:
+    """Queries ranked a few at a time (a bounded (queries x lists) table) answer as all at
+    once; an IVF whose coarse quantizer is a graph takes the same path, capped depth."""
+    x, which = base
+    q = clustered(30, D, clusters=CLUSTERS, spread=0.6, seed=9)
+    rows = ix.Allowed.of(np.isin(which, [5, 6, 7]))
+    index = ix.build_index(x, "IVF128,Flat")
+    ix.set_search_params(index, {"nprobe": 2})
+    want = ix.search_filtered(index, q, 10, rows)
+    monkeypatch.setattr(dense, "DEPTH_CELLS", 200)  # a query or two at a time
+    got = ix.search_filtered(index, q, 10, rows)
+    np.testing.assert_array_equal(got[1], want[1])
+    graph = ix.build_index(x, "IVF128_HNSW16,Flat")
+    ix.set_search_params(graph, {"nprobe": 2})
+    monkeypatch.setattr(dense, "GRAPH_DEPTH", 16)
+    before = dense.STATS["searches"]
+    _, ids = ix.search_filtered(graph, q, 10, ix.Allowed.of(np.isin(which, [5, 6, 7])))
+    assert dense.STATS["searches"] > before
+    assert ((ids >= 0).sum(1) == 10).all() and np.isin(which[ids], [5, 6, 7]).all()
+    assert all(len(set(r)) == 10 for r in ids)  # no list probed twice

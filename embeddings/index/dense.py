@@ -21,7 +21,10 @@ lists (102 of 4,096 at nprobe 16).  A query that still has fewer than ``k`` hits
 to the caller's widening (every list in the end: complete).
 
 Only plain IVF-Flat / SQ / PQ (maybe behind a pre-transform) take this path: it calls the
-IVF's ``search_preassigned`` with the chosen lists.
+IVF's ``search_preassigned`` with the chosen lists.  The coarse quantizer ranks up to
+``4 * need * nlist / holding`` lists per query (every list for a filter living in few),
+a few queries at a time so that table stays under ``DEPTH_CELLS``; a graph (HNSW)
+quantizer ranks at most ``GRAPH_DEPTH``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import numpy as np
 from .core import as_f32
 
 STATS = {"count_scans": 0, "searches": 0, "lists_probed": 0}
+GRAPH_DEPTH = 1024  # lists ranked per query by a graph (HNSW) coarse quantizer, at most
+DEPTH_CELLS = 2**22  # (query, list) pairs ranked at a time: 48 MB of ids and distances
 
 
 def place(ivf: Any, bits: np.ndarray, n: int) -> Placement:
@@ -108,10 +113,25 @@ def search(index: faiss.Index, ivf: Any, q: np.ndarray, k: int, place: Placement
         q = as_f32(index.apply_py(q))
     nlist, need = int(ivf.nlist), place.need
     depth = min(nlist, max(int(ivf.nprobe), math.ceil(4 * need * nlist / max(1, place.holding))))
+    if not isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat):
+        depth = min(depth, GRAPH_DEPTH)  # a graph quantizer asked for k = nlist crawls
+    rows = max(1, DEPTH_CELLS // depth)  # queries at a time: (queries x depth) lists ranked
+    scores = np.empty((len(q), k), np.float32)
+    ids = np.empty((len(q), k), np.int64)
+    for start in range(0, len(q), rows):
+        part = slice(start, start + rows)
+        scores[part], ids[part] = _probe(ivf, q[part], k, place, sel, depth)
+    return scores, ids
+
+
+def _probe(ivf: Any, q: np.ndarray, k: int, place: Placement, sel: Any, depth: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    need = place.need
     dis, order = ivf.quantizer.search(q, depth)
-    order = np.where(order >= 0, order, 0)
-    useful = place.counts[order] > 0
-    reach = np.cumsum(place.weight[order], axis=1)
+    found = order >= 0  # a graph quantizer may return fewer lists than asked
+    order = np.where(found, order, 0)
+    useful = found & (place.counts[order] > 0)
+    reach = np.cumsum(np.where(found, place.weight[order], 0.0), axis=1)
     stop = np.where(reach[:, -1] >= need - 1e-9,
                     np.argmax(reach >= need - 1e-9, axis=1), depth - 1) + 1
     width = int(stop.max()) if len(stop) else 1
