@@ -102,16 +102,16 @@ def test_counts_round_trip_and_reject_other_rows(base) -> None:
     assert not rows.use_placement(index, bad.tobytes())
 
 
-def test_a_searcher_caches_a_splits_counts_beside_the_index(tmp_path: Path) -> None:
+def test_a_searcher_caches_a_labels_counts_beside_the_index(tmp_path: Path) -> None:
     _, x, _ = synthetic_run(tmp_path / "run", 20_000, 32, 4_000)
     _index(tmp_path / "run", factory="IVF128,SQ8")
     s = Searcher(tmp_path / "run", COLUMN, device="cpu")
     scans = dense.STATS["count_scans"]
-    first = [s.search_vector(q, "q", k=10, split="train").hits for q in x[:5]]
+    first = [s.search_vector(q, "q", k=10, label="c2").hits for q in x[:5]]  # 20% of rows
     assert dense.STATS["count_scans"] == scans + 1
-    assert all(len(h) == 10 and {x.split for x in h} == {"train"} for h in first)
+    assert all(len(h) == 10 and {x.label for x in h} == {"c2"} for h in first)
     again = Searcher(tmp_path / "run", COLUMN, device="cpu")  # a new `search` process
-    assert [again.search_vector(q, "q", k=10, split="train").hits for q in x[:5]] == first
+    assert [again.search_vector(q, "q", k=10, label="c2").hits for q in x[:5]] == first
     assert dense.STATS["count_scans"] == scans + 1
 
 
@@ -135,3 +135,17 @@ def test_batches_and_graph_quantizers_give_the_same_answers(base, monkeypatch) -
     assert dense.STATS["searches"] > before
     assert ((ids >= 0).sum(1) == 10).all() and np.isin(which[ids], [5, 6, 7]).all()
     assert all(len(set(r)) == 10 for r in ids)  # no list probed twice
+
+
+def test_the_index_stage_places_the_splits(tmp_path: Path) -> None:
+    """`index` counts each split's rows per list as it builds: the first split-filtered
+    search after a build scans no ids."""
+    _, x, _ = synthetic_run(tmp_path / "run", 20_000, 32, 4_000)
+    scans = dense.STATS["count_scans"]
+    _index(tmp_path / "run", factory="IVF128,SQ8")
+    assert dense.STATS["count_scans"] == scans + 2  # train and test
+    done = dense.STATS["count_scans"]
+    s = Searcher(tmp_path / "run", COLUMN, device="cpu")
+    hits = s.search_vector(x[0], "q", k=10, split="test").hits
+    assert len(hits) == 10 and {h.split for h in hits} == {"test"}
+    assert dense.STATS["count_scans"] == done
