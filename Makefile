@@ -31,8 +31,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[dev,ray]"
+	$(PY) -m pip install -q --retries 10 --resume-retries 10 $(TORCH)
+	$(PY) -m pip install -q --retries 10 --resume-retries 10 -e ".[dev,ray]"
 	touch $@
 
 $(TINY)/open_clip_config.json: | setup
