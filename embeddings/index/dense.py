@@ -36,7 +36,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .core import as_f32
+from .core import as_f32, list_sizes
+from .rare import ids_by_list, kept
 
 STATS = {"count_scans": 0, "searches": 0, "lists_probed": 0}
 GRAPH_DEPTH = 1024  # lists ranked per query by a graph (HNSW) coarse quantizer, at most
@@ -46,16 +47,8 @@ DEPTH_CELLS = 2**22  # (query, list) pairs ranked at a time: 48 MB of ids and di
 def place(ivf: Any, bits: np.ndarray, n: int) -> Placement:
     """How many rows whose bit is set each inverted list holds (one pass over the ids)."""
     STATS["count_scans"] += 1
-    inv = ivf.invlists
-    counts = np.zeros(int(ivf.nlist), np.int64)
-    for j in range(int(ivf.nlist)):
-        size = int(inv.list_size(j))
-        if size == 0:
-            continue
-        ids = faiss.rev_swig_ptr(inv.get_ids(j), size)  # a view: nothing copied
-        ok = ids < n
-        counts[j] = int((bits[np.where(ok, ids, 0) >> 3] >> (ids & 7).astype(np.uint8)
-                         & ok).astype(bool).sum())
+    counts = np.array([np.count_nonzero(kept(ids, bits, n)) for ids in ids_by_list(ivf)],
+                      np.int64)
     return Placement.of(ivf, counts)
 
 
@@ -70,15 +63,10 @@ def unpack(data: bytes, ivf: Any, count: int) -> Placement | None:
     if len(data) != 8 * nlist:
         return None
     counts = np.frombuffer(data, "<i8").astype(np.int64)
-    if counts.min(initial=0) < 0 or int(counts.sum()) != count or \
-            (counts > sizes(ivf)).any():
+    sizes = list_sizes(ivf)
+    if counts.min(initial=0) < 0 or int(counts.sum()) != count or (counts > sizes).any():
         return None
-    return Placement.of(ivf, counts)
-
-
-def sizes(ivf: Any) -> np.ndarray:
-    inv = ivf.invlists
-    return np.array([inv.list_size(j) for j in range(int(ivf.nlist))], np.int64)
+    return Placement.of(ivf, counts, sizes)
 
 
 @dataclass(frozen=True)
@@ -92,10 +80,11 @@ class Placement:
     need: int  # lists' worth of allowed rows a query probes
 
     @classmethod
-    def of(cls, ivf: Any, counts: np.ndarray) -> Placement:
+    def of(cls, ivf: Any, counts: np.ndarray, sizes: np.ndarray | None = None) -> Placement:
         total = max(1, int(ivf.ntotal))
         share = max(int(counts.sum()) / total, 1e-12)
-        weight = np.minimum(1.0, counts / np.maximum(sizes(ivf), 1) / share)
+        sizes = list_sizes(ivf) if sizes is None else sizes
+        weight = np.minimum(1.0, counts / np.maximum(sizes, 1) / share)
         weight[counts == 0] = 0.0
         holding = int((counts > 0).sum())
         covered = max(float(weight.sum()) / int(ivf.nlist), 1e-12)

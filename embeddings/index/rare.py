@@ -22,13 +22,14 @@ indexes score differently.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import faiss
 import numpy as np
 
-from .core import as_f32
+from .core import as_f32, list_sizes
 
 ENTRIES_MAX = 200_000  # kept rows: at most this many ...
 ENTRIES_SHARE = 0.02  # ... and at most this share of the index
@@ -71,15 +72,8 @@ def entries(ivf: Any, bits: np.ndarray, n: int) -> Entries:
     """(row, list, offset) of every row whose bit is set, from one pass over the ids."""
     STATS["id_scans"] += 1
     lists, offs, rows = [], [], []
-    inv = ivf.invlists
-    for j in range(int(ivf.nlist)):
-        size = inv.list_size(j)
-        if size == 0:
-            continue
-        ids = faiss.rev_swig_ptr(inv.get_ids(j), size)  # a view: nothing copied
-        ok = ids < n
-        hit = np.flatnonzero(ok & (bits[np.where(ok, ids, 0) >> 3]
-                                   >> (ids & 7).astype(np.uint8) & 1).astype(bool))
+    for j, ids in enumerate(ids_by_list(ivf)):
+        hit = np.flatnonzero(kept(ids, bits, n))
         if len(hit):
             lists.append(np.full(len(hit), j, np.int64))
             offs.append(hit.astype(np.int64))
@@ -90,6 +84,21 @@ def entries(ivf: Any, bits: np.ndarray, n: int) -> Entries:
     r, li, of = np.concatenate(rows), np.concatenate(lists), np.concatenate(offs)
     order = np.argsort(r, kind="stable")
     return Entries(r[order], li[order], of[order])
+
+
+def ids_by_list(ivf: Any) -> Iterator[np.ndarray]:
+    """Each inverted list's ids in list order, as views (nothing copied; empty lists as
+    empty arrays, so the position is the list number)."""
+    inv = ivf.invlists
+    for j in range(int(ivf.nlist)):
+        size = int(inv.list_size(j))
+        yield faiss.rev_swig_ptr(inv.get_ids(j), size) if size else np.zeros(0, np.int64)
+
+
+def kept(ids: np.ndarray, bits: np.ndarray, n: int) -> np.ndarray:
+    """Bool per id: its bit is set in the packed little-endian bitmap of ``n`` rows."""
+    ok = ids < n
+    return ok & (bits[np.where(ok, ids, 0) >> 3] >> (ids & 7).astype(np.uint8) & 1).astype(bool)
 
 
 def pack(found: Entries, ivf: Any = None) -> bytes:
@@ -131,8 +140,7 @@ def fits(found: Entries, ivf: Any) -> bool:
         if found.codes.shape[1] != ccs + ivf.code_size or \
                 not np.array_equal(found.codes[:, :ccs], coarse):
             return False
-    sizes = np.array([ivf.invlists.list_size(j) for j in range(int(ivf.nlist))], np.int64)
-    return bool((found.offsets < sizes[found.lists]).all())
+    return bool((found.offsets < list_sizes(ivf)[found.lists]).all())
 
 
 def gather(ivf: Any, lists: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -87,6 +87,12 @@ class IndexEntry:
     lists: dict[str, Any] | None = None  # on-disk inverted lists: file, bytes, digest
     truth: dict[str, Any] | None = None  # recall queries and their exact neighbours
 
+    @property
+    def files_key(self) -> str:
+        """Names these index files' contents (index and lists digests): what is cached
+        about them (a filter's placement in the lists) is valid while it is unchanged."""
+        return self.digest + str((self.lists or {}).get("digest", ""))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["provenance"] = self.provenance.to_dict()
