@@ -92,8 +92,6 @@ def run_index(cfg: IndexConfig) -> list[ColumnResult]:
                         cfg.dedup, results)
         if any(r.action != "unchanged" for r in results):
             _warm_filters(run, {cols[c].kind for c in columns})
-            _place_splits(cfg, run, [r.column for r in results if r.action != "unchanged"],
-                          cols)
         for kind in sorted({cols[c].kind for c in columns if c in entries}):
             _hit_tables(cfg, run, kind)
         if entries and not run.index.trusted and all(r.action == "unchanged" for r in results):
@@ -128,35 +126,6 @@ def _warm_filters(run: Run, kinds: set[str]) -> None:
     for kind in sorted(kinds):
         for split in values["splits"]:
             run.filters.mask(kind, split, None)
-
-
-def _place_splits(cfg: IndexConfig, run: Run, columns: list[str], cols: dict[str, Any]
-                  ) -> None:
-    """Where each split's rows sit in each new index's lists (one pass over its ids while
-    they are likely still in the page cache: 4-9 s cold at 20M rows), cached beside the
-    index, so the first split-filtered search after a build does not pay it."""
-    splits = run.filters.values("images")["splits"]
-    for column in columns:
-        index, entry = open_index(cfg.run, column, device="cpu", verify=False)
-        if entry.stats.get("dedup"):
-            continue  # searches then keep to the keep-list: other rows, other filters
-        for split in splits:
-            rows = ix.Allowed.of(run.filters.mask(cols[column].kind, split, None))
-            locate_filter(run, cols[column].kind, entry, index, rows, split, None)
-
-
-def locate_filter(run: Run, kind: str, entry: IndexEntry, index: Any, rows: Any,
-                  split: str | None, label: str | None) -> None:
-    """Where a filter's rows sit in the lists (few rows: their entries, and their codes
-    when few; many: how many each list holds), cached beside the index (keyed by the index
-    files' digests), so a search neither rescans the lists' ids nor reads a page of the
-    lists file per row."""
-    key = entry.digest + str((entry.lists or {}).get("digest", ""))
-    cached = run.filters.entries(kind, split, label, key)
-    usable = cached is not None and rows.use_placement(index, cached)
-    packed = rows.packed_placement(index)  # with the rows' codes when they are few
-    if packed is not None and (not usable or len(packed) != len(cached or b"")):
-        run.filters.keep_entries(kind, split, label, key, packed)
 
 
 def _hit_tables(cfg: IndexConfig, run: Run, kind: str) -> None:

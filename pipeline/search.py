@@ -28,7 +28,7 @@ from embeddings.errors import FormatError, InputError, MissingError
 from embeddings.images import ImageError, load_image
 from embeddings.store import Run, column_name
 
-from .index import allowed_rows, locate_filter, open_index
+from .index import allowed_rows, open_index
 from .leaks import kept_mask
 
 log = logging.getLogger(__name__)
@@ -186,12 +186,24 @@ class Searcher:
             mask = self.kept if mask is None else mask & self.kept
         got = ix.Allowed.of(mask)
         if self.kept is None and mask is not None:
-            locate_filter(self.files, self.kind, self.entry, self.index, got, split, label)
+            self._locate(got, split, label)
         with self._lock:
             self._filters[key] = got
             while len(self._filters) > FILTERS_KEPT:
                 self._filters.popitem(last=False)
         return got
+
+    def _locate(self, got: Any, split: str | None, label: str | None) -> None:
+        """Where a filter's rows sit in the lists (few rows: their entries, and their codes
+        when few; many: how many each list holds), cached beside the index (keyed by the
+        index files' digests), so a search neither rescans the lists' ids nor reads a page
+        of the lists file per row."""
+        key, filters = self.entry.files_key, self.files.filters
+        cached = filters.entries(self.kind, split, label, key)
+        usable = cached is not None and got.use_placement(self.index, cached)
+        packed = got.packed_placement(self.index)  # with the rows' codes when they are few
+        if packed is not None and (not usable or len(packed) != len(cached or b"")):
+            filters.keep_entries(self.kind, split, label, key, packed)
 
     def search_vector(self, vector: np.ndarray, query: str, k: int = 10,
                       split: str | None = None, label: str | None = None) -> SearchResult:

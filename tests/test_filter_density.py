@@ -135,17 +135,3 @@ def test_batches_and_graph_quantizers_give_the_same_answers(base, monkeypatch) -
     assert dense.STATS["searches"] > before
     assert ((ids >= 0).sum(1) == 10).all() and np.isin(which[ids], [5, 6, 7]).all()
     assert all(len(set(r)) == 10 for r in ids)  # no list probed twice
-
-
-def test_the_index_stage_places_the_splits(tmp_path: Path) -> None:
-    """`index` counts each split's rows per list as it builds: the first split-filtered
-    search after a build scans no ids."""
-    _, x, _ = synthetic_run(tmp_path / "run", 20_000, 32, 4_000)
-    scans = dense.STATS["count_scans"]
-    _index(tmp_path / "run", factory="IVF128,SQ8")
-    assert dense.STATS["count_scans"] == scans + 2  # train and test
-    done = dense.STATS["count_scans"]
-    s = Searcher(tmp_path / "run", COLUMN, device="cpu")
-    hits = s.search_vector(x[0], "q", k=10, split="test").hits
-    assert len(hits) == 10 and {h.split for h in hits} == {"test"}
-    assert dense.STATS["count_scans"] == done
