@@ -110,13 +110,13 @@ def test_streamed_objective_is_the_full_batch_objective(digits_run: Path,
     scale = np.maximum(std, 1e-6)
     cw = np.linspace(0.5, 2, 10).astype(np.float32)
     w = torch.from_numpy(np.random.default_rng(2).standard_normal((65, 10)).astype(np.float32))
-    f1, g1 = Data.standardising(dense, y, mean, scale, cw).objective(0.01)(w)
+    dense_objective = Data.standardising(dense, y, mean, scale, cw).objective(0.01)
+    f1, g1 = dense_objective(w)
     streamed = StreamData(x, y, mean, scale, cw).objective(0.01)
     f2, g2 = streamed(w)
     assert f2 == pytest.approx(f1, rel=1e-5)
     torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-5)
-    assert streamed.curvature(w) == pytest.approx(
-        Data.standardising(dense, y, mean, scale, cw).objective(0.01).curvature(w), rel=1e-5)
+    assert streamed.curv == pytest.approx(dense_objective.curv, rel=1e-5)
 
 
 def test_epochs_see_every_row_once_in_a_seeded_order(digits_run: Path,

@@ -30,6 +30,8 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from .lbfgs_memory import Memory
+
 # Folding (x - mean) / scale into the matmuls cancels about |mean| / scale of float32's
 # digits; beyond this ratio the standardised copy is built instead (tests/test_probe.py).
 MAX_FOLDED_OFFSET = 8.0
@@ -79,55 +81,63 @@ class Fit:
     gap: float  # estimate of (f - f*) / f (gap_estimate)
     converged: bool  # stopped by a tolerance (gap or loss change), not by max_iter
     stop: str  # "gap", "loss change" or "max_iter"
-    gamma: float = 0.0  # last curvature scale s.y / y.y: the next warm start's first step
-    # The last L-BFGS pairs (step, gradient change) in W: a warm start's curvature memory.
-    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    gamma: float = 0.0  # last curvature scale s.y / y.B y: the next warm start's first step
+    curv: float = 0.0  # the softmax's mean curvature at w (the next warm start's B)
+    # The last L-BFGS pairs (steps, gradient changes) in W, one flattened pair per row:
+    # a warm start's curvature memory.
+    pairs: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
 
     def record(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name not in ("w", "gamma", "pairs")}
+                if f.name not in ("w", "gamma", "curv", "pairs")}
 
 
 class Objective:
-    """f and its gradient (by hand: autograd's temporaries cost 6% more) for one ``Data``."""
+    """f and its gradient (by hand: autograd's temporaries cost 6% more) for one ``Data``.
+
+    The logits are held class-major (``k x n``): the forward product ``W^T x^T`` and the
+    gradient's ``P x`` then both read the row-major features in the order BLAS prefers,
+    and the softmax runs over contiguous class rows; one fused log-softmax, one exp and
+    one dot for the curvature.  On 3,950 x 384 rows and 20 classes (one thread) an
+    evaluation took 2.4 ms instead of 3.1 with row-major logits and a hand-made softmax."""
 
     def __init__(self, data: Data, lam: float) -> None:
         self.x, self.t = torch.from_numpy(data.x), torch.from_numpy(data.y)
         self.a = torch.from_numpy(1 / data.scale)
         self.c = torch.from_numpy(data.mean / data.scale)
         n = len(data.y)
-        self.row = (torch.full((n,), 1 / n) if data.class_weight is None
+        self.hit = (self.t, torch.arange(n))  # each row's target in the k x n logits
+        # Row weights: None for the plain mean (1/n, applied after the products).
+        self.row = (None if data.class_weight is None
                     else torch.from_numpy(data.class_weight)[self.t] / n)
-        self.lam = lam
+        self.total = 1.0 if self.row is None else float(self.row.sum())
+        self.n, self.lam = n, lam
         self.curv = 0.0  # at the last evaluation
 
     def __call__(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
         wz, b = w[:-1], w[-1]
-        z = torch.addmm(b - self.c @ wz, self.x, self.a[:, None] * wz)  # logits
-        top = z.max(1, keepdim=True).values
-        picked = z.gather(1, self.t[:, None])[:, 0]
-        z.sub_(top).exp_()  # in place, one exp: softmax, then the gradient wrt the logits
-        total = z.sum(1, keepdim=True)
-        ce = total.log()[:, 0] + top[:, 0] - picked
-        f = float(ce @ self.row) + 0.5 * self.lam * float(wz.square().sum())
-        z.div_(total)
-        k = max(z.shape[1] - 1, 1)  # the softmax's mean curvature per class (the intercept's)
-        self.curv = float((1 - z.square().sum(1)) @ self.row) / (k * float(self.row.sum()))
-        z[torch.arange(len(self.t)), self.t] -= 1
-        z.mul_(self.row[:, None])
+        z = torch.addmm((b - self.c @ wz)[:, None], (self.a[:, None] * wz).T, self.x.T)
+        p = torch.log_softmax(z, 0)
+        picked = p[self.hit]  # log-probabilities of the targets
+        p.exp_()
+        if self.row is None:
+            f, scale = -float(picked.sum()) / self.n, 1.0 / self.n
+            sq = float(torch.dot(p.view(-1), p.view(-1))) * scale
+            p[self.hit] -= 1
+        else:  # weighted rows: the gradient's rows carry their weights
+            f, scale = -float(picked @ self.row), 1.0
+            pw = p.mul(self.row)
+            sq = float(torch.dot(p.view(-1), pw.view(-1)))
+            p = pw
+            p[self.hit] -= self.row
+        f += 0.5 * self.lam * float(wz.square().sum())
+        k = max(w.shape[1] - 1, 1)  # the softmax's mean curvature per class (the intercept's)
+        self.curv = (self.total - sq) / (k * self.total)
         g = torch.empty_like(w)
-        g[-1] = z.sum(0)
-        g[:-1] = torch.mm(z.T, self.x).T  # 1.4x faster than x.T @ z (row-major x)
-        g[:-1].mul_(self.a[:, None]).sub_(self.c[:, None] * g[-1]).add_(wz, alpha=self.lam)
+        torch.sum(p, 1, out=g[-1]).mul_(scale)
+        g[:-1] = torch.mm(p, self.x).T
+        g[:-1].mul_(self.a[:, None] * scale).sub_(self.c[:, None] * g[-1]).add_(wz, alpha=self.lam)
         return f, g
-
-    def curvature(self, w: torch.Tensor) -> float:
-        """The softmax's mean curvature per class at ``w``: E[1 - sum_j p_j^2] / (k - 1),
-        the scalar c of :class:`Precond` (1/k at uniform p, smaller once confident)."""
-        wz, b = w[:-1], w[-1]
-        p = torch.softmax(torch.addmm(b - self.c @ wz, self.x, self.a[:, None] * wz), 1)
-        k = max(w.shape[1] - 1, 1)
-        return float((1 - p.square().sum(1)) @ (self.row / self.row.sum())) / k
 
 
 def measure(data: Data, w: np.ndarray, lam: float) -> tuple[float, torch.Tensor, float]:
@@ -175,23 +185,30 @@ class Precond:
         s, v = s.flip(0), v.flip(1)
         self.floor = max(1.0, float(s[r]))  # the variance assumed beyond the top axes
         self.s, self.u = s[:r].clamp_min(self.floor), q @ v[:, :r]
+        self.ut = self.u.T.contiguous()
 
-    def scales(self, lam: float, c: float) -> tuple[float, torch.Tensor, float]:
-        """(scale of the other axes, scales of the top axes, scale of the intercept)."""
+    def squared(self, lam: float, c: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``B = P^2`` at this ``lam`` and curvature ``c``, applied to ``(d + 1, k)``
+        weights or a stack of them: the L-BFGS initial matrix that equals solving in
+        ``V = P^-1 W`` (:mod:`.lbfgs_memory`).  ``B = base I + U diag(top - base) U^T``
+        on the feature rows, ``icpt`` on the intercept's; a few small products, no
+        temporaries beyond them (it runs twice per iteration)."""
         c = max(c, 1e-6)
-        return ((c * self.floor + lam) ** -0.5, (c * self.s + lam).rsqrt(), c ** -0.5)
+        base, icpt = 1 / (c * self.floor + lam), 1 / c
+        diff = ((c * self.s + lam).reciprocal() - base)[:, None]
 
-    def apply(self, w: torch.Tensor, d: tuple[float, torch.Tensor, float],
-              inverse: bool = False) -> torch.Tensor:
-        """``P w`` (``P^-1 w`` if ``inverse``); P is symmetric, so ``P g`` is also the
-        gradient in V of a gradient g in W.  Two small products and no temporaries
-        beyond them: this runs twice per evaluation."""
-        base, top, icpt = (1 / d[0], 1 / d[1], 1 / d[2]) if inverse else d
-        out = torch.empty_like(w)
-        t = (self.u.T @ w[:-1]).mul_((top - base)[:, None])
-        torch.addmm(w[:-1], self.u, t, beta=base, out=out[:-1])
-        torch.mul(w[-1:], icpt, out=out[-1:])
-        return out
+        def apply(w: torch.Tensor) -> torch.Tensor:
+            out = torch.empty_like(w)
+            if w.dim() == 2:
+                t = torch.mm(self.ut, w[:-1]).mul_(diff)
+                torch.addmm(w[:-1], self.u, t, beta=base, out=out[:-1])
+            else:
+                t = torch.matmul(self.ut, w[:, :-1]).mul_(diff)
+                out[:, :-1] = torch.matmul(self.u, t).add_(w[:, :-1], alpha=base)
+            torch.mul(w[..., -1:, :], icpt, out=out[..., -1:, :])
+            return out
+
+        return apply
 
 
 def fit_lbfgs_torch(data: Data, k: int, lam: float, init: Fit | None, max_iter: int,
@@ -199,8 +216,9 @@ def fit_lbfgs_torch(data: Data, k: int, lam: float, init: Fit | None, max_iter: 
                     history: int = 30) -> Fit:
     """Full-batch float32 L-BFGS (Armijo backtracking) until the optimality gap estimate
     ``|grad|^2 / (2 lam)`` is at most ``tol * f`` (or the loss stops changing by more
-    than ``ftol * f``, float32's floor; or ``max_iter``).  With ``precond`` the steps are
-    taken in its preconditioned coordinates (the gap test stays in W).
+    than ``ftol * f``, float32's floor; or ``max_iter``).  With ``precond`` its square is
+    the initial inverse-Hessian estimate (:mod:`.lbfgs_memory`), the same iterates as
+    L-BFGS in its preconditioned coordinates.
 
     A warm start takes the previous fit's weights and its curvature memory: its L-BFGS
     pairs, their gradient changes moved to this ``lam`` (the penalty's Hessian is exactly
@@ -210,90 +228,44 @@ def fit_lbfgs_torch(data: Data, k: int, lam: float, init: Fit | None, max_iter: 
     of 3-7."""
     objective = data.objective(lam)
     w = torch.zeros(data.x.shape[1] + 1, k) if init is None else torch.from_numpy(init.w.copy())
-    gamma = init.gamma if init is not None else 0.0
-    scales = None
-    if precond is not None:  # the curvature where this fit starts
-        scales = precond.scales(lam, 1 / k if init is None else objective.curvature(w))
-        w, gamma = precond.apply(w, scales, inverse=True), 1.0
-
-    def to_v(t: torch.Tensor, grad: bool) -> torch.Tensor:  # W -> solver coordinates
-        return t if scales is None else precond.apply(t, scales, inverse=not grad)
-
-    def to_w(t: torch.Tensor, grad: bool) -> torch.Tensor:
-        return t if scales is None else precond.apply(t, scales, inverse=grad)
-
-    def value_grad(v: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """(f, gradient in the solver's coordinates, gradient in W)."""
-        f_, g_ = objective(to_w(v, grad=False))
-        return f_, to_v(g_, grad=True), g_
-
-    pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / s.y)
-    if init is not None and init.pairs:  # all pairs through P in one product each
-        s_w, y_w = (torch.cat(t, dim=1) for t in zip(*init.pairs, strict=True))
-        y_w[:-1] += (lam - init.lam) * s_w[:-1]
-        for s_, y_ in zip(to_v(s_w, grad=False).split(k, 1), to_v(y_w, grad=True).split(k, 1),
-                          strict=True):
-            sy = float((s_ * y_).sum())
-            if sy > 1e-12:
-                pairs.append((s_.contiguous(), y_.contiguous(), 1.0 / sy))
-    if pairs:
-        s_, y_, _ = pairs[-1]
-        gamma = float((s_ * y_).sum()) / float((y_ * y_).sum())
-    f, g, g_w = value_grad(w)
+    b = None
+    if precond is not None:  # the curvature where this fit starts (the previous fit's)
+        b = precond.squared(lam, 1 / k if init is None else init.curv)
+    memory = Memory(tuple(w.shape), history, b)
+    gamma = 1.0 if b is not None else init.gamma if init is not None else 0.0
+    if init is not None and len(init.pairs[0]):
+        s_w, y_w = init.pairs[0], init.pairs[1].clone()
+        y_w.view(-1, *w.shape)[:, :-1] += (lam - init.lam) * s_w.view(-1, *w.shape)[:, :-1]
+        memory.start(s_w, y_w)
+    f, g = objective(w)
     it, stop = 0, "max_iter"
     while it < max_iter:
-        if gap_estimate(g_w, lam, objective.curv, f) <= tol:
+        if gap_estimate(g, lam, objective.curv, f) <= tol:
             stop = "gap"
             break
-        direction = _direction(g, pairs, gamma)
+        direction = memory.direction(g, gamma)
         gd = float((g * direction).sum())
         if gd >= 0:  # not a descent direction (numerical trouble): restart
-            pairs.clear()
+            memory.clear()
             direction, gd = -g, -float(g.square().sum())
-        step = 1.0 if pairs or gamma > 0 else min(1.0, 1.0 / float(g.abs().sum()))
+        step = 1.0 if len(memory) or gamma > 0 else min(1.0, 1.0 / float(g.abs().sum()))
         for _ in range(40):
-            f_new, g_new, gw_new = value_grad(w + step * direction)
+            f_new, g_new = objective(w + step * direction)
             if f_new <= f + 1e-4 * step * gd:
                 break
             step /= 2
         else:
             stop = "loss change"  # no decrease measurable in float32
             break
-        s_, y_ = step * direction, g_new - g
-        sy = float((s_ * y_).sum())
-        if sy > 1e-12:
-            pairs = [*pairs[-(history - 1):], (s_, y_, 1.0 / sy)]
-            gamma = sy / float((y_ * y_).sum())
+        s_ = step * direction
+        memory.add(s_, g_new - g)
         w, it = w + s_, it + 1
-        change, f, g, g_w = f - f_new, f_new, g_new, gw_new
+        change, f, g = f - f_new, f_new, g_new
         if change <= ftol * abs(f):
             stop = "loss change"
             break
-    memory: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
-    if pairs:
-        s_w = to_w(torch.cat([p[0] for p in pairs], dim=1), grad=False).split(k, 1)
-        y_w = to_w(torch.cat([p[1] for p in pairs], dim=1), grad=True).split(k, 1)
-        memory = tuple(zip(s_w, y_w, strict=True))
-    fit = _fit(to_w(w, grad=False).numpy().copy(), lam, it, f, g_w, stop, gamma,
-               objective.curv)
-    return replace(fit, pairs=memory)
-
-
-def _direction(g: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor, float]],
-               gamma: float) -> torch.Tensor:
-    """-H g by the L-BFGS two-loop recursion, ``H0 = gamma * I`` (flat views and in-place
-    updates: at 385 x 20 weights the Python overhead per pair is the cost)."""
-    q = -g.reshape(-1)
-    alphas = []
-    for s, y, rho in reversed(pairs):
-        a = rho * float(torch.dot(s.reshape(-1), q))
-        q.add_(y.reshape(-1), alpha=-a)
-        alphas.append(a)
-    if gamma > 0:
-        q.mul_(gamma)
-    for (s, y, rho), a in zip(pairs, reversed(alphas), strict=True):
-        q.add_(s.reshape(-1), alpha=a - rho * float(torch.dot(y.reshape(-1), q)))
-    return q.view_as(g)
+    fit = _fit(w.numpy().copy(), lam, it, f, g, stop, memory.gamma, objective.curv)
+    return replace(fit, pairs=memory.pairs())
 
 
 def fit_lbfgs_sklearn(data: Data, k: int, lam: float, init: Fit | None, max_iter: int,
@@ -337,7 +309,7 @@ def _fit(w: np.ndarray, lam: float, iters: int, loss: float, grad: torch.Tensor,
          gamma: float, curv: float) -> Fit:
     gap = gap_estimate(grad, lam, curv, loss)
     return Fit(w, lam, iters, loss, float(grad.abs().max()), gap, stop != "max_iter", stop,
-               gamma)
+               gamma, curv)
 
 
 SOLVERS: dict[str, Callable[..., Fit]] = {"torch": fit_lbfgs_torch,

@@ -97,13 +97,3 @@ class StreamObjective:
         self.curv = curv / (k * float(self.row.sum()))
         g[:-1].mul_(self.a[:, None]).sub_(self.c[:, None] * g[-1]).add_(wz, alpha=self.lam)
         return f + 0.5 * self.lam * float(wz.square().sum()), g
-
-    def curvature(self, w: torch.Tensor) -> float:
-        """The softmax's mean curvature per class at ``w`` (as :class:`.lbfgs.Objective`)."""
-        total = 0.0
-        with torch_threads(self._threads(w)):
-            for x, _, row in self._chunks():
-                p = torch.softmax(self._logits(x, w), 1)
-                total += float((1 - p.square().sum(1)) @ row)
-        k = max(w.shape[1] - 1, 1)
-        return total / float(self.row.sum()) / k

@@ -98,8 +98,11 @@ class LogisticParams:
                                   low=0, high=1)
     carry: tuple[float, ...] = param((1.0,), "exponents a of the carry-over lam*(m/n)**a to "
                                      "all rows (1: constant C)", low=0)
-    tol: float = param(1e-2, "stop once the relative optimality gap estimate is below this",
-                       above=0)
+    tol: float = param(1e-2, "stop the sweep's fits once the relative optimality gap "
+                       "estimate is below this (they are compared with each other)", above=0)
+    final_tol: float = param(3e-2, "... and the fits on all train rows (after a sweep on a "
+                             "subsample) at this gap: from 1e-2 to 3e-2 moved test accuracy "
+                             "by at most 0.12 point on the benchmark's sets", above=0)
     ftol: float = param(1e-7, "... or once the loss changes by less than this (relative)",
                         low=0)
     max_iter: int = param(500, "safety net on solver iterations per fit", low=1)
@@ -184,12 +187,13 @@ class LogisticHead(Head):
             with torch_threads(threads_for(len(rows) * d * d, p.threads)):
                 return Precond(data, rows, seed=p.seed)
 
-        def solve(data: Data, lam: float, init: Fit | None, pre: Precond | None) -> Fit:
-            return SOLVERS[p.solver](data, k, lam, init, p.max_iter, p.tol, p.ftol, pre)
+        def solve(data: Data, lam: float, init: Fit | None, pre: Precond | None,
+                  tol: float) -> Fit:
+            return SOLVERS[p.solver](data, k, lam, init, p.max_iter, tol, p.ftol, pre)
 
         pre = preconditioner(sub_data)  # also serves the fits on all rows
         with torch_threads(threads_for(len(sub) * d * k, p.threads)):
-            sweep = _sweep(lambda lam, init: solve(sub_data, lam, init, pre), vz, vy,
+            sweep = _sweep(lambda lam, init: solve(sub_data, lam, init, pre, p.tol), vz, vy,
                            lambdas, p.refine, p.patience, rank)
         best = _best(sweep, rank)
         sweep_lambda = best[1].lam
@@ -199,7 +203,7 @@ class LogisticHead(Head):
                 init = best[1]
                 for a in sorted(set(p.carry)):  # small a first: strong to weak
                     lam = best[1].lam * (len(sub) / len(x)) ** a
-                    fit = solve(full_data, lam, init, pre)
+                    fit = solve(full_data, lam, init, pre, p.final_tol)
                     full[lam], init = (_val_score(vz, vy, fit.w), fit), fit
                 best = _best(full, rank)
         score, fit = best
@@ -208,7 +212,8 @@ class LogisticHead(Head):
             "lambda": fit.lam, "C": 1 / (fit.lam * len(x)), "val_accuracy": score[0],
             "val_loglik": score[1], "select": p.select,
             "iterations": fit.iterations, "grad_max": fit.grad_max, "gap": fit.gap,
-            "converged": fit.converged, "stop": fit.stop, "tol": p.tol,
+            "converged": fit.converged, "stop": fit.stop,
+            "tol": p.final_tol if full else p.tol,
             "sweep_rows": len(sub), "sweep_lambda": sweep_lambda,
             "sweep": _scores(sweep), "full": _scores(full),
             "fits": [f.record() for _, f in [*sweep.values(), *full.values()]],
