@@ -30,10 +30,13 @@ class Memory:
     """The last ``history`` pairs and the small matrices of the compact form, kept up to
     date as pairs come.
 
-    The rows of ``S`` and ``B Y`` sit in one preallocated ``(2 history, p)`` buffer
-    (one product with it gives both ``S^T g`` and ``(B Y)^T g``; one more forms the
-    direction), filled as a ring: ``order`` lists the slots oldest first, so a new pair
-    overwrites one slot instead of copying the whole memory."""
+    The rows of ``S`` and ``B Y`` sit in one preallocated ``(2 history, p)`` buffer,
+    filled as a ring (``order`` lists the slots oldest first, so a new pair overwrites
+    one slot instead of copying the memory).  Each iteration reads that buffer twice:
+    once for ``S^T g`` and ``(B Y)^T g`` at the new gradient, once to form the
+    direction.  The new pair's products with the old ones need no third pass:
+    ``S^T y`` and ``(B Y)^T y`` are differences of the two gradients' products,
+    ``Y^T s`` follows from the direction's small vectors, ``B y`` is ``B g_new - B g``."""
 
     def __init__(self, shape: tuple[int, int], history: int, b: Apply | None) -> None:
         self.shape, self.history, self.b = shape, history, b
@@ -43,6 +46,11 @@ class Memory:
         self.order: list[int] = []  # slots, oldest pair first
         self.sy = self.yby = np.empty((0, 0))  # S^T Y and Y^T B Y in age order, float64
         self.gamma = 0.0
+        # At the last gradient seen: it, B g, the buffer's products with it (by slot),
+        # the direction returned and Y^T of it (age order).
+        self.g: torch.Tensor | None = None
+        self.bg = self.d = torch.empty(0)
+        self.prod = self.yd = np.empty(0)
 
     def _b(self, t: torch.Tensor) -> torch.Tensor:
         """B on flattened weights: one vector or rows of them."""
@@ -54,6 +62,7 @@ class Memory:
         return len(self.order)
 
     def clear(self) -> None:
+        """Forget the pairs (the last gradient's products stay valid)."""
         self.order = []
         self.sy = self.yby = np.empty((0, 0))
 
@@ -64,52 +73,73 @@ class Memory:
         m, h = len(keep), self.history
         self.sb[:m], self.y[:m] = s[keep], y[keep]
         self.sb[h:h + m] = self._b(self.y[:m])
-        self.order = list(range(m))
+        self.order, self.g = list(range(m)), None
         self.sy = (self.sb[:m] @ self.y[:m].T).double().numpy()
         self.yby = (self.sb[h:h + m] @ self.y[:m].T).double().numpy()
         if m:
             self.gamma = self.sy[-1, -1] / self.yby[-1, -1]
 
-    def add(self, s: torch.Tensor, y: torch.Tensor) -> None:
-        """One new pair (skipped without positive curvature, as L-BFGS does)."""
-        s, y = s.reshape(-1), y.reshape(-1)
-        sy = float(s @ y)
-        if sy <= 1e-12:
-            return
-        h, drop = self.history, int(len(self) >= self.history)
-        slot = self.order.pop(0) if drop else len(self)
-        self.order.append(slot)
-        self.sb[slot], self.y[slot] = s, y
-        self.sb[h + slot] = self._b(y)
-        both = (self.sb @ y).double().numpy()  # S^T y and (B Y)^T y, by slot
-        row = (self.y @ s).double().numpy()[self.order]
-        col, yby = both[self.order], both[h + np.array(self.order)]
-        m = len(self)
-        self.sy = _grow(self.sy[drop:, drop:], m)
-        self.sy[:, -1], self.sy[-1, :] = col, row
-        self.yby = _grow(self.yby[drop:, drop:], m)
-        self.yby[:, -1] = self.yby[-1, :] = yby
-        self.gamma = sy / yby[-1]
+    def _see(self, g: torch.Tensor) -> None:
+        """Products with a new gradient (once per gradient)."""
+        if g is not self.g:
+            self.g, self.bg = g, self._b(g.reshape(-1))
+            self.prod = (self.sb @ g.reshape(-1)).double().numpy()
 
-    def direction(self, g: torch.Tensor, gamma: float | None = None) -> torch.Tensor:
-        """``-H g``; ``gamma`` overrides the scale of H0 while there are no pairs."""
-        gamma = self.gamma if gamma is None or len(self) else gamma
-        gf = g.reshape(-1)
-        hg = self._b(gf)
-        if gamma > 0:  # else a plain gradient step (the caller sizes it)
-            hg.mul_(gamma)
+    def direction(self, g: torch.Tensor, gamma: float) -> torch.Tensor:
+        """``-H g``; ``gamma`` is the scale of H0 while there are no pairs (0: a plain
+        gradient step, the caller sizes it)."""
+        self._see(g)
+        if len(self):
+            gamma = self.gamma
+        hg = self.bg.mul(gamma) if gamma > 0 else self.bg.clone()
         if len(self):
             h, order = self.history, np.array(self.order)
-            both = (self.sb @ gf).double().numpy()
-            a, bg = both[order], both[h + order] * gamma
+            a, yb = self.prod[order], self.prod[h + order]  # S^T g, (B Y)^T g
             r = np.triu(self.sy)
             c = scipy.linalg.solve_triangular(r, a, check_finite=False)
-            inner = np.diag(self.sy) * c + gamma * (self.yby @ c) - bg
-            t = scipy.linalg.solve_triangular(r, inner, trans="T", check_finite=False)
+            yhy = gamma * (self.yby @ c)
+            t = scipy.linalg.solve_triangular(r, np.diag(self.sy) * c + yhy - gamma * yb,
+                                              trans="T", check_finite=False)
             coef = np.zeros(2 * h, np.float32)
             coef[order], coef[h + order] = t, -gamma * c
             hg.addmv_(self.sb.T, torch.from_numpy(coef))
-        return hg.neg_().view_as(g)
+            self.yd = -(gamma * yb + self.sy.T @ t - yhy)  # Y^T of the direction
+        self.d = hg.neg_().view_as(g)
+        return self.d
+
+    def update(self, step: float, direction: torch.Tensor, g_new: torch.Tensor) -> None:
+        """The pair of the step just taken (``step * direction`` from the last gradient
+        given to :meth:`direction`, to ``g_new``); skipped without positive curvature,
+        as L-BFGS does."""
+        assert self.g is not None, "update() follows direction()"
+        s, y = (step * direction).reshape(-1), (g_new - self.g).reshape(-1)
+        sy = float(s @ y)
+        old, bg_old = self.prod, self.bg
+        known = direction is self.d and len(self)  # else the memory was cleared
+        self._see(g_new)
+        if sy <= 1e-12:
+            return
+        h = self.history
+        by = self.bg - bg_old
+        if known:
+            order = np.array(self.order)
+            diff = self.prod - old  # S^T y and (B Y)^T y, by slot
+            col, yby, row = diff[order], diff[h + order], step * self.yd
+        else:
+            col = yby = row = np.empty(0)
+        drop = int(len(self) >= self.history)
+        slot = self.order.pop(0) if drop else len(self)
+        self.order.append(slot)
+        self.sb[slot], self.y[slot], self.sb[h + slot] = s, y, by
+        self.prod[slot], self.prod[h + slot] = float(s @ g_new.reshape(-1)), \
+            float(by @ g_new.reshape(-1))
+        m, new_yby = len(self), float(y @ by)
+        self.sy = _grow(self.sy[drop:, drop:], m)
+        self.sy[:-1, -1], self.sy[-1, :-1], self.sy[-1, -1] = col[drop:], row[drop:], sy
+        self.yby = _grow(self.yby[drop:, drop:], m)
+        self.yby[:-1, -1] = self.yby[-1, :-1] = yby[drop:]
+        self.yby[-1, -1] = new_yby
+        self.gamma = sy / new_yby
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, y) rows oldest first, for a warm start."""
