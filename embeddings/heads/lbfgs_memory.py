@@ -35,8 +35,8 @@ class Memory:
     one slot instead of copying the memory).  Each iteration reads that buffer twice:
     once for ``S^T g`` and ``(B Y)^T g`` at the new gradient, once to form the
     direction.  The new pair's products with the old ones need no third pass:
-    ``S^T y`` and ``(B Y)^T y`` are differences of the two gradients' products,
-    ``Y^T s`` follows from the direction's small vectors, ``B y`` is ``B g_new - B g``."""
+    ``S^T y`` and ``(B Y)^T y`` are differences of the two gradients' products and
+    ``B y`` is ``B g_new - B g`` (the form needs no ``Y^T S`` below R's diagonal)."""
 
     def __init__(self, shape: tuple[int, int], history: int, b: Apply | None) -> None:
         self.shape, self.history, self.b = shape, history, b
@@ -44,13 +44,14 @@ class Memory:
         self.sb = torch.zeros(2 * history, p)  # rows: s_i in [0, h), B y_i in [h, 2h)
         self.y = torch.zeros(history, p)
         self.order: list[int] = []  # slots, oldest pair first
-        self.sy = self.yby = np.empty((0, 0))  # S^T Y and Y^T B Y in age order, float64
+        # R (upper triangle of S^T Y) and Y^T B Y, pairs in age order, float64.
+        self.r = self.yby = np.empty((0, 0))
         self.gamma = 0.0
         # At the last gradient seen: it, B g, the buffer's products with it (by slot),
-        # the direction returned and Y^T of it (age order).
+        # and the direction returned.
         self.g: torch.Tensor | None = None
         self.bg = self.d = torch.empty(0)
-        self.prod = self.yd = np.empty(0)
+        self.prod = np.empty(0)
 
     def _b(self, t: torch.Tensor) -> torch.Tensor:
         """B on flattened weights: one vector or rows of them."""
@@ -64,7 +65,7 @@ class Memory:
     def clear(self) -> None:
         """Forget the pairs (the last gradient's products stay valid)."""
         self.order = []
-        self.sy = self.yby = np.empty((0, 0))
+        self.r = self.yby = np.empty((0, 0))
 
     def start(self, s: torch.Tensor, y: torch.Tensor) -> None:
         """All pairs at once (rows of ``s`` and ``y``, oldest first; a warm start's
@@ -74,10 +75,10 @@ class Memory:
         self.sb[:m], self.y[:m] = s[keep], y[keep]
         self.sb[h:h + m] = self._b(self.y[:m])
         self.order, self.g = list(range(m)), None
-        self.sy = (self.sb[:m] @ self.y[:m].T).double().numpy()
+        self.r = np.triu((self.sb[:m] @ self.y[:m].T).double().numpy())
         self.yby = (self.sb[h:h + m] @ self.y[:m].T).double().numpy()
         if m:
-            self.gamma = self.sy[-1, -1] / self.yby[-1, -1]
+            self.gamma = self.r[-1, -1] / self.yby[-1, -1]
 
     def _see(self, g: torch.Tensor) -> None:
         """Products with a new gradient (once per gradient)."""
@@ -95,15 +96,12 @@ class Memory:
         if len(self):
             h, order = self.history, np.array(self.order)
             a, yb = self.prod[order], self.prod[h + order]  # S^T g, (B Y)^T g
-            r = np.triu(self.sy)
-            c = scipy.linalg.solve_triangular(r, a, check_finite=False)
-            yhy = gamma * (self.yby @ c)
-            t = scipy.linalg.solve_triangular(r, np.diag(self.sy) * c + yhy - gamma * yb,
-                                              trans="T", check_finite=False)
+            c = scipy.linalg.solve_triangular(self.r, a, check_finite=False)
+            inner = np.diag(self.r) * c + gamma * (self.yby @ c) - gamma * yb
+            t = scipy.linalg.solve_triangular(self.r, inner, trans="T", check_finite=False)
             coef = np.zeros(2 * h, np.float32)
             coef[order], coef[h + order] = t, -gamma * c
             hg.addmv_(self.sb.T, torch.from_numpy(coef))
-            self.yd = -(gamma * yb + self.sy.T @ t - yhy)  # Y^T of the direction
         self.d = hg.neg_().view_as(g)
         return self.d
 
@@ -124,9 +122,9 @@ class Memory:
         if known:
             order = np.array(self.order)
             diff = self.prod - old  # S^T y and (B Y)^T y, by slot
-            col, yby, row = diff[order], diff[h + order], step * self.yd
+            col, yby = diff[order], diff[h + order]
         else:
-            col = yby = row = np.empty(0)
+            col = yby = np.empty(0)
         drop = int(len(self) >= self.history)
         slot = self.order.pop(0) if drop else len(self)
         self.order.append(slot)
@@ -134,8 +132,8 @@ class Memory:
         self.prod[slot], self.prod[h + slot] = float(s @ g_new.reshape(-1)), \
             float(by @ g_new.reshape(-1))
         m, new_yby = len(self), float(y @ by)
-        self.sy = _grow(self.sy[drop:, drop:], m)
-        self.sy[:-1, -1], self.sy[-1, :-1], self.sy[-1, -1] = col[drop:], row[drop:], sy
+        self.r = _grow(self.r[drop:, drop:], m)
+        self.r[:-1, -1], self.r[-1, -1] = col[drop:], sy
         self.yby = _grow(self.yby[drop:, drop:], m)
         self.yby[:-1, -1] = self.yby[-1, :-1] = yby[drop:]
         self.yby[-1, -1] = new_yby
