@@ -13,8 +13,9 @@ at 50k x 1024 x 100 on two cores).
 Every fit stops on a tolerance, not a step count: once :func:`gap_estimate` is at most
 ``tol`` (relative to f); or once the loss changes by less than ``ftol * f`` (float32's
 floor).  ``max_iter`` is only a safety net.  The torch solver is preconditioned along the
-features' strongest principal axes (:class:`Precond`) and keeps its L-BFGS memory across
-warm starts (:func:`fit_lbfgs_torch`).
+features' strongest principal axes (:class:`Precond`, the initial matrix of the compact
+L-BFGS memory of :mod:`.lbfgs_memory`) and keeps that memory across warm starts
+(:func:`fit_lbfgs_torch`).
 """
 
 from __future__ import annotations
@@ -162,13 +163,15 @@ class Precond:
 
     The Hessian of the objective in W is close to ``c * Sigma + lam * I`` (Sigma: the
     standardised features' covariance, ``c``: the softmax's mean curvature per class,
-    1/k at the start and measured at a warm start).  Solving for ``V`` with ``W = P V``,
-    ``P = U diag(1 / sqrt(c s + lam)) U^T`` on the top ``rank`` axes (eigenvalues ``s``)
-    and ``1 / sqrt(c s_floor + lam)`` on the rest, brings the correlated directions that
-    slow L-BFGS down (raw pixels, embedding coordinates that move together) to the
-    scale of the others.  Only axes of more than the mean variance (1) are shrunk:
-    scaling up the weak ones too cut the iterations on raw pixels as much but doubled
-    them on MiniLM embeddings, whose curvature along weak axes is far from ``c s``.
+    1/k at the start, the previous fit's at a warm start).  Solving for ``V`` with
+    ``W = P V``, ``P = U diag(1 / sqrt(c s + lam)) U^T`` on the top ``rank`` axes
+    (eigenvalues ``s``) and ``1 / sqrt(c s_floor + lam)`` on the rest, brings the
+    correlated directions that slow L-BFGS down (raw pixels, embedding coordinates that
+    move together) to the scale of the others; the solver gets the same iterates in W
+    with ``B = P^2`` as its initial inverse Hessian (:meth:`squared`).  Only axes of more
+    than the mean variance (1) are shrunk: scaling up the weak ones too cut the
+    iterations on raw pixels as much but doubled them on MiniLM embeddings, whose
+    curvature along weak axes is far from ``c s``.
     The axes come from a randomised subspace iteration on the sweep's rows (a few
     products with the data instead of a d x d eigendecomposition)."""
 
