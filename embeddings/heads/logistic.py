@@ -20,7 +20,7 @@ vs 0.7088, the synthetic benchmark 0.9064 vs 0.9075.  The fits on all rows after
 on a subsample stop at ``final_tol`` (5e-2): the estimate is an upper bound, 2-5x the
 true gap late in a fit (openclipart: 0.0156 when the true gap was 0.0067), and those fits
 are not compared with each other's lam; 5e-2 instead of 1e-2 saved 4-8 of their 10-18
-iterations and moved test accuracy by at most 0.2 point on the benchmark's sets.
+iterations and moved test accuracy by at most 0.12 point on the benchmark's sets.
 tests/test_probe.py checks fits against scikit-learn run to 1e-10 on the same objective
 and C: within ``tol``, at 1e-2 and 1e-3.  ``head.info`` records iterations, the final
 max |grad|, the gap estimate, how it stopped and whether it converged (``fits`` has the
@@ -108,7 +108,7 @@ class LogisticParams:
     final_tol: float = param(5e-2, "... and the fits on all train rows (after a sweep on a "
                              "subsample) at this gap (an upper bound: 2-5x the true gap "
                              "late in a fit); 5e-2 instead of 1e-2 moved test accuracy by "
-                             "at most 0.2 point on the benchmark's sets", above=0)
+                             "at most 0.12 point on the benchmark's sets", above=0)
     ftol: float = param(1e-7, "... or once the loss changes by less than this (relative)",
                         low=0)
     max_iter: int = param(500, "safety net on solver iterations per fit", low=1)
