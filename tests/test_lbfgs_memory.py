@@ -66,7 +66,7 @@ def test_directions_equal_the_two_loop_recursion() -> None:
         step = 0.7 if it % 3 else 1.0
         w_new = w + step * d
         g_new = h @ w_new - lin
-        memory.update(step, memory.d, g_new.float().view(SHAPE))
+        memory.update(step, d.float().view(SHAPE), g_new.float().view(SHAPE))
         pairs = [*pairs, (step * d, g_new - g)][-4:]
         w = w_new
     assert len(memory) == 4
@@ -83,11 +83,12 @@ def test_a_warm_start_and_a_skipped_pair() -> None:
     assert len(memory) == 2
     g = torch.from_numpy(rng.standard_normal(P))
     kept = [(s[0], y[0]), (s[2], y[2])]
-    got = memory.direction(g.float().view(SHAPE), 1.0).double().reshape(-1)
+    d = memory.direction(g.float().view(SHAPE), 1.0)
+    got = d.double().reshape(-1)
     torch.testing.assert_close(got, two_loop(g, kept, b, newest_gamma(kept, b)), rtol=2e-4,
                                atol=1e-6)
     # A step whose gradient change has no curvature adds nothing.
-    memory.update(1.0, memory.d, g.float().view(SHAPE))  # gradient unchanged: y = 0
+    memory.update(1.0, d, g.float().view(SHAPE))  # gradient unchanged: y = 0
     assert len(memory) == 2
     back, _ = memory.pairs()
     torch.testing.assert_close(back.double(), torch.stack([s[0], s[2]]), rtol=1e-6, atol=1e-6)

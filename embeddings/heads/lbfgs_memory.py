@@ -47,10 +47,9 @@ class Memory:
         # R (upper triangle of S^T Y) and Y^T B Y, pairs in age order, float64.
         self.r = self.yby = np.empty((0, 0))
         self.gamma = 0.0
-        # At the last gradient seen: it, B g, the buffer's products with it (by slot),
-        # and the direction returned.
+        # At the last gradient seen: it, B g and the buffer's products with it (by slot).
         self.g: torch.Tensor | None = None
-        self.bg = self.d = torch.empty(0)
+        self.bg = torch.empty(0)
         self.prod = np.empty(0)
 
     def _b(self, t: torch.Tensor) -> torch.Tensor:
@@ -102,8 +101,7 @@ class Memory:
             coef = np.zeros(2 * h, np.float32)
             coef[order], coef[h + order] = t, -gamma * c
             hg.addmv_(self.sb.T, torch.from_numpy(coef))
-        self.d = hg.neg_().view_as(g)
-        return self.d
+        return hg.neg_().view_as(g)
 
     def update(self, step: float, direction: torch.Tensor, g_new: torch.Tensor) -> None:
         """The pair of the step just taken (``step * direction`` from the last gradient
@@ -113,18 +111,13 @@ class Memory:
         s, y = (step * direction).reshape(-1), (g_new - self.g).reshape(-1)
         sy = float(s @ y)
         old, bg_old = self.prod, self.bg
-        known = direction is self.d and len(self)  # else the memory was cleared
         self._see(g_new)
         if sy <= 1e-12:
             return
-        h = self.history
+        h, order = self.history, np.array(self.order, dtype=np.int64)
         by = self.bg - bg_old
-        if known:
-            order = np.array(self.order)
-            diff = self.prod - old  # S^T y and (B Y)^T y, by slot
-            col, yby = diff[order], diff[h + order]
-        else:
-            col = yby = np.empty(0)
+        diff = self.prod - old  # S^T y and (B Y)^T y, by slot
+        col, yby = diff[order], diff[h + order]
         drop = int(len(self) >= self.history)
         slot = self.order.pop(0) if drop else len(self)
         self.order.append(slot)
