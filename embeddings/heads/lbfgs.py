@@ -93,52 +93,75 @@ class Fit:
                 if f.name not in ("w", "gamma", "curv", "pairs")}
 
 
-class Objective:
-    """f and its gradient (by hand: autograd's temporaries cost 6% more) for one ``Data``.
+Terms = tuple[float, float, torch.Tensor, torch.Tensor]  # see block_terms
 
-    The logits are held class-major (``k x n``): the forward product ``W^T x^T`` and the
-    gradient's ``P x`` then both read the row-major features in the order BLAS prefers,
-    and the softmax runs over contiguous class rows; one fused log-softmax, one exp and
-    one dot for the curvature.  On 3,950 x 384 rows and 20 classes (one thread) an
-    evaluation takes 2.1 ms instead of 2.7 with row-major logits and a hand-made softmax
-    (the same at 44,703 x 384 x 57, one or two threads)."""
+
+def block_terms(x: torch.Tensor, t: torch.Tensor, wa: torch.Tensor, bias: torch.Tensor,
+                row: torch.Tensor | None) -> Terms:
+    """One block of rows' share of the data term, weights ``row`` (None: 1 each): the
+    weighted sums of cross-entropy, of ``|p|^2`` and of ``(p - onehot) x`` (``k x d``)
+    and ``p - onehot``, for logits ``wa x^T + bias`` (``wa``: ``k x d``).
+
+    The logits are held class-major (``k x n``): the forward product and the gradient's
+    ``P x`` both read the row-major features in the order BLAS prefers, and the softmax
+    runs over contiguous class rows; one fused log-softmax, one exp, one dot for the
+    curvature.  On 3,950 x 384 rows and 20 classes (one thread) an evaluation takes
+    2.1 ms instead of 2.7 with row-major logits and a hand-made softmax (the same at
+    44,703 x 384 x 57, one or two threads)."""
+    hit = (t, torch.arange(len(t)))  # each row's target in the k x n logits
+    p = torch.log_softmax(torch.addmm(bias[:, None], wa, x.T), 0)
+    picked = p[hit]  # log-probabilities of the targets
+    p.exp_()
+    if row is None:
+        loss, sq = -float(picked.sum()), float(torch.dot(p.view(-1), p.view(-1)))
+        p[hit] -= 1
+    else:  # the gradient's rows carry their weights
+        pw = p.mul(row)
+        loss, sq = -float(picked @ row), float(torch.dot(p.view(-1), pw.view(-1)))
+        p = pw
+        p[hit] -= row
+    return loss, sq, torch.mm(p, x), p.sum(1)
+
+
+def assemble(w: torch.Tensor, terms: Terms, scale: float, total: float, a: torch.Tensor,
+             c: torch.Tensor, lam: float) -> tuple[float, torch.Tensor, float]:
+    """(f, gradient, the softmax's mean curvature per class) from the summed
+    :func:`block_terms` (times ``scale``; ``total``: the rows' weight after it), the
+    standardisation folded back in (``z W = x (a W) - (c W)``) and the penalty added."""
+    loss, sq, gx, gb = terms
+    wz = w[:-1]
+    g = torch.empty_like(w)
+    torch.mul(gb, scale, out=g[-1])
+    g[:-1] = gx.T
+    g[:-1].mul_(a[:, None] * scale).sub_(c[:, None] * g[-1]).add_(wz, alpha=lam)
+    k = max(w.shape[1] - 1, 1)  # the curvature per class (the intercept's)
+    f = loss * scale + 0.5 * lam * float(wz.square().sum())
+    return f, g, (total - sq * scale) / (k * total)
+
+
+class Objective:
+    """f and its gradient (by hand: autograd's temporaries cost 6% more) for one
+    ``Data``: the rows as one :func:`block_terms` block."""
 
     def __init__(self, data: Data, lam: float) -> None:
         self.x, self.t = torch.from_numpy(data.x), torch.from_numpy(data.y)
         self.a = torch.from_numpy(1 / data.scale)
         self.c = torch.from_numpy(data.mean / data.scale)
         n = len(data.y)
-        self.hit = (self.t, torch.arange(n))  # each row's target in the k x n logits
         # Row weights: None for the plain mean (1/n, applied after the products).
         self.row = (None if data.class_weight is None
                     else torch.from_numpy(data.class_weight)[self.t] / n)
+        self.scale = 1.0 / n if self.row is None else 1.0
         self.total = 1.0 if self.row is None else float(self.row.sum())
-        self.n, self.lam = n, lam
+        self.lam = lam
         self.curv = 0.0  # at the last evaluation
 
     def __call__(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
         wz, b = w[:-1], w[-1]
-        z = torch.addmm((b - self.c @ wz)[:, None], (self.a[:, None] * wz).T, self.x.T)
-        p = torch.log_softmax(z, 0)
-        picked = p[self.hit]  # log-probabilities of the targets
-        p.exp_()
-        if self.row is None:
-            f, scale = -float(picked.sum()) / self.n, 1.0 / self.n
-            sq = float(torch.dot(p.view(-1), p.view(-1))) * scale
-            p[self.hit] -= 1
-        else:  # weighted rows: the gradient's rows carry their weights
-            f, scale = -float(picked @ self.row), 1.0
-            pw = p.mul(self.row)
-            sq = float(torch.dot(p.view(-1), pw.view(-1)))
-            p = pw
-            p[self.hit] -= self.row
-        f += 0.5 * self.lam * float(wz.square().sum())
-        k = max(w.shape[1] - 1, 1)  # the softmax's mean curvature per class (the intercept's)
-        self.curv = (self.total - sq) / (k * self.total)
-        g = torch.empty_like(w)
-        torch.sum(p, 1, out=g[-1]).mul_(scale)
-        g[:-1] = torch.mm(p, self.x).T
-        g[:-1].mul_(self.a[:, None] * scale).sub_(self.c[:, None] * g[-1]).add_(wz, alpha=self.lam)
+        terms = block_terms(self.x, self.t, (self.a[:, None] * wz).T, b - self.c @ wz,
+                            self.row)
+        f, g, self.curv = assemble(w, terms, self.scale, self.total, self.a, self.c,
+                                   self.lam)
         return f, g
 
 

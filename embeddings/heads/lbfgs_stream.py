@@ -20,7 +20,7 @@ import torch
 
 from ..streamed import Rows, chunks
 from .base import threads_for, torch_threads
-from .lbfgs import MAX_FOLDED_OFFSET
+from .lbfgs import MAX_FOLDED_OFFSET, Terms, assemble, block_terms
 
 
 @dataclass(frozen=True)
@@ -49,25 +49,25 @@ class StreamObjective:
         self.data, self.lam = data, lam
         self.t = torch.from_numpy(data.y)
         n = len(data.y)
-        self.row = (torch.full((n,), 1 / n) if data.class_weight is None
+        # Row weights: None for the plain mean (1/n, applied after the sums).
+        self.row = (None if data.class_weight is None
                     else torch.from_numpy(data.class_weight)[self.t] / n)
-        self.mean, self.scale = torch.from_numpy(data.mean), torch.from_numpy(data.scale)
+        self.scale = 1.0 / n if self.row is None else 1.0
+        self.total = 1.0 if self.row is None else float(self.row.sum())
+        self.mean, self.std = torch.from_numpy(data.mean), torch.from_numpy(data.scale)
         self.fold = float(np.max(np.abs(data.mean) / data.scale, initial=0.0)) \
             <= MAX_FOLDED_OFFSET
-        self.a = 1 / self.scale if self.fold else torch.ones_like(self.scale)
-        self.c = self.mean / self.scale if self.fold else torch.zeros_like(self.mean)
+        self.a = 1 / self.std if self.fold else torch.ones_like(self.std)
+        self.c = self.mean / self.std if self.fold else torch.zeros_like(self.mean)
         self.curv = 0.0
 
-    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(float32 rows, their targets, their weights) per chunk."""
+    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(float32 rows, their targets, their weights or None) per chunk."""
         for p0, (x,) in chunks([self.data.x]):
             if not self.fold:
-                x = x.sub_(self.mean).div_(self.scale)
-            yield x, self.t[p0:p0 + len(x)], self.row[p0:p0 + len(x)]
-
-    def _logits(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        wz, b = w[:-1], w[-1]
-        return torch.addmm(b - self.c @ wz, x, self.a[:, None] * wz)
+                x = x.sub_(self.mean).div_(self.std)
+            rows = slice(p0, p0 + len(x))
+            yield x, self.t[rows], None if self.row is None else self.row[rows]
 
     def _threads(self, w: torch.Tensor) -> int:
         return threads_for(len(self.data.y) * w.shape[0] * w.shape[1], self.data.threads)
@@ -77,23 +77,15 @@ class StreamObjective:
             return self._value_grad(w)
 
     def _value_grad(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
-        wz = w[:-1]
-        f, curv = 0.0, 0.0
-        g = torch.zeros_like(w)
+        wz, b = w[:-1], w[-1]
+        wa, bias = (self.a[:, None] * wz).T, b - self.c @ wz
+        loss, sq = 0.0, 0.0
+        gx, gb = torch.zeros(w.shape[1], w.shape[0] - 1), torch.zeros(w.shape[1])
         for x, t, row in self._chunks():
-            z = self._logits(x, w)
-            top = z.max(1, keepdim=True).values
-            picked = z.gather(1, t[:, None])[:, 0]
-            z.sub_(top).exp_()
-            total = z.sum(1, keepdim=True)
-            f += float((total.log()[:, 0] + top[:, 0] - picked) @ row)
-            z.div_(total)
-            curv += float((1 - z.square().sum(1)) @ row)
-            z[torch.arange(len(t)), t] -= 1
-            z.mul_(row[:, None])
-            g[-1] += z.sum(0)
-            g[:-1] += torch.mm(z.T, x).T
-        k = max(w.shape[1] - 1, 1)
-        self.curv = curv / (k * float(self.row.sum()))
-        g[:-1].mul_(self.a[:, None]).sub_(self.c[:, None] * g[-1]).add_(wz, alpha=self.lam)
-        return f + 0.5 * self.lam * float(wz.square().sum()), g
+            part = block_terms(x, t, wa, bias, row)
+            loss, sq = loss + part[0], sq + part[1]
+            gx += part[2]
+            gb += part[3]
+        terms: Terms = (loss, sq, gx, gb)
+        f, g, self.curv = assemble(w, terms, self.scale, self.total, self.a, self.c, self.lam)
+        return f, g
